@@ -1,0 +1,293 @@
+//! The frame codec: method, content header, content body and heartbeat frames.
+//!
+//! Decoding follows tokio-util's `Decoder` contract: `Ok(None)` asks for more
+//! bytes, `Ok(Some(frame))` consumes exactly one frame, `Err` means the stream
+//! is corrupt. A frame's size is checked against frame_max before any room is
+//! reserved for it, and payloads are handed out as slices of the read buffer.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::protocol::constants::{
+    FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FRAME_MIN_SIZE,
+};
+use crate::protocol::error::{DecodeError, FrameError};
+use crate::protocol::method_info::MethodId;
+use crate::protocol::methods::{basic, Method};
+use crate::protocol::properties::BasicProperties;
+use crate::protocol::wire;
+
+/// Bytes of framing around a payload: type, channel, size, and the end octet.
+pub const FRAME_OVERHEAD: usize = 8;
+
+/// The `basic` class id, the only class with content in 0-9-1.
+const BASIC_CLASS_ID: u16 = 60;
+
+/// The payload of a content header frame.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ContentHeader {
+    /// The class of the method the content belongs to (always `basic`, 60).
+    pub class_id: u16,
+    /// Total size of the body frames that follow.
+    pub body_size: u64,
+    /// The message properties.
+    pub properties: BasicProperties,
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// A method frame.
+    Method {
+        /// Channel number (0 for the connection).
+        channel: u16,
+        /// The method.
+        method: Method,
+    },
+    /// A content header frame.
+    Header {
+        /// Channel number.
+        channel: u16,
+        /// The header.
+        header: ContentHeader,
+    },
+    /// A content body frame, a slice of the read buffer.
+    Body {
+        /// Channel number.
+        channel: u16,
+        /// The body bytes of this frame.
+        payload: Bytes,
+    },
+    /// A heartbeat (always channel 0).
+    Heartbeat,
+}
+
+impl Frame {
+    /// The channel the frame belongs to.
+    pub fn channel(&self) -> u16 {
+        match self {
+            Frame::Method { channel, .. }
+            | Frame::Header { channel, .. }
+            | Frame::Body { channel, .. } => *channel,
+            Frame::Heartbeat => 0,
+        }
+    }
+}
+
+/// Decodes frames from a read buffer, enforcing a frame size limit.
+#[derive(Debug, Clone)]
+pub struct FrameDecoder {
+    max_frame_size: u32,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new(FRAME_MIN_SIZE)
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder that rejects frames larger than `max_frame_size` bytes (framing
+    /// included); values below the spec's 4096 minimum are raised to it.
+    pub fn new(max_frame_size: u32) -> Self {
+        Self {
+            max_frame_size: max_frame_size.max(FRAME_MIN_SIZE),
+        }
+    }
+
+    /// The current limit.
+    pub fn max_frame_size(&self) -> u32 {
+        self.max_frame_size
+    }
+
+    /// Changes the limit (after tune negotiation).
+    pub fn set_max_frame_size(&mut self, max_frame_size: u32) {
+        self.max_frame_size = max_frame_size.max(FRAME_MIN_SIZE);
+    }
+
+    /// Takes one frame off the front of `buf`, if a whole one is there.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if buf.len() < 7 {
+            return Ok(None);
+        }
+        let frame_type = buf[0];
+        let channel = u16::from_be_bytes([buf[1], buf[2]]);
+        let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]);
+        let total = u64::from(size) + FRAME_OVERHEAD as u64;
+        if total > u64::from(self.max_frame_size) {
+            return Err(FrameError::TooLarge {
+                size: total,
+                max: self.max_frame_size,
+                channel,
+            });
+        }
+        if !matches!(
+            frame_type,
+            FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT
+        ) {
+            return Err(FrameError::UnknownFrameType {
+                frame_type,
+                channel,
+            });
+        }
+        // `total` ≤ max_frame_size ≤ u32::MAX, so this fits a usize.
+        let total = total as usize;
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        let end = buf[total - 1];
+        if end != FRAME_END {
+            return Err(FrameError::BadFrameEnd {
+                found: end,
+                channel,
+            });
+        }
+        let mut frame = buf.split_to(total).freeze();
+        frame.advance(7);
+        frame.truncate(size as usize);
+        Ok(Some(parse_payload(frame_type, channel, frame)?))
+    }
+}
+
+fn parse_payload(frame_type: u8, channel: u16, mut payload: Bytes) -> Result<Frame, FrameError> {
+    match frame_type {
+        FRAME_METHOD => {
+            let method =
+                decode_method(&mut payload).map_err(|(method, source)| FrameError::Method {
+                    channel,
+                    method,
+                    source,
+                })?;
+            Ok(Frame::Method { channel, method })
+        }
+        FRAME_HEADER => {
+            let header = decode_header(&mut payload)
+                .map_err(|source| FrameError::Header { channel, source })?;
+            Ok(Frame::Header { channel, header })
+        }
+        FRAME_BODY => Ok(Frame::Body { channel, payload }),
+        _ => {
+            if channel != 0 {
+                return Err(FrameError::HeartbeatOnChannel { channel });
+            }
+            Ok(Frame::Heartbeat)
+        }
+    }
+}
+
+fn trailing(buf: &Bytes) -> Result<(), DecodeError> {
+    if buf.has_remaining() {
+        return Err(DecodeError::TrailingBytes {
+            count: buf.remaining(),
+        });
+    }
+    Ok(())
+}
+
+/// Decodes a method frame's payload (class id, method id, arguments).
+pub fn decode_method(payload: &mut Bytes) -> Result<Method, (Option<MethodId>, DecodeError)> {
+    let class_id = wire::read_u16(payload).map_err(|e| (None, e))?;
+    let method_id = wire::read_u16(payload).map_err(|e| (None, e))?;
+    let id = MethodId::new(class_id, method_id);
+    let method = Method::decode_args(id, payload).map_err(|e| (Some(id), e))?;
+    trailing(payload).map_err(|e| (Some(id), e))?;
+    Ok(method)
+}
+
+/// Decodes a content header frame's payload.
+pub fn decode_header(payload: &mut Bytes) -> Result<ContentHeader, DecodeError> {
+    let class_id = wire::read_u16(payload)?;
+    if class_id != BASIC_CLASS_ID {
+        return Err(DecodeError::HeaderClass(class_id));
+    }
+    let _weight = wire::read_u16(payload)?;
+    let body_size = wire::read_u64(payload)?;
+    let properties = BasicProperties::decode(payload)?;
+    trailing(payload)?;
+    Ok(ContentHeader {
+        class_id,
+        body_size,
+        properties,
+    })
+}
+
+/// Writes a frame whose payload `body` writes, filling in the size after.
+#[inline]
+fn write_frame(buf: &mut BytesMut, frame_type: u8, channel: u16, body: impl FnOnce(&mut BytesMut)) {
+    buf.put_u8(frame_type);
+    buf.put_u16(channel);
+    let size_at = buf.len();
+    buf.put_u32(0);
+    body(buf);
+    let size = (buf.len() - size_at - 4) as u32;
+    buf[size_at..size_at + 4].copy_from_slice(&size.to_be_bytes());
+    buf.put_u8(FRAME_END);
+}
+
+/// Writes a method frame.
+#[inline]
+pub fn write_method(buf: &mut BytesMut, channel: u16, method: &Method) {
+    write_frame(buf, FRAME_METHOD, channel, |buf| {
+        let id = method.info().id;
+        buf.put_u16(id.class_id);
+        buf.put_u16(id.method_id);
+        method.encode_args(buf);
+    });
+}
+
+/// Writes a content header frame.
+#[inline]
+pub fn write_header(
+    buf: &mut BytesMut,
+    channel: u16,
+    body_size: u64,
+    properties: &BasicProperties,
+) {
+    write_frame(buf, FRAME_HEADER, channel, |buf| {
+        buf.put_u16(BASIC_CLASS_ID);
+        buf.put_u16(0);
+        buf.put_u64(body_size);
+        properties.encode(buf);
+    });
+}
+
+/// Writes `body` as body frames of at most `frame_max − 8` payload bytes each;
+/// an empty body writes nothing.
+#[inline]
+pub fn write_body(buf: &mut BytesMut, channel: u16, body: &[u8], frame_max: u32) {
+    let chunk = (frame_max.max(FRAME_MIN_SIZE) as usize) - FRAME_OVERHEAD;
+    for piece in body.chunks(chunk) {
+        buf.reserve(piece.len() + FRAME_OVERHEAD);
+        buf.put_u8(FRAME_BODY);
+        buf.put_u16(channel);
+        buf.put_u32(piece.len() as u32);
+        buf.put_slice(piece);
+        buf.put_u8(FRAME_END);
+    }
+}
+
+/// Writes a whole `basic.publish`: method, header and body frames.
+#[inline]
+pub fn write_publish(
+    buf: &mut BytesMut,
+    channel: u16,
+    publish: &basic::Publish,
+    properties: &BasicProperties,
+    body: &[u8],
+    frame_max: u32,
+) {
+    write_frame(buf, FRAME_METHOD, channel, |buf| {
+        let id = basic::Publish::INFO.id;
+        buf.put_u16(id.class_id);
+        buf.put_u16(id.method_id);
+        publish.encode_args(buf);
+    });
+    write_header(buf, channel, body.len() as u64, properties);
+    write_body(buf, channel, body, frame_max);
+}
+
+/// Writes a heartbeat frame.
+#[inline]
+pub fn write_heartbeat(buf: &mut BytesMut) {
+    buf.put_slice(&[FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, FRAME_END]);
+}

@@ -1,0 +1,36 @@
+//! The protocol layer: everything the AMQP 0-9-1 spec defines as data.
+//!
+//! The modules under `generated/` are written by `cargo xtask regen` from
+//! `spec/`; the rest is hand-written: wire primitives ([`wire`]), the frame
+//! codec ([`frame`]), errors ([`error`]), method metadata ([`method_info`]) and
+//! the RPC primitives the generated stubs call ([`rpc`]).
+
+#[rustfmt::skip]
+#[allow(clippy::all, clippy::pedantic)]
+mod generated {
+    //! Written by `cargo xtask regen`; see `codegen/`.
+    /// The channel RPC stubs.
+    pub mod channel_stubs;
+    /// Protocol version, frame constants and reply codes.
+    pub mod constants;
+    /// One struct per method and the [`Method`](methods::Method) enum.
+    pub mod methods;
+    /// Content header properties.
+    pub mod properties;
+}
+
+pub mod error;
+pub mod frame;
+pub mod method_info;
+pub mod rpc;
+pub mod wire;
+
+pub use error::{DecodeError, FrameError};
+pub use frame::{ContentHeader, Frame, FrameDecoder};
+pub use generated::channel_stubs::ChannelMethods;
+pub use generated::methods::{self, *};
+pub use generated::properties::{self, BasicProperties};
+pub use generated::{constants, constants::ReplyCode, constants::ReplyKind};
+pub use method_info::{Direction, FieldInfo, MethodId, MethodInfo, WireKind};
+pub use rpc::{ChannelRpc, UnexpectedReply};
+pub use wire::{Decimal, FieldTable, FieldValue, ShortString, ShortStringTooLong};

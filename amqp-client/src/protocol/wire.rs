@@ -1,0 +1,565 @@
+//! Wire primitives: short and long strings, field tables and values, and the
+//! readers and writers the generated codecs call. Every read checks the bytes
+//! that are left before it takes any; nothing is allocated for a length the
+//! input does not actually contain.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use thiserror::Error;
+
+use crate::protocol::error::DecodeError;
+
+/// How deeply tables and arrays may nest before a decode fails, so that a
+/// hostile peer cannot exhaust the stack with recursion.
+pub const MAX_NESTING: usize = 64;
+
+/// A string longer than the 255 bytes an AMQP `shortstr` can carry.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("a shortstr holds at most 255 bytes, this one has {len}")]
+pub struct ShortStringTooLong {
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// An AMQP `shortstr`: UTF-8 text of at most 255 bytes.
+///
+/// Decoded strings share the frame's buffer rather than being copied. Bytes
+/// that are not UTF-8 (a broken peer) are replaced with U+FFFD and the result
+/// cut to 255 bytes, as the Java client does, so that a delivery is never lost
+/// over a malformed routing key.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ShortString(Bytes);
+
+impl ShortString {
+    /// The longest `shortstr` in bytes.
+    pub const MAX_LEN: usize = 255;
+
+    /// Checks the length and wraps `text`.
+    pub fn new(text: impl Into<String>) -> Result<Self, ShortStringTooLong> {
+        let text = text.into();
+        if text.len() > Self::MAX_LEN {
+            return Err(ShortStringTooLong { len: text.len() });
+        }
+        Ok(Self(Bytes::from(text)))
+    }
+
+    /// Wraps a static string without copying it.
+    ///
+    /// # Panics
+    /// When `text` is longer than 255 bytes: a programming error, caught at
+    /// compile time when used in a `const`.
+    pub const fn from_static(text: &'static str) -> Self {
+        assert!(
+            text.len() <= Self::MAX_LEN,
+            "shortstr longer than 255 bytes"
+        );
+        Self(Bytes::from_static(text.as_bytes()))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // The constructors only admit UTF-8, so this never falls back.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// The bytes of the text.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn from_wire(bytes: Bytes) -> Self {
+        if std::str::from_utf8(&bytes).is_ok() {
+            return Self(bytes);
+        }
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let mut end = text.len().min(Self::MAX_LEN);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self(Bytes::copy_from_slice(&text.as_bytes()[..end]))
+    }
+}
+
+impl fmt::Debug for ShortString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for ShortString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::ops::Deref for ShortString {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for ShortString {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq<str> for ShortString {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for ShortString {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl TryFrom<&str> for ShortString {
+    type Error = ShortStringTooLong;
+    fn try_from(text: &str) -> Result<Self, Self::Error> {
+        Self::new(text)
+    }
+}
+
+impl TryFrom<String> for ShortString {
+    type Error = ShortStringTooLong;
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        Self::new(text)
+    }
+}
+
+impl TryFrom<&String> for ShortString {
+    type Error = ShortStringTooLong;
+    fn try_from(text: &String) -> Result<Self, Self::Error> {
+        Self::new(text.as_str())
+    }
+}
+
+/// An AMQP decimal: `value` × 10^−`scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Decimal {
+    /// Number of decimal digits after the point.
+    pub scale: u8,
+    /// The unscaled value.
+    pub value: u32,
+}
+
+/// A value in a field table or array, with exactly the type letters RabbitMQ
+/// uses (its 0-9-1 errata: `s` is a signed 16-bit and `l` a signed 64-bit int).
+///
+/// Floats compare by their bits, so that a value always equals itself after a
+/// round trip (NaN included).
+#[derive(Debug, Clone)]
+pub enum FieldValue {
+    /// `t`: boolean.
+    Bool(bool),
+    /// `b`: signed 8-bit.
+    I8(i8),
+    /// `B`: unsigned 8-bit.
+    U8(u8),
+    /// `s`: signed 16-bit.
+    I16(i16),
+    /// `u`: unsigned 16-bit.
+    U16(u16),
+    /// `I`: signed 32-bit.
+    I32(i32),
+    /// `i`: unsigned 32-bit.
+    U32(u32),
+    /// `l`: signed 64-bit.
+    I64(i64),
+    /// `f`: 32-bit float.
+    F32(f32),
+    /// `d`: 64-bit float.
+    F64(f64),
+    /// `D`: decimal.
+    Decimal(Decimal),
+    /// `S`: long string (bytes, usually UTF-8).
+    LongString(Bytes),
+    /// `x`: byte array.
+    Bytes(Bytes),
+    /// `A`: array.
+    Array(Vec<FieldValue>),
+    /// `T`: timestamp, seconds since the epoch.
+    Timestamp(u64),
+    /// `F`: nested table.
+    Table(FieldTable),
+    /// `V`: no value.
+    Void,
+}
+
+impl PartialEq for FieldValue {
+    fn eq(&self, other: &Self) -> bool {
+        use FieldValue::*;
+        match (self, other) {
+            (Bool(a), Bool(b)) => a == b,
+            (I8(a), I8(b)) => a == b,
+            (U8(a), U8(b)) => a == b,
+            (I16(a), I16(b)) => a == b,
+            (U16(a), U16(b)) => a == b,
+            (I32(a), I32(b)) => a == b,
+            (U32(a), U32(b)) => a == b,
+            (I64(a), I64(b)) => a == b,
+            (F32(a), F32(b)) => a.to_bits() == b.to_bits(),
+            (F64(a), F64(b)) => a.to_bits() == b.to_bits(),
+            (Decimal(a), Decimal(b)) => a == b,
+            (LongString(a), LongString(b)) => a == b,
+            (Bytes(a), Bytes(b)) => a == b,
+            (Array(a), Array(b)) => a == b,
+            (Timestamp(a), Timestamp(b)) => a == b,
+            (Table(a), Table(b)) => a == b,
+            (Void, Void) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for FieldValue {}
+
+impl FieldValue {
+    /// The type letter on the wire.
+    pub fn type_letter(&self) -> u8 {
+        match self {
+            FieldValue::Bool(_) => b't',
+            FieldValue::I8(_) => b'b',
+            FieldValue::U8(_) => b'B',
+            FieldValue::I16(_) => b's',
+            FieldValue::U16(_) => b'u',
+            FieldValue::I32(_) => b'I',
+            FieldValue::U32(_) => b'i',
+            FieldValue::I64(_) => b'l',
+            FieldValue::F32(_) => b'f',
+            FieldValue::F64(_) => b'd',
+            FieldValue::Decimal(_) => b'D',
+            FieldValue::LongString(_) => b'S',
+            FieldValue::Bytes(_) => b'x',
+            FieldValue::Array(_) => b'A',
+            FieldValue::Timestamp(_) => b'T',
+            FieldValue::Table(_) => b'F',
+            FieldValue::Void => b'V',
+        }
+    }
+
+    /// The text of a long string that is UTF-8.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            FieldValue::LongString(b) => std::str::from_utf8(b).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as an i64, for any integer type.
+    pub fn as_i64(&self) -> Option<i64> {
+        Some(match *self {
+            FieldValue::I8(v) => v.into(),
+            FieldValue::U8(v) => v.into(),
+            FieldValue::I16(v) => v.into(),
+            FieldValue::U16(v) => v.into(),
+            FieldValue::I32(v) => v.into(),
+            FieldValue::U32(v) => v.into(),
+            FieldValue::I64(v) => v,
+            _ => return None,
+        })
+    }
+
+    /// The value as a bool.
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            FieldValue::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! field_value_from {
+    ($($ty:ty => $variant:ident),* $(,)?) => {
+        $(impl From<$ty> for FieldValue {
+            fn from(value: $ty) -> Self {
+                FieldValue::$variant(value.into())
+            }
+        })*
+    };
+}
+
+field_value_from! {
+    bool => Bool, i8 => I8, u8 => U8, i16 => I16, u16 => U16, i32 => I32,
+    u32 => U32, i64 => I64, f32 => F32, f64 => F64, Decimal => Decimal,
+    Vec<FieldValue> => Array, FieldTable => Table,
+}
+
+impl From<&str> for FieldValue {
+    fn from(value: &str) -> Self {
+        FieldValue::LongString(Bytes::copy_from_slice(value.as_bytes()))
+    }
+}
+
+impl From<String> for FieldValue {
+    fn from(value: String) -> Self {
+        FieldValue::LongString(Bytes::from(value))
+    }
+}
+
+/// An AMQP field table: named values in wire order. Keys are unique;
+/// [`insert`](Self::insert) replaces an existing value in place.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FieldTable(Vec<(ShortString, FieldValue)>);
+
+impl FieldTable {
+    /// An empty table.
+    pub const fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Sets `key` to `value`, replacing any value it had.
+    pub fn insert(&mut self, key: ShortString, value: impl Into<FieldValue>) {
+        let value = value.into();
+        match self.0.iter_mut().find(|(k, _)| *k == key) {
+            Some(entry) => entry.1 = value,
+            None => self.0.push((key, value)),
+        }
+    }
+
+    /// Builder form of [`insert`](Self::insert).
+    #[must_use]
+    pub fn with(mut self, key: ShortString, value: impl Into<FieldValue>) -> Self {
+        self.insert(key, value);
+        self
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&FieldValue> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.as_str() == key)
+            .map(|(_, v)| v)
+    }
+
+    /// Removes `key` and returns its value.
+    pub fn remove(&mut self, key: &str) -> Option<FieldValue> {
+        let index = self.0.iter().position(|(k, _)| k.as_str() == key)?;
+        Some(self.0.remove(index).1)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Entries in wire order.
+    pub fn iter(&self) -> impl Iterator<Item = (&ShortString, &FieldValue)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl FromIterator<(ShortString, FieldValue)> for FieldTable {
+    fn from_iter<I: IntoIterator<Item = (ShortString, FieldValue)>>(iter: I) -> Self {
+        let mut table = FieldTable::new();
+        for (k, v) in iter {
+            table.insert(k, v);
+        }
+        table
+    }
+}
+
+fn need(buf: &Bytes, needed: usize, what: &'static str) -> Result<(), DecodeError> {
+    if buf.remaining() < needed {
+        return Err(DecodeError::Truncated {
+            what,
+            needed,
+            available: buf.remaining(),
+        });
+    }
+    Ok(())
+}
+
+/// Reads an octet.
+#[inline]
+pub fn read_u8(buf: &mut Bytes) -> Result<u8, DecodeError> {
+    need(buf, 1, "octet")?;
+    Ok(buf.get_u8())
+}
+
+/// Reads a big-endian u16.
+#[inline]
+pub fn read_u16(buf: &mut Bytes) -> Result<u16, DecodeError> {
+    need(buf, 2, "short")?;
+    Ok(buf.get_u16())
+}
+
+/// Reads a big-endian u32.
+#[inline]
+pub fn read_u32(buf: &mut Bytes) -> Result<u32, DecodeError> {
+    need(buf, 4, "long")?;
+    Ok(buf.get_u32())
+}
+
+/// Reads a big-endian u64.
+#[inline]
+pub fn read_u64(buf: &mut Bytes) -> Result<u64, DecodeError> {
+    need(buf, 8, "longlong")?;
+    Ok(buf.get_u64())
+}
+
+/// Reads a `shortstr`.
+#[inline]
+pub fn read_short_string(buf: &mut Bytes) -> Result<ShortString, DecodeError> {
+    need(buf, 1, "shortstr length")?;
+    let len = usize::from(buf.get_u8());
+    need(buf, len, "shortstr")?;
+    Ok(ShortString::from_wire(buf.split_to(len)))
+}
+
+/// Reads a `longstr` as a slice of `buf`.
+#[inline]
+pub fn read_long_string(buf: &mut Bytes) -> Result<Bytes, DecodeError> {
+    need(buf, 4, "longstr length")?;
+    let len = buf.get_u32() as usize;
+    need(buf, len, "longstr")?;
+    Ok(buf.split_to(len))
+}
+
+/// Reads a field table.
+pub fn read_table(buf: &mut Bytes) -> Result<FieldTable, DecodeError> {
+    read_table_at(buf, 0)
+}
+
+fn read_table_at(buf: &mut Bytes, depth: usize) -> Result<FieldTable, DecodeError> {
+    if depth >= MAX_NESTING {
+        return Err(DecodeError::NestingTooDeep(MAX_NESTING));
+    }
+    let mut body = read_long_string(buf)?;
+    let mut entries = Vec::new();
+    while body.has_remaining() {
+        let key = read_short_string(&mut body)?;
+        let value = read_value(&mut body, depth)?;
+        entries.push((key, value));
+    }
+    Ok(FieldTable(entries))
+}
+
+fn read_value(buf: &mut Bytes, depth: usize) -> Result<FieldValue, DecodeError> {
+    let letter = read_u8(buf)?;
+    Ok(match letter {
+        b't' => FieldValue::Bool(read_u8(buf)? != 0),
+        b'b' => FieldValue::I8(read_u8(buf)? as i8),
+        b'B' => FieldValue::U8(read_u8(buf)?),
+        b's' => FieldValue::I16(read_u16(buf)? as i16),
+        b'u' => FieldValue::U16(read_u16(buf)?),
+        b'I' => FieldValue::I32(read_u32(buf)? as i32),
+        b'i' => FieldValue::U32(read_u32(buf)?),
+        b'l' => FieldValue::I64(read_u64(buf)? as i64),
+        b'f' => FieldValue::F32(f32::from_bits(read_u32(buf)?)),
+        b'd' => FieldValue::F64(f64::from_bits(read_u64(buf)?)),
+        b'D' => FieldValue::Decimal(Decimal {
+            scale: read_u8(buf)?,
+            value: read_u32(buf)?,
+        }),
+        b'S' => FieldValue::LongString(read_long_string(buf)?),
+        b'x' => FieldValue::Bytes(read_long_string(buf)?),
+        b'A' => {
+            if depth + 1 >= MAX_NESTING {
+                return Err(DecodeError::NestingTooDeep(MAX_NESTING));
+            }
+            let mut body = read_long_string(buf)?;
+            let mut items = Vec::new();
+            while body.has_remaining() {
+                items.push(read_value(&mut body, depth + 1)?);
+            }
+            FieldValue::Array(items)
+        }
+        b'T' => FieldValue::Timestamp(read_u64(buf)?),
+        b'F' => FieldValue::Table(read_table_at(buf, depth + 1)?),
+        b'V' => FieldValue::Void,
+        other => return Err(DecodeError::UnknownFieldType(other)),
+    })
+}
+
+/// Writes a `shortstr`.
+#[inline]
+pub fn write_short_string(buf: &mut BytesMut, value: &ShortString) {
+    // The length is ≤ 255 by construction.
+    buf.put_u8(value.len() as u8);
+    buf.put_slice(value.as_bytes());
+}
+
+/// Writes a `longstr`.
+///
+/// Callers bound lengths far below 4 GiB (frame_max, body limits), so the
+/// length always fits the u32 prefix.
+#[inline]
+pub fn write_long_string(buf: &mut BytesMut, value: &[u8]) {
+    buf.put_u32(value.len() as u32);
+    buf.put_slice(value);
+}
+
+/// Reserves a u32 length prefix, runs `body`, then fills the prefix in.
+fn write_length_prefixed(buf: &mut BytesMut, body: impl FnOnce(&mut BytesMut)) {
+    let at = buf.len();
+    buf.put_u32(0);
+    body(buf);
+    let len = (buf.len() - at - 4) as u32;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Writes a field table.
+pub fn write_table(buf: &mut BytesMut, table: &FieldTable) {
+    write_length_prefixed(buf, |buf| {
+        for (key, value) in &table.0 {
+            write_short_string(buf, key);
+            write_value(buf, value);
+        }
+    });
+}
+
+fn write_value(buf: &mut BytesMut, value: &FieldValue) {
+    buf.put_u8(value.type_letter());
+    match value {
+        FieldValue::Bool(v) => buf.put_u8(u8::from(*v)),
+        FieldValue::I8(v) => buf.put_i8(*v),
+        FieldValue::U8(v) => buf.put_u8(*v),
+        FieldValue::I16(v) => buf.put_i16(*v),
+        FieldValue::U16(v) => buf.put_u16(*v),
+        FieldValue::I32(v) => buf.put_i32(*v),
+        FieldValue::U32(v) => buf.put_u32(*v),
+        FieldValue::I64(v) => buf.put_i64(*v),
+        FieldValue::F32(v) => buf.put_u32(v.to_bits()),
+        FieldValue::F64(v) => buf.put_u64(v.to_bits()),
+        FieldValue::Decimal(d) => {
+            buf.put_u8(d.scale);
+            buf.put_u32(d.value);
+        }
+        FieldValue::LongString(b) | FieldValue::Bytes(b) => write_long_string(buf, b),
+        FieldValue::Array(items) => write_length_prefixed(buf, |buf| {
+            for item in items {
+                write_value(buf, item);
+            }
+        }),
+        FieldValue::Timestamp(v) => buf.put_u64(*v),
+        FieldValue::Table(t) => write_table(buf, t),
+        FieldValue::Void => {}
+    }
+}
+
+/// The text of a long string, replacing bytes that are not UTF-8.
+pub fn long_string_lossy(bytes: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(bytes)
+}

@@ -1,0 +1,693 @@
+//! Emitters: one function per generated file, each returning a token stream.
+
+use proc_macro2::{Literal, TokenStream};
+use quote::{format_ident, quote};
+
+use crate::model::{camel, Direction, FieldGroup, Method, Model, ReplyKind, WireType};
+
+/// Methods that the hand-written channel core owns rather than a generated stub:
+/// they open or close the channel, carry content, or must register state
+/// (a consumer) before the broker's reply can be acted on.
+const CORE_OWNED: &[&str] = &[
+    "channel.open",
+    "channel.close",
+    "basic.publish",
+    "basic.get",
+    "basic.consume",
+];
+
+fn doc(text: &str) -> TokenStream {
+    let text = format!(" {text}");
+    quote!(#[doc = #text])
+}
+
+fn variant_ident(m: &Method) -> proc_macro2::Ident {
+    format_ident!("{}{}", camel(&m.class_name), camel(&m.name))
+}
+
+fn struct_path(m: &Method) -> TokenStream {
+    let module = format_ident!("{}", m.class_name);
+    let name = format_ident!("{}", camel(&m.name));
+    quote!(#module::#name)
+}
+
+fn rust_type(wire: WireType) -> TokenStream {
+    match wire {
+        WireType::Octet => quote!(u8),
+        WireType::Short => quote!(u16),
+        WireType::Long => quote!(u32),
+        WireType::LongLong | WireType::Timestamp => quote!(u64),
+        WireType::ShortStr => quote!(ShortString),
+        WireType::LongStr => quote!(Bytes),
+        WireType::Bit => quote!(bool),
+        WireType::Table => quote!(FieldTable),
+    }
+}
+
+fn wire_kind(wire: WireType) -> TokenStream {
+    match wire {
+        WireType::Octet => quote!(WireKind::Octet),
+        WireType::Short => quote!(WireKind::Short),
+        WireType::Long => quote!(WireKind::Long),
+        WireType::LongLong => quote!(WireKind::LongLong),
+        WireType::Timestamp => quote!(WireKind::Timestamp),
+        WireType::ShortStr => quote!(WireKind::ShortStr),
+        WireType::LongStr => quote!(WireKind::LongStr),
+        WireType::Bit => quote!(WireKind::Bit),
+        WireType::Table => quote!(WireKind::Table),
+    }
+}
+
+fn wire_name(wire: WireType) -> &'static str {
+    match wire {
+        WireType::Octet => "octet",
+        WireType::Short => "short",
+        WireType::Long => "long",
+        WireType::LongLong => "longlong",
+        WireType::Timestamp => "timestamp",
+        WireType::ShortStr => "shortstr",
+        WireType::LongStr => "longstr",
+        WireType::Bit => "bit",
+        WireType::Table => "table",
+    }
+}
+
+fn is_by_reference(wire: WireType) -> bool {
+    matches!(
+        wire,
+        WireType::ShortStr | WireType::LongStr | WireType::Table
+    )
+}
+
+/// Writes `reference` (an expression of type `&T` for a by-reference field) to `buf`.
+fn encode_reference(wire: WireType, reference: TokenStream) -> TokenStream {
+    match wire {
+        WireType::ShortStr => quote!(wire::write_short_string(buf, #reference);),
+        WireType::LongStr => quote!(wire::write_long_string(buf, #reference);),
+        WireType::Table => quote!(wire::write_table(buf, #reference);),
+        other => encode_value(other, reference),
+    }
+}
+
+/// Writes `value` (an expression of the field's Rust type) to `buf`.
+fn encode_value(wire: WireType, value: TokenStream) -> TokenStream {
+    match wire {
+        WireType::Octet => quote!(buf.put_u8(#value);),
+        WireType::Short => quote!(buf.put_u16(#value);),
+        WireType::Long => quote!(buf.put_u32(#value);),
+        WireType::LongLong | WireType::Timestamp => quote!(buf.put_u64(#value);),
+        WireType::ShortStr => quote!(wire::write_short_string(buf, &#value);),
+        WireType::LongStr => quote!(wire::write_long_string(buf, &#value);),
+        WireType::Table => quote!(wire::write_table(buf, &#value);),
+        WireType::Bit => unreachable_bit(),
+    }
+}
+
+fn encode_reserved(wire: WireType) -> TokenStream {
+    match wire {
+        WireType::Octet | WireType::ShortStr => quote!(buf.put_u8(0);),
+        WireType::Short => quote!(buf.put_u16(0);),
+        WireType::Long | WireType::LongStr | WireType::Table => quote!(buf.put_u32(0);),
+        WireType::LongLong | WireType::Timestamp => quote!(buf.put_u64(0);),
+        WireType::Bit => unreachable_bit(),
+    }
+}
+
+fn decode_value(wire: WireType) -> TokenStream {
+    match wire {
+        WireType::Octet => quote!(wire::read_u8(buf)?),
+        WireType::Short => quote!(wire::read_u16(buf)?),
+        WireType::Long => quote!(wire::read_u32(buf)?),
+        WireType::LongLong | WireType::Timestamp => quote!(wire::read_u64(buf)?),
+        WireType::ShortStr => quote!(wire::read_short_string(buf)?),
+        WireType::LongStr => quote!(wire::read_long_string(buf)?),
+        WireType::Table => quote!(wire::read_table(buf)?),
+        WireType::Bit => unreachable_bit(),
+    }
+}
+
+fn unreachable_bit() -> TokenStream {
+    // Bits are always grouped; a lone bit never reaches the value emitters.
+    quote!(compile_error!("bit outside a bit group");)
+}
+
+fn bit_mask(position: usize) -> Literal {
+    Literal::u8_suffixed(1u8 << position)
+}
+
+fn method_struct(m: &Method) -> TokenStream {
+    let name = format_ident!("{}", camel(&m.name));
+    let full = m.full_name();
+    let sender = match m.direction {
+        Direction::ToServer => "the client",
+        Direction::ToClient => "the server",
+        Direction::Both => "either peer",
+    };
+    let mut summary = format!(
+        "`{full}` ({}/{}), sent by {sender}.",
+        m.class_id, m.method_id
+    );
+    if m.content {
+        summary.push_str(" Content (header and body frames) follows it.");
+    }
+    if !m.replies.is_empty() {
+        let replies: Vec<String> = m
+            .replies
+            .iter()
+            .map(|(_, _, r)| format!("`{}.{r}`", m.class_name))
+            .collect();
+        summary.push_str(&format!(" Answered by {}.", replies.join(" or ")));
+    }
+    let struct_doc = doc(&summary);
+
+    let visible: Vec<_> = m.fields.iter().filter(|f| !f.reserved).collect();
+    let field_defs = visible.iter().map(|f| {
+        let ident = format_ident!("{}", f.ident);
+        let ty = rust_type(f.wire);
+        let d = doc(&format!("`{}` ({}).", f.spec_name, wire_name(f.wire)));
+        quote!(#d pub #ident: #ty,)
+    });
+
+    let mut encode = Vec::new();
+    let mut decode = Vec::new();
+    for group in m.groups() {
+        match group {
+            FieldGroup::Single(f) if f.reserved => {
+                encode.push(encode_reserved(f.wire));
+                let read = decode_value(f.wire);
+                decode.push(quote!(let _ = #read;));
+            }
+            FieldGroup::Single(f) => {
+                let ident = format_ident!("{}", f.ident);
+                encode.push(encode_value(f.wire, quote!(self.#ident)));
+                let read = decode_value(f.wire);
+                decode.push(quote!(let #ident = #read;));
+            }
+            FieldGroup::Bits(bits) => {
+                let sets = bits
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| !f.reserved)
+                    .map(|(i, f)| {
+                        let ident = format_ident!("{}", f.ident);
+                        let mask = bit_mask(i);
+                        quote!(if self.#ident { bits |= #mask; })
+                    });
+                let all_reserved = bits.iter().all(|f| f.reserved);
+                if all_reserved {
+                    encode.push(quote!(buf.put_u8(0);));
+                    decode.push(quote!(let _ = wire::read_u8(buf)?;));
+                } else {
+                    encode.push(quote!({ let mut bits = 0u8; #(#sets)* buf.put_u8(bits); }));
+                    let gets =
+                        bits.iter()
+                            .enumerate()
+                            .filter(|(_, f)| !f.reserved)
+                            .map(|(i, f)| {
+                                let ident = format_ident!("{}", f.ident);
+                                let mask = bit_mask(i);
+                                quote!(let #ident = bits & #mask != 0;)
+                            });
+                    decode.push(quote!(let bits = wire::read_u8(buf)?; #(#gets)*));
+                }
+            }
+        }
+    }
+    let field_names = visible.iter().map(|f| format_ident!("{}", f.ident));
+    let buf_param = if m.fields.is_empty() {
+        quote!(_buf)
+    } else {
+        quote!(buf)
+    };
+
+    let class_id = m.class_id;
+    let method_id = m.method_id;
+    let synchronous = m.synchronous;
+    let content = m.content;
+    let direction = match m.direction {
+        Direction::ToServer => quote!(Direction::ToServer),
+        Direction::ToClient => quote!(Direction::ToClient),
+        Direction::Both => quote!(Direction::Both),
+    };
+    let replies = m
+        .replies
+        .iter()
+        .map(|(c, id, _)| quote!(MethodId::new(#c, #id)));
+    let field_infos = m.fields.iter().map(|f| {
+        let n = &f.spec_name;
+        let k = wire_kind(f.wire);
+        let r = f.reserved;
+        quote!(FieldInfo { name: #n, kind: #k, reserved: #r })
+    });
+    let variant = variant_ident(m);
+    quote! {
+        #struct_doc
+        #[derive(Debug, Clone, PartialEq, Default)]
+        pub struct #name { #(#field_defs)* }
+
+        impl #name {
+            /// What the spec says of this method.
+            pub const INFO: MethodInfo = MethodInfo {
+                id: MethodId::new(#class_id, #method_id),
+                name: #full,
+                synchronous: #synchronous,
+                content: #content,
+                direction: #direction,
+                replies: &[#(#replies),*],
+                fields: &[#(#field_infos),*],
+            };
+
+            /// Writes the arguments (everything after the class and method ids).
+            #[inline]
+            pub fn encode_args(&self, #buf_param: &mut BytesMut) {
+                #(#encode)*
+            }
+
+            /// Reads the arguments (everything after the class and method ids).
+            #[inline]
+            pub fn decode_args(#buf_param: &mut Bytes) -> Result<Self, DecodeError> {
+                #(#decode)*
+                Ok(Self { #(#field_names),* })
+            }
+        }
+
+        impl From<#name> for Method {
+            fn from(method: #name) -> Method {
+                Method::#variant(method)
+            }
+        }
+
+        impl TryFrom<Method> for #name {
+            type Error = Method;
+            fn try_from(method: Method) -> Result<Self, Method> {
+                match method {
+                    Method::#variant(m) => Ok(m),
+                    other => Err(other),
+                }
+            }
+        }
+    }
+}
+
+/// `methods.rs`: one module per class, one struct per method, the `Method` enum.
+pub fn methods(model: &Model) -> TokenStream {
+    let modules = model.classes.iter().map(|class| {
+        let module = format_ident!("{}", class.name);
+        let structs = class.methods.iter().map(method_struct);
+        let d = doc(&format!(
+            "Methods of the `{}` class ({}).",
+            class.name, class.id
+        ));
+        quote! {
+            #d
+            pub mod #module {
+                use super::*;
+                #(#structs)*
+            }
+        }
+    });
+    let all: Vec<&Method> = model.methods().collect();
+    let variants = all.iter().map(|m| {
+        let v = variant_ident(m);
+        let p = struct_path(m);
+        let d = doc(&format!("`{}`.", m.full_name()));
+        quote!(#d #v(#p),)
+    });
+    let info_arms = all.iter().map(|m| {
+        let v = variant_ident(m);
+        let p = struct_path(m);
+        quote!(Method::#v(_) => &#p::INFO,)
+    });
+    let encode_arms = all.iter().map(|m| {
+        let v = variant_ident(m);
+        quote!(Method::#v(m) => m.encode_args(buf),)
+    });
+    let decode_arms = all.iter().map(|m| {
+        let v = variant_ident(m);
+        let p = struct_path(m);
+        let (c, id) = (m.class_id, m.method_id);
+        quote!((#c, #id) => Method::#v(#p::decode_args(buf)?),)
+    });
+    let infos = all.iter().map(|m| {
+        let p = struct_path(m);
+        quote!(&#p::INFO,)
+    });
+    quote! {
+        use bytes::{BufMut, Bytes, BytesMut};
+
+        use crate::protocol::error::DecodeError;
+        use crate::protocol::method_info::{Direction, FieldInfo, MethodId, MethodInfo, WireKind};
+        use crate::protocol::wire::{self, FieldTable, ShortString};
+
+        #(#modules)*
+
+        /// Every method of the spec, as sent or received on a channel.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Method {
+            #(#variants)*
+        }
+
+        /// What the spec says of every method, in spec order.
+        pub static ALL_METHODS: &[&MethodInfo] = &[#(#infos)*];
+
+        impl Method {
+            /// What the spec says of this method.
+            pub fn info(&self) -> &'static MethodInfo {
+                match self { #(#info_arms)* }
+            }
+
+            /// Writes the arguments (everything after the class and method ids).
+            pub fn encode_args(&self, buf: &mut BytesMut) {
+                match self { #(#encode_arms)* }
+            }
+
+            /// Reads the arguments of the method `id` (the ids already consumed).
+            pub fn decode_args(id: MethodId, buf: &mut Bytes) -> Result<Method, DecodeError> {
+                Ok(match (id.class_id, id.method_id) {
+                    #(#decode_arms)*
+                    _ => return Err(DecodeError::UnknownMethod(id)),
+                })
+            }
+        }
+    }
+}
+
+/// `constants.rs`: protocol version, frame constants, reply codes.
+pub fn constants(model: &Model) -> TokenStream {
+    let (major, minor, revision) = model.version;
+    let port = model.port;
+    let consts = model.constants.iter().map(|(name, value)| {
+        let ident = format_ident!("{}", name.replace('-', "_").to_uppercase());
+        let d = doc(&format!("`{name}` from the spec."));
+        if name.starts_with("frame-") && name != "frame-min-size" {
+            let v = u8::try_from(*value).unwrap_or(u8::MAX);
+            quote!(#d pub const #ident: u8 = #v;)
+        } else {
+            quote!(#d pub const #ident: u32 = #value;)
+        }
+    });
+    let codes = model.reply_codes.iter().map(|c| {
+        let ident = format_ident!("{}", c.name.replace('-', "_").to_uppercase());
+        let v = c.value;
+        let d = doc(&format!("{v} `{}`.", c.name));
+        quote!(#d pub const #ident: ReplyCode = ReplyCode(#v);)
+    });
+    let name_arms = model.reply_codes.iter().map(|c| {
+        let v = c.value;
+        let n = c.name.replace('-', "_").to_uppercase();
+        quote!(#v => Some(#n),)
+    });
+    let kind_arms = model.reply_codes.iter().map(|c| {
+        let v = c.value;
+        let k = match c.kind {
+            ReplyKind::Success => quote!(ReplyKind::Success),
+            ReplyKind::Soft => quote!(ReplyKind::SoftError),
+            ReplyKind::Hard => quote!(ReplyKind::HardError),
+        };
+        quote!(#v => Some(#k),)
+    });
+    let all_codes = model.reply_codes.iter().map(|c| {
+        let ident = format_ident!("{}", c.name.replace('-', "_").to_uppercase());
+        quote!(ReplyCode::#ident,)
+    });
+    quote! {
+        /// The protocol version: (major, minor, revision).
+        pub const PROTOCOL_VERSION: (u8, u8, u8) = (#major, #minor, #revision);
+        /// The 8-byte header a client sends first.
+        pub const PROTOCOL_HEADER: [u8; 8] = [b'A', b'M', b'Q', b'P', 0, #major, #minor, #revision];
+        /// The IANA port of `amqp://`.
+        pub const DEFAULT_PORT: u16 = #port;
+        #(#consts)*
+
+        /// Whether a reply code reports success, a channel error or a connection error.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ReplyKind {
+            /// 200: no error.
+            Success,
+            /// A soft error: the broker closes the channel.
+            SoftError,
+            /// A hard error: the broker closes the connection.
+            HardError,
+        }
+
+        /// A reply code as carried by `connection.close`, `channel.close` and
+        /// `basic.return`. Codes the spec does not define are kept as they are.
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct ReplyCode(pub u16);
+
+        impl ReplyCode {
+            #(#codes)*
+
+            /// Every reply code the spec defines.
+            pub const ALL: &'static [ReplyCode] = &[#(#all_codes)*];
+
+            /// The number on the wire.
+            pub const fn code(self) -> u16 {
+                self.0
+            }
+
+            /// The spec's name (`NOT_FOUND`), if the spec defines the code.
+            pub const fn name(self) -> Option<&'static str> {
+                match self.0 {
+                    #(#name_arms)*
+                    _ => None,
+                }
+            }
+
+            /// Success, soft or hard error, if the spec defines the code.
+            pub const fn kind(self) -> Option<ReplyKind> {
+                match self.0 {
+                    #(#kind_arms)*
+                    _ => None,
+                }
+            }
+
+            /// Whether the spec says this code closes the connection.
+            pub const fn is_hard_error(self) -> bool {
+                matches!(self.kind(), Some(ReplyKind::HardError))
+            }
+
+            /// Whether the spec says this code closes only the channel.
+            pub const fn is_soft_error(self) -> bool {
+                matches!(self.kind(), Some(ReplyKind::SoftError))
+            }
+        }
+
+        impl core::fmt::Debug for ReplyCode {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                match self.name() {
+                    Some(name) => write!(f, "{}({})", name, self.0),
+                    None => write!(f, "ReplyCode({})", self.0),
+                }
+            }
+        }
+
+        impl core::fmt::Display for ReplyCode {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                match self.name() {
+                    Some(name) => write!(f, "{} {}", self.0, name),
+                    None => write!(f, "{}", self.0),
+                }
+            }
+        }
+    }
+}
+
+/// `properties.rs`: the content header properties of every class that has them.
+pub fn properties(model: &Model) -> TokenStream {
+    let items = model.classes.iter().filter(|c| !c.properties.is_empty()).map(|class| {
+        let name = format_ident!("{}Properties", camel(&class.name));
+        let count = class.properties.len();
+        let d = doc(&format!(
+            "The {count} content header properties of the `{}` class; `None` is absent on the wire.",
+            class.name
+        ));
+        let fields = class.properties.iter().map(|f| {
+            let ident = format_ident!("{}", f.ident);
+            let ty = rust_type(f.wire);
+            let fd = doc(&format!("`{}` ({}).", f.spec_name, wire_name(f.wire)));
+            quote!(#fd pub #ident: Option<#ty>,)
+        });
+        let setters = class.properties.iter().map(|f| {
+            let ident = format_ident!("{}", f.ident);
+            let setter = format_ident!("with_{}", f.ident);
+            let ty = rust_type(f.wire);
+            let fd = doc(&format!("Sets `{}`.", f.spec_name));
+            quote!(#fd #[must_use] pub fn #setter(mut self, value: #ty) -> Self { self.#ident = Some(value); self })
+        });
+        let encodes = class.properties.iter().enumerate().map(|(i, f)| {
+            let ident = format_ident!("{}", f.ident);
+            let mask = Literal::u16_suffixed(1u16 << (15 - i));
+            if is_by_reference(f.wire) {
+                let write = encode_reference(f.wire, quote!(value));
+                quote!(if let Some(value) = &self.#ident { flags |= #mask; #write })
+            } else {
+                let write = encode_value(f.wire, quote!(value));
+                quote!(if let Some(value) = self.#ident { flags |= #mask; #write })
+            }
+        });
+        let decodes = class.properties.iter().enumerate().map(|(i, f)| {
+            let ident = format_ident!("{}", f.ident);
+            let mask = Literal::u16_suffixed(1u16 << (15 - i));
+            let read = decode_value(f.wire);
+            quote!(let #ident = if flags & #mask != 0 { Some(#read) } else { None };)
+        });
+        let idents = class.properties.iter().map(|f| format_ident!("{}", f.ident));
+        let known_mask = class
+            .properties
+            .iter()
+            .enumerate()
+            .fold(0u16, |acc, (i, _)| acc | (1u16 << (15 - i)));
+        let known_mask = Literal::u16_suffixed(known_mask);
+        quote! {
+            #d
+            #[derive(Debug, Clone, PartialEq, Default)]
+            pub struct #name { #(#fields)* }
+
+            impl #name {
+                #(#setters)*
+
+                /// Writes the property flags and the present properties.
+                pub fn encode(&self, buf: &mut BytesMut) {
+                    let flags_at = buf.len();
+                    buf.put_u16(0);
+                    let mut flags = 0u16;
+                    #(#encodes)*
+                    buf[flags_at..flags_at + 2].copy_from_slice(&flags.to_be_bytes());
+                }
+
+                /// Reads the property flags and the properties they announce.
+                pub fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
+                    let flags = wire::read_u16(buf)?;
+                    if flags & !#known_mask != 0 {
+                        return Err(DecodeError::UnknownPropertyFlags(flags));
+                    }
+                    #(#decodes)*
+                    Ok(Self { #(#idents),* })
+                }
+            }
+        }
+    });
+    quote! {
+        use bytes::{BufMut, Bytes, BytesMut};
+
+        use crate::protocol::error::DecodeError;
+        use crate::protocol::wire::{self, FieldTable, ShortString};
+
+        #(#items)*
+    }
+}
+
+fn stub(m: &Method) -> Option<TokenStream> {
+    let full = m.full_name();
+    if m.class_name == "connection"
+        || m.direction == Direction::ToClient
+        || m.is_reply
+        || CORE_OWNED.contains(&full.as_str())
+    {
+        return None;
+    }
+    let fn_name = format_ident!("{}_{}", m.class_name, m.name.replace('-', "_"));
+    let path = struct_path(m);
+    let variant = variant_ident(m);
+    let has_args = m.fields.iter().any(|f| !f.reserved);
+    let (param, build) = if has_args {
+        (quote!(args: #path), quote!(args))
+    } else {
+        (quote!(), quote!(#path {}))
+    };
+    let mut out = TokenStream::new();
+    if m.replies.is_empty() {
+        let d = doc(&format!("Sends `{full}`; the spec defines no reply."));
+        out.extend(quote! {
+            #d
+            fn #fn_name(&self, #param) -> impl Future<Output = Result<(), Self::Error>> + Send {
+                self.send(Method::#variant(#build))
+            }
+        });
+        return Some(out);
+    }
+    let (reply_ty, arms) = if m.replies.len() == 1 {
+        let (_, _, reply_name) = &m.replies[0];
+        let reply_variant = format_ident!("{}{}", camel(&m.class_name), camel(reply_name));
+        let module = format_ident!("{}", m.class_name);
+        let reply_struct = format_ident!("{}", camel(reply_name));
+        (
+            quote!(#module::#reply_struct),
+            quote!(Method::#reply_variant(reply) => Ok(reply),),
+        )
+    } else {
+        (quote!(Method), quote!(reply => Ok(reply),))
+    };
+    let no_wait_off = if m.has_no_wait() {
+        quote!(args.no_wait = false;)
+    } else {
+        quote!()
+    };
+    let mutability = if m.has_no_wait() {
+        quote!(mut)
+    } else {
+        quote!()
+    };
+    let param = if has_args {
+        quote!(#mutability args: #path)
+    } else {
+        param
+    };
+    let reply_names: Vec<String> = m
+        .replies
+        .iter()
+        .map(|(_, _, r)| format!("`{}.{r}`", m.class_name))
+        .collect();
+    let d = doc(&format!(
+        "Sends `{full}` and waits for {}.",
+        reply_names.join(" or ")
+    ));
+    out.extend(quote! {
+        #d
+        fn #fn_name(&self, #param) -> impl Future<Output = Result<#reply_ty, Self::Error>> + Send {
+            #no_wait_off
+            async move {
+                let request = Method::#variant(#build);
+                match self.call(request).await? {
+                    #arms
+                    #[allow(unreachable_patterns)]
+                    other => Err(UnexpectedReply { request: &#path::INFO, reply: other.info() }.into()),
+                }
+            }
+        }
+    });
+    if m.has_no_wait() {
+        let nw = format_ident!("{}_no_wait", fn_name);
+        let d = doc(&format!(
+            "Sends `{full}` with `no-wait` set: the broker sends no reply, and reports a failure by closing the channel."
+        ));
+        out.extend(quote! {
+            #d
+            fn #nw(&self, mut args: #path) -> impl Future<Output = Result<(), Self::Error>> + Send {
+                args.no_wait = true;
+                self.send(Method::#variant(args))
+            }
+        });
+    }
+    Some(out)
+}
+
+/// `channel_stubs.rs`: one method per client-sent channel method.
+pub fn stubs(model: &Model) -> TokenStream {
+    let fns = model.methods().filter_map(stub);
+    quote! {
+        use core::future::Future;
+
+        use crate::protocol::methods::*;
+        use crate::protocol::rpc::{ChannelRpc, UnexpectedReply};
+
+        /// One call per method a client sends on an open channel, built on the two
+        /// primitives of [`ChannelRpc`]. Implemented for every `ChannelRpc`.
+        pub trait ChannelMethods: ChannelRpc {
+            #(#fns)*
+        }
+
+        impl<T: ChannelRpc + ?Sized> ChannelMethods for T {}
+    }
+}

@@ -1,0 +1,90 @@
+//! `cargo xtask`: project tasks that are not builds.
+//!
+//! - `regen` rewrites the generated protocol code from `spec/`; `regen --check`
+//!   fails, naming each stale file, when the checked-in code differs.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Writes each generated file whose contents changed; in check mode writes
+/// nothing and reports the stale files instead.
+fn regen(root: &Path, check: bool) -> Result<(), String> {
+    let files = amqp_codegen::generate(root).map_err(|e| e.to_string())?;
+    let stale = amqp_codegen::stale_files(root, &files);
+    if check {
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = stale.iter().map(|p| p.display().to_string()).collect();
+        return Err(format!(
+            "generated code is stale: {}\nrun `cargo xtask regen` and commit the result",
+            names.join(", ")
+        ));
+    }
+    for file in files.iter().filter(|f| stale.contains(&f.path)) {
+        let path = root.join(&file.path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        std::fs::write(&path, &file.contents).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("wrote {}", file.path.display());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    let result = match args.first().map(String::as_str) {
+        Some("regen") => regen(&root, args.iter().any(|a| a == "--check")),
+        _ => Err("usage: cargo xtask regen [--check]".to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checked_in_generated_code_is_fresh() {
+        if let Err(message) = regen(&workspace_root(), true) {
+            panic!("{message}");
+        }
+    }
+
+    #[test]
+    fn check_fails_and_names_the_file_when_a_method_is_removed_from_the_spec() {
+        let root = workspace_root();
+        let spec = std::fs::read_to_string(root.join(amqp_codegen::SPEC_PATH)).expect("spec");
+        let overlay =
+            std::fs::read_to_string(root.join(amqp_codegen::OVERLAY_PATH)).expect("overlay");
+        let start = spec
+            .find(r#"<method name="qos""#)
+            .expect("basic.qos in spec");
+        let end =
+            start + spec[start..].find("</method>").expect("end of basic.qos") + "</method>".len();
+        let mut edited = spec.clone();
+        edited.replace_range(start..end, "");
+        let files = amqp_codegen::generate_from(&edited, &overlay).expect("generate");
+        let stale = amqp_codegen::stale_files(&root, &files);
+        assert!(
+            stale.iter().any(|p| p.ends_with("methods.rs")),
+            "removing basic.qos must make methods.rs stale, got {stale:?}"
+        );
+        assert!(!files.iter().any(|f| f.contents.contains("pub struct Qos ")));
+    }
+}
