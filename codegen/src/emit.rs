@@ -265,7 +265,7 @@ fn method_struct(m: &Method) -> TokenStream {
 
             /// Reads the arguments (everything after the class and method ids).
             #[inline]
-            pub fn decode_args(#buf_param: &mut Bytes) -> Result<Self, DecodeError> {
+            pub fn decode_args(#buf_param: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
                 #(#decode)*
                 Ok(Self { #(#field_names),* })
             }
@@ -362,7 +362,7 @@ pub fn methods(model: &Model) -> TokenStream {
             }
 
             /// Reads the arguments of the method `id` (the ids already consumed).
-            pub fn decode_args(id: MethodId, buf: &mut Bytes) -> Result<Method, DecodeError> {
+            pub fn decode_args(id: MethodId, buf: &mut wire::Input<'_>) -> Result<Method, DecodeError> {
                 Ok(match (id.class_id, id.method_id) {
                     #(#decode_arms)*
                     _ => return Err(DecodeError::UnknownMethod(id)),
@@ -557,7 +557,8 @@ pub fn properties(model: &Model) -> TokenStream {
                 }
 
                 /// Reads the property flags and the properties they announce.
-                pub fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
+                #[inline]
+                pub fn decode(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
                     let flags = wire::read_u16(buf)?;
                     if flags & !#known_mask != 0 {
                         return Err(DecodeError::UnknownPropertyFlags(flags));

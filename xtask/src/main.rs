@@ -2,6 +2,10 @@
 //!
 //! - `regen` rewrites the generated protocol code from `spec/`; `regen --check`
 //!   fails, naming each stale file, when the checked-in code differs.
+//! - `broker` makes sure a RabbitMQ answers at `AMQP_URL`.
+//! - `test` runs `broker`, then every test of the workspace.
+
+mod broker;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,12 +43,34 @@ fn regen(root: &Path, check: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs cargo with `args` plus the user's `extra` arguments.
+fn cargo(root: &Path, args: &[&str], extra: &[String]) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = std::process::Command::new(cargo)
+        .current_dir(root)
+        .args(args)
+        .args(extra)
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo {} failed ({status})", args.join(" ")))
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = workspace_root();
     let result = match args.first().map(String::as_str) {
         Some("regen") => regen(&root, args.iter().any(|a| a == "--check")),
-        _ => Err("usage: cargo xtask regen [--check]".to_owned()),
+        Some("broker") => broker::ensure(),
+        Some("test") => {
+            broker::ensure().and_then(|()| cargo(&root, &["test", "--workspace"], &args[1..]))
+        }
+        _ => Err(
+            "usage: cargo xtask regen [--check] | broker | test [-- cargo test args]".to_owned(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

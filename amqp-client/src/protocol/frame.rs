@@ -29,8 +29,9 @@ pub struct ContentHeader {
     pub class_id: u16,
     /// Total size of the body frames that follow.
     pub body_size: u64,
-    /// The message properties.
-    pub properties: BasicProperties,
+    /// The message properties, boxed: they are large (14 optional fields) and
+    /// frames move through several hands before a delivery is assembled.
+    pub properties: Box<BasicProperties>,
 }
 
 /// One decoded frame.
@@ -105,6 +106,7 @@ impl FrameDecoder {
     }
 
     /// Takes one frame off the front of `buf`, if a whole one is there.
+    #[inline]
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
         if buf.len() < 7 {
             return Ok(None);
@@ -142,14 +144,28 @@ impl FrameDecoder {
                 channel,
             });
         }
-        let mut frame = buf.split_to(total).freeze();
-        frame.advance(7);
-        frame.truncate(size as usize);
-        Ok(Some(parse_payload(frame_type, channel, frame)?))
+        let frame = match frame_type {
+            // Bodies are handed out as slices of the read buffer, uncopied.
+            FRAME_BODY => {
+                let mut payload = buf.split_to(total).freeze();
+                payload.advance(7);
+                payload.truncate(size as usize);
+                Frame::Body { channel, payload }
+            }
+            // Methods and headers are parsed in place: their strings are
+            // small and copied out, so the buffer is never shared for them.
+            _ => {
+                let frame = parse_in_place(frame_type, channel, &buf[7..total - 1]);
+                buf.advance(total);
+                frame?
+            }
+        };
+        Ok(Some(frame))
     }
 }
 
-fn parse_payload(frame_type: u8, channel: u16, mut payload: Bytes) -> Result<Frame, FrameError> {
+#[inline]
+fn parse_in_place(frame_type: u8, channel: u16, mut payload: &[u8]) -> Result<Frame, FrameError> {
     match frame_type {
         FRAME_METHOD => {
             let method =
@@ -165,7 +181,6 @@ fn parse_payload(frame_type: u8, channel: u16, mut payload: Bytes) -> Result<Fra
                 .map_err(|source| FrameError::Header { channel, source })?;
             Ok(Frame::Header { channel, header })
         }
-        FRAME_BODY => Ok(Frame::Body { channel, payload }),
         _ => {
             if channel != 0 {
                 return Err(FrameError::HeartbeatOnChannel { channel });
@@ -175,17 +190,18 @@ fn parse_payload(frame_type: u8, channel: u16, mut payload: Bytes) -> Result<Fra
     }
 }
 
-fn trailing(buf: &Bytes) -> Result<(), DecodeError> {
-    if buf.has_remaining() {
-        return Err(DecodeError::TrailingBytes {
-            count: buf.remaining(),
-        });
+fn trailing(buf: &[u8]) -> Result<(), DecodeError> {
+    if !buf.is_empty() {
+        return Err(DecodeError::TrailingBytes { count: buf.len() });
     }
     Ok(())
 }
 
 /// Decodes a method frame's payload (class id, method id, arguments).
-pub fn decode_method(payload: &mut Bytes) -> Result<Method, (Option<MethodId>, DecodeError)> {
+#[inline]
+pub fn decode_method(
+    payload: &mut wire::Input<'_>,
+) -> Result<Method, (Option<MethodId>, DecodeError)> {
     let class_id = wire::read_u16(payload).map_err(|e| (None, e))?;
     let method_id = wire::read_u16(payload).map_err(|e| (None, e))?;
     let id = MethodId::new(class_id, method_id);
@@ -195,14 +211,15 @@ pub fn decode_method(payload: &mut Bytes) -> Result<Method, (Option<MethodId>, D
 }
 
 /// Decodes a content header frame's payload.
-pub fn decode_header(payload: &mut Bytes) -> Result<ContentHeader, DecodeError> {
+#[inline]
+pub fn decode_header(payload: &mut wire::Input<'_>) -> Result<ContentHeader, DecodeError> {
     let class_id = wire::read_u16(payload)?;
     if class_id != BASIC_CLASS_ID {
         return Err(DecodeError::HeaderClass(class_id));
     }
     let _weight = wire::read_u16(payload)?;
     let body_size = wire::read_u64(payload)?;
-    let properties = BasicProperties::decode(payload)?;
+    let properties = Box::new(BasicProperties::decode(payload)?);
     trailing(payload)?;
     Ok(ContentHeader {
         class_id,

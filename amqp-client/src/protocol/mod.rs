@@ -6,7 +6,7 @@
 //! the RPC primitives the generated stubs call ([`rpc`]).
 
 #[rustfmt::skip]
-#[allow(clippy::all, clippy::pedantic)]
+#[allow(clippy::all, clippy::pedantic, unused_imports)]
 mod generated {
     //! Written by `cargo xtask regen`; see `codegen/`.
     /// The channel RPC stubs.

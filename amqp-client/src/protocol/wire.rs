@@ -5,8 +5,9 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
 use crate::protocol::error::DecodeError;
@@ -25,24 +26,44 @@ pub struct ShortStringTooLong {
 
 /// An AMQP `shortstr`: UTF-8 text of at most 255 bytes.
 ///
-/// Decoded strings share the frame's buffer rather than being copied. Bytes
-/// that are not UTF-8 (a broken peer) are replaced with U+FFFD and the result
-/// cut to 255 bytes, as the Java client does, so that a delivery is never lost
-/// over a malformed routing key.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct ShortString(Bytes);
+/// Strings of up to 31 bytes (exchange names, routing keys, this client's
+/// consumer tags) are stored inline: decoding one copies a few bytes instead
+/// of allocating or touching a reference count. Bytes that are not UTF-8 (a
+/// broken peer) are replaced with U+FFFD and the result cut to 255 bytes, as
+/// the Java client does, so that a delivery is never lost over a malformed
+/// routing key.
+#[derive(Clone)]
+pub struct ShortString(Repr);
+
+/// Inline strings are padded with 0xFF, a byte UTF-8 never contains, so the
+/// length needs no byte of its own and the whole type stays 32 bytes.
+const INLINE: usize = 31;
+const PAD: u8 = 0xFF;
+
+#[derive(Clone)]
+enum Repr {
+    Inline([u8; INLINE]),
+    Static(&'static str),
+    Heap(Arc<str>),
+}
+
+impl Default for ShortString {
+    fn default() -> Self {
+        Self(Repr::Static(""))
+    }
+}
 
 impl ShortString {
     /// The longest `shortstr` in bytes.
     pub const MAX_LEN: usize = 255;
 
     /// Checks the length and wraps `text`.
-    pub fn new(text: impl Into<String>) -> Result<Self, ShortStringTooLong> {
-        let text = text.into();
+    pub fn new(text: impl AsRef<str>) -> Result<Self, ShortStringTooLong> {
+        let text = text.as_ref();
         if text.len() > Self::MAX_LEN {
             return Err(ShortStringTooLong { len: text.len() });
         }
-        Ok(Self(Bytes::from(text)))
+        Ok(Self::from_valid(text))
     }
 
     /// Wraps a static string without copying it.
@@ -55,40 +76,88 @@ impl ShortString {
             text.len() <= Self::MAX_LEN,
             "shortstr longer than 255 bytes"
         );
-        Self(Bytes::from_static(text.as_bytes()))
+        Self(Repr::Static(text))
+    }
+
+    /// `text` is known to be at most 255 bytes.
+    fn from_valid(text: &str) -> Self {
+        if text.len() <= INLINE {
+            let mut data = [PAD; INLINE];
+            data[..text.len()].copy_from_slice(text.as_bytes());
+            Self(Repr::Inline(data))
+        } else {
+            Self(Repr::Heap(Arc::from(text)))
+        }
     }
 
     /// The text.
     pub fn as_str(&self) -> &str {
-        // The constructors only admit UTF-8, so this never falls back.
-        std::str::from_utf8(&self.0).unwrap_or_default()
+        match &self.0 {
+            // Only UTF-8 is ever stored inline, so this never falls back.
+            Repr::Inline(_) => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
+            Repr::Static(text) => text,
+            Repr::Heap(text) => text,
+        }
     }
 
     /// The bytes of the text.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        match &self.0 {
+            Repr::Inline(data) => {
+                let len = data.iter().position(|&b| b == PAD).unwrap_or(INLINE);
+                &data[..len]
+            }
+            Repr::Static(text) => text.as_bytes(),
+            Repr::Heap(text) => text.as_bytes(),
+        }
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.as_bytes().len()
     }
 
     /// Whether it is empty.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 
-    fn from_wire(bytes: Bytes) -> Self {
-        if std::str::from_utf8(&bytes).is_ok() {
-            return Self(bytes);
+    fn from_wire(bytes: &[u8]) -> Self {
+        if let Ok(text) = std::str::from_utf8(bytes) {
+            return Self::from_valid(text);
         }
-        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let text = String::from_utf8_lossy(bytes);
         let mut end = text.len().min(Self::MAX_LEN);
         while !text.is_char_boundary(end) {
             end -= 1;
         }
-        Self(Bytes::copy_from_slice(&text.as_bytes()[..end]))
+        Self::from_valid(&text[..end])
+    }
+}
+
+impl PartialEq for ShortString {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for ShortString {}
+
+impl std::hash::Hash for ShortString {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl PartialOrd for ShortString {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ShortString {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
     }
 }
 
@@ -380,75 +449,94 @@ impl FromIterator<(ShortString, FieldValue)> for FieldTable {
     }
 }
 
-fn need(buf: &Bytes, needed: usize, what: &'static str) -> Result<(), DecodeError> {
-    if buf.remaining() < needed {
+/// The input of every reader: the unread rest of a frame's payload.
+pub type Input<'a> = &'a [u8];
+
+#[inline]
+fn take<'a>(
+    buf: &mut Input<'a>,
+    needed: usize,
+    what: &'static str,
+) -> Result<&'a [u8], DecodeError> {
+    if buf.len() < needed {
         return Err(DecodeError::Truncated {
             what,
             needed,
-            available: buf.remaining(),
+            available: buf.len(),
         });
     }
-    Ok(())
+    let (head, rest) = buf.split_at(needed);
+    *buf = rest;
+    Ok(head)
+}
+
+#[inline]
+fn take_array<const N: usize>(
+    buf: &mut Input<'_>,
+    what: &'static str,
+) -> Result<[u8; N], DecodeError> {
+    let head = take(buf, N, what)?;
+    let mut out = [0u8; N];
+    out.copy_from_slice(head);
+    Ok(out)
 }
 
 /// Reads an octet.
 #[inline]
-pub fn read_u8(buf: &mut Bytes) -> Result<u8, DecodeError> {
-    need(buf, 1, "octet")?;
-    Ok(buf.get_u8())
+pub fn read_u8(buf: &mut Input<'_>) -> Result<u8, DecodeError> {
+    Ok(take_array::<1>(buf, "octet")?[0])
 }
 
 /// Reads a big-endian u16.
 #[inline]
-pub fn read_u16(buf: &mut Bytes) -> Result<u16, DecodeError> {
-    need(buf, 2, "short")?;
-    Ok(buf.get_u16())
+pub fn read_u16(buf: &mut Input<'_>) -> Result<u16, DecodeError> {
+    Ok(u16::from_be_bytes(take_array(buf, "short")?))
 }
 
 /// Reads a big-endian u32.
 #[inline]
-pub fn read_u32(buf: &mut Bytes) -> Result<u32, DecodeError> {
-    need(buf, 4, "long")?;
-    Ok(buf.get_u32())
+pub fn read_u32(buf: &mut Input<'_>) -> Result<u32, DecodeError> {
+    Ok(u32::from_be_bytes(take_array(buf, "long")?))
 }
 
 /// Reads a big-endian u64.
 #[inline]
-pub fn read_u64(buf: &mut Bytes) -> Result<u64, DecodeError> {
-    need(buf, 8, "longlong")?;
-    Ok(buf.get_u64())
+pub fn read_u64(buf: &mut Input<'_>) -> Result<u64, DecodeError> {
+    Ok(u64::from_be_bytes(take_array(buf, "longlong")?))
 }
 
 /// Reads a `shortstr`.
 #[inline]
-pub fn read_short_string(buf: &mut Bytes) -> Result<ShortString, DecodeError> {
-    need(buf, 1, "shortstr length")?;
-    let len = usize::from(buf.get_u8());
-    need(buf, len, "shortstr")?;
-    Ok(ShortString::from_wire(buf.split_to(len)))
+pub fn read_short_string(buf: &mut Input<'_>) -> Result<ShortString, DecodeError> {
+    let len = usize::from(read_u8(buf)?);
+    Ok(ShortString::from_wire(take(buf, len, "shortstr")?))
 }
 
-/// Reads a `longstr` as a slice of `buf`.
 #[inline]
-pub fn read_long_string(buf: &mut Bytes) -> Result<Bytes, DecodeError> {
-    need(buf, 4, "longstr length")?;
-    let len = buf.get_u32() as usize;
-    need(buf, len, "longstr")?;
-    Ok(buf.split_to(len))
+fn read_long_slice<'a>(buf: &mut Input<'a>, what: &'static str) -> Result<&'a [u8], DecodeError> {
+    let len = read_u32(buf)? as usize;
+    take(buf, len, what)
+}
+
+/// Reads a `longstr` (a copy: long strings are rare outside message bodies,
+/// which the frame codec hands out without copying).
+#[inline]
+pub fn read_long_string(buf: &mut Input<'_>) -> Result<Bytes, DecodeError> {
+    Ok(Bytes::copy_from_slice(read_long_slice(buf, "longstr")?))
 }
 
 /// Reads a field table.
-pub fn read_table(buf: &mut Bytes) -> Result<FieldTable, DecodeError> {
+pub fn read_table(buf: &mut Input<'_>) -> Result<FieldTable, DecodeError> {
     read_table_at(buf, 0)
 }
 
-fn read_table_at(buf: &mut Bytes, depth: usize) -> Result<FieldTable, DecodeError> {
+fn read_table_at(buf: &mut Input<'_>, depth: usize) -> Result<FieldTable, DecodeError> {
     if depth >= MAX_NESTING {
         return Err(DecodeError::NestingTooDeep(MAX_NESTING));
     }
-    let mut body = read_long_string(buf)?;
+    let mut body = read_long_slice(buf, "table")?;
     let mut entries = Vec::new();
-    while body.has_remaining() {
+    while !body.is_empty() {
         let key = read_short_string(&mut body)?;
         let value = read_value(&mut body, depth)?;
         entries.push((key, value));
@@ -456,7 +544,7 @@ fn read_table_at(buf: &mut Bytes, depth: usize) -> Result<FieldTable, DecodeErro
     Ok(FieldTable(entries))
 }
 
-fn read_value(buf: &mut Bytes, depth: usize) -> Result<FieldValue, DecodeError> {
+fn read_value(buf: &mut Input<'_>, depth: usize) -> Result<FieldValue, DecodeError> {
     let letter = read_u8(buf)?;
     Ok(match letter {
         b't' => FieldValue::Bool(read_u8(buf)? != 0),
@@ -479,9 +567,9 @@ fn read_value(buf: &mut Bytes, depth: usize) -> Result<FieldValue, DecodeError> 
             if depth + 1 >= MAX_NESTING {
                 return Err(DecodeError::NestingTooDeep(MAX_NESTING));
             }
-            let mut body = read_long_string(buf)?;
+            let mut body = read_long_slice(buf, "array")?;
             let mut items = Vec::new();
-            while body.has_remaining() {
+            while !body.is_empty() {
                 items.push(read_value(&mut body, depth + 1)?);
             }
             FieldValue::Array(items)

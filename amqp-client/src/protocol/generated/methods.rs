@@ -71,7 +71,7 @@ pub mod connection {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let version_major = wire::read_u8(buf)?;
             let version_minor = wire::read_u8(buf)?;
             let server_properties = wire::read_table(buf)?;
@@ -154,7 +154,7 @@ pub mod connection {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let client_properties = wire::read_table(buf)?;
             let mechanism = wire::read_short_string(buf)?;
             let response = wire::read_long_string(buf)?;
@@ -211,7 +211,7 @@ pub mod connection {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let challenge = wire::read_long_string(buf)?;
             Ok(Self { challenge })
         }
@@ -260,7 +260,7 @@ pub mod connection {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let response = wire::read_long_string(buf)?;
             Ok(Self { response })
         }
@@ -325,7 +325,7 @@ pub mod connection {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let channel_max = wire::read_u16(buf)?;
             let frame_max = wire::read_u32(buf)?;
             let heartbeat = wire::read_u16(buf)?;
@@ -396,7 +396,7 @@ pub mod connection {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let channel_max = wire::read_u16(buf)?;
             let frame_max = wire::read_u32(buf)?;
             let heartbeat = wire::read_u16(buf)?;
@@ -463,7 +463,7 @@ pub mod connection {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let virtual_host = wire::read_short_string(buf)?;
             let _ = wire::read_short_string(buf)?;
             let _ = wire::read_u8(buf)?;
@@ -511,7 +511,7 @@ pub mod connection {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_short_string(buf)?;
             Ok(Self {})
         }
@@ -584,7 +584,7 @@ pub mod connection {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let reply_code = wire::read_u16(buf)?;
             let reply_text = wire::read_short_string(buf)?;
             let class_id = wire::read_u16(buf)?;
@@ -630,7 +630,7 @@ pub mod connection {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -678,7 +678,7 @@ pub mod connection {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let reason = wire::read_short_string(buf)?;
             Ok(Self { reason })
         }
@@ -716,7 +716,7 @@ pub mod connection {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -772,7 +772,7 @@ pub mod connection {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let new_secret = wire::read_long_string(buf)?;
             let reason = wire::read_short_string(buf)?;
             Ok(Self { new_secret, reason })
@@ -811,7 +811,7 @@ pub mod connection {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -860,7 +860,7 @@ pub mod channel {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_short_string(buf)?;
             Ok(Self {})
         }
@@ -906,7 +906,7 @@ pub mod channel {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_long_string(buf)?;
             Ok(Self {})
         }
@@ -961,7 +961,7 @@ pub mod channel {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let bits = wire::read_u8(buf)?;
             let active = bits & 1u8 != 0;
             Ok(Self { active })
@@ -1017,7 +1017,7 @@ pub mod channel {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let bits = wire::read_u8(buf)?;
             let active = bits & 1u8 != 0;
             Ok(Self { active })
@@ -1091,7 +1091,7 @@ pub mod channel {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let reply_code = wire::read_u16(buf)?;
             let reply_text = wire::read_short_string(buf)?;
             let class_id = wire::read_u16(buf)?;
@@ -1137,7 +1137,7 @@ pub mod channel {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -1265,7 +1265,7 @@ pub mod exchange {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_u16(buf)?;
             let exchange = wire::read_short_string(buf)?;
             let kind = wire::read_short_string(buf)?;
@@ -1321,7 +1321,7 @@ pub mod exchange {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -1399,7 +1399,7 @@ pub mod exchange {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_u16(buf)?;
             let exchange = wire::read_short_string(buf)?;
             let bits = wire::read_u8(buf)?;
@@ -1445,7 +1445,7 @@ pub mod exchange {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -1537,7 +1537,7 @@ pub mod exchange {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_u16(buf)?;
             let destination = wire::read_short_string(buf)?;
             let source = wire::read_short_string(buf)?;
@@ -1587,7 +1587,7 @@ pub mod exchange {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -1679,7 +1679,7 @@ pub mod exchange {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_u16(buf)?;
             let destination = wire::read_short_string(buf)?;
             let source = wire::read_short_string(buf)?;
@@ -1729,7 +1729,7 @@ pub mod exchange {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -1849,7 +1849,7 @@ pub mod queue {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_u16(buf)?;
             let queue = wire::read_short_string(buf)?;
             let bits = wire::read_u8(buf)?;
@@ -1930,7 +1930,7 @@ pub mod queue {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let queue = wire::read_short_string(buf)?;
             let message_count = wire::read_u32(buf)?;
             let consumer_count = wire::read_u32(buf)?;
@@ -2029,7 +2029,7 @@ pub mod queue {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_u16(buf)?;
             let queue = wire::read_short_string(buf)?;
             let exchange = wire::read_short_string(buf)?;
@@ -2079,7 +2079,7 @@ pub mod queue {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -2157,7 +2157,7 @@ pub mod queue {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_u16(buf)?;
             let queue = wire::read_short_string(buf)?;
             let exchange = wire::read_short_string(buf)?;
@@ -2204,7 +2204,7 @@ pub mod queue {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -2272,7 +2272,7 @@ pub mod queue {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_u16(buf)?;
             let queue = wire::read_short_string(buf)?;
             let bits = wire::read_u8(buf)?;
@@ -2324,7 +2324,7 @@ pub mod queue {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let message_count = wire::read_u32(buf)?;
             Ok(Self { message_count })
         }
@@ -2413,7 +2413,7 @@ pub mod queue {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_u16(buf)?;
             let queue = wire::read_short_string(buf)?;
             let bits = wire::read_u8(buf)?;
@@ -2472,7 +2472,7 @@ pub mod queue {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let message_count = wire::read_u32(buf)?;
             Ok(Self { message_count })
         }
@@ -2547,7 +2547,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let prefetch_size = wire::read_u32(buf)?;
             let prefetch_count = wire::read_u16(buf)?;
             let bits = wire::read_u8(buf)?;
@@ -2592,7 +2592,7 @@ pub mod basic {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -2706,7 +2706,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_u16(buf)?;
             let queue = wire::read_short_string(buf)?;
             let consumer_tag = wire::read_short_string(buf)?;
@@ -2771,7 +2771,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let consumer_tag = wire::read_short_string(buf)?;
             Ok(Self { consumer_tag })
         }
@@ -2834,7 +2834,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let consumer_tag = wire::read_short_string(buf)?;
             let bits = wire::read_u8(buf)?;
             let no_wait = bits & 1u8 != 0;
@@ -2885,7 +2885,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let consumer_tag = wire::read_short_string(buf)?;
             Ok(Self { consumer_tag })
         }
@@ -2972,7 +2972,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_u16(buf)?;
             let exchange = wire::read_short_string(buf)?;
             let routing_key = wire::read_short_string(buf)?;
@@ -3055,7 +3055,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let reply_code = wire::read_u16(buf)?;
             let reply_text = wire::read_short_string(buf)?;
             let exchange = wire::read_short_string(buf)?;
@@ -3150,7 +3150,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let consumer_tag = wire::read_short_string(buf)?;
             let delivery_tag = wire::read_u64(buf)?;
             let bits = wire::read_u8(buf)?;
@@ -3230,7 +3230,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_u16(buf)?;
             let queue = wire::read_short_string(buf)?;
             let bits = wire::read_u8(buf)?;
@@ -3320,7 +3320,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let delivery_tag = wire::read_u64(buf)?;
             let bits = wire::read_u8(buf)?;
             let redelivered = bits & 1u8 != 0;
@@ -3377,7 +3377,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let _ = wire::read_short_string(buf)?;
             Ok(Self {})
         }
@@ -3440,7 +3440,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let delivery_tag = wire::read_u64(buf)?;
             let bits = wire::read_u8(buf)?;
             let multiple = bits & 1u8 != 0;
@@ -3505,7 +3505,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let delivery_tag = wire::read_u64(buf)?;
             let bits = wire::read_u8(buf)?;
             let requeue = bits & 1u8 != 0;
@@ -3562,7 +3562,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let bits = wire::read_u8(buf)?;
             let requeue = bits & 1u8 != 0;
             Ok(Self { requeue })
@@ -3618,7 +3618,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let bits = wire::read_u8(buf)?;
             let requeue = bits & 1u8 != 0;
             Ok(Self { requeue })
@@ -3657,7 +3657,7 @@ pub mod basic {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -3729,7 +3729,7 @@ pub mod basic {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let delivery_tag = wire::read_u64(buf)?;
             let bits = wire::read_u8(buf)?;
             let multiple = bits & 1u8 != 0;
@@ -3778,7 +3778,7 @@ pub mod tx {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -3815,7 +3815,7 @@ pub mod tx {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -3852,7 +3852,7 @@ pub mod tx {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -3889,7 +3889,7 @@ pub mod tx {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -3926,7 +3926,7 @@ pub mod tx {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -3963,7 +3963,7 @@ pub mod tx {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -4021,7 +4021,7 @@ pub mod confirm {
         }
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             let bits = wire::read_u8(buf)?;
             let no_wait = bits & 1u8 != 0;
             Ok(Self { no_wait })
@@ -4060,7 +4060,7 @@ pub mod confirm {
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
         /// Reads the arguments (everything after the class and method ids).
         #[inline]
-        pub fn decode_args(_buf: &mut Bytes) -> Result<Self, DecodeError> {
+        pub fn decode_args(_buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
             Ok(Self {})
         }
     }
@@ -4418,7 +4418,10 @@ impl Method {
         }
     }
     /// Reads the arguments of the method `id` (the ids already consumed).
-    pub fn decode_args(id: MethodId, buf: &mut Bytes) -> Result<Method, DecodeError> {
+    pub fn decode_args(
+        id: MethodId,
+        buf: &mut wire::Input<'_>,
+    ) -> Result<Method, DecodeError> {
         Ok(
             match (id.class_id, id.method_id) {
                 (10u16, 10u16) => {

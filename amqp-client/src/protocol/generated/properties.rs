@@ -186,7 +186,8 @@ impl BasicProperties {
         buf[flags_at..flags_at + 2].copy_from_slice(&flags.to_be_bytes());
     }
     /// Reads the property flags and the properties they announce.
-    pub fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
+    #[inline]
+    pub fn decode(buf: &mut wire::Input<'_>) -> Result<Self, DecodeError> {
         let flags = wire::read_u16(buf)?;
         if flags & !65532u16 != 0 {
             return Err(DecodeError::UnknownPropertyFlags(flags));

@@ -1,0 +1,284 @@
+//! Property tests: every method of the spec, every field value type and the
+//! content header properties round-trip; random bytes never panic a decoder.
+
+use amqp_client::protocol::frame::{self, FrameDecoder};
+use amqp_client::protocol::methods::{Method, ALL_METHODS};
+use amqp_client::protocol::wire::{self, MAX_NESTING};
+use amqp_client::protocol::{
+    BasicProperties, Decimal, FieldTable, FieldValue, MethodInfo, ShortString, WireKind,
+};
+use bytes::{BufMut, Bytes, BytesMut};
+use proptest::prelude::*;
+
+fn short_string() -> impl Strategy<Value = ShortString> {
+    proptest::string::string_regex("[a-zA-Z0-9._:-]{0,40}|\\PC{0,20}")
+        .expect("regex")
+        .prop_filter_map("≤255 bytes", |s| ShortString::new(s).ok())
+}
+
+fn bytes(max: usize) -> impl Strategy<Value = Bytes> {
+    proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from)
+}
+
+fn field_value() -> impl Strategy<Value = FieldValue> {
+    let leaf = prop_oneof![
+        any::<bool>().prop_map(FieldValue::Bool),
+        any::<i8>().prop_map(FieldValue::I8),
+        any::<u8>().prop_map(FieldValue::U8),
+        any::<i16>().prop_map(FieldValue::I16),
+        any::<u16>().prop_map(FieldValue::U16),
+        any::<i32>().prop_map(FieldValue::I32),
+        any::<u32>().prop_map(FieldValue::U32),
+        any::<i64>().prop_map(FieldValue::I64),
+        any::<u32>().prop_map(|b| FieldValue::F32(f32::from_bits(b))),
+        any::<u64>().prop_map(|b| FieldValue::F64(f64::from_bits(b))),
+        (any::<u8>(), any::<u32>())
+            .prop_map(|(scale, value)| FieldValue::Decimal(Decimal { scale, value })),
+        bytes(64).prop_map(FieldValue::LongString),
+        bytes(64).prop_map(FieldValue::Bytes),
+        any::<u64>().prop_map(FieldValue::Timestamp),
+        Just(FieldValue::Void),
+    ];
+    leaf.prop_recursive(4, 64, 8, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..8).prop_map(FieldValue::Array),
+            proptest::collection::vec((short_string(), inner), 0..8)
+                .prop_map(|entries| FieldValue::Table(entries.into_iter().collect())),
+        ]
+    })
+}
+
+fn field_table() -> impl Strategy<Value = FieldTable> {
+    proptest::collection::vec((short_string(), field_value()), 0..12)
+        .prop_map(|e| e.into_iter().collect())
+}
+
+/// One value of a method field, to be written by the test's own encoder.
+#[derive(Debug, Clone)]
+enum Arg {
+    Octet(u8),
+    Short(u16),
+    Long(u32),
+    LongLong(u64),
+    Str(ShortString),
+    LongStr(Bytes),
+    Bit(bool),
+    Table(FieldTable),
+}
+
+fn arg(kind: WireKind, reserved: bool) -> BoxedStrategy<Arg> {
+    // Reserved fields are always zero on the wire: the encoder writes them so.
+    if reserved {
+        return Just(match kind {
+            WireKind::Octet => Arg::Octet(0),
+            WireKind::Short => Arg::Short(0),
+            WireKind::Long => Arg::Long(0),
+            WireKind::LongLong | WireKind::Timestamp => Arg::LongLong(0),
+            WireKind::ShortStr => Arg::Str(ShortString::default()),
+            WireKind::LongStr => Arg::LongStr(Bytes::new()),
+            WireKind::Bit => Arg::Bit(false),
+            WireKind::Table => Arg::Table(FieldTable::new()),
+        })
+        .boxed();
+    }
+    match kind {
+        WireKind::Octet => any::<u8>().prop_map(Arg::Octet).boxed(),
+        WireKind::Short => any::<u16>().prop_map(Arg::Short).boxed(),
+        WireKind::Long => any::<u32>().prop_map(Arg::Long).boxed(),
+        WireKind::LongLong | WireKind::Timestamp => any::<u64>().prop_map(Arg::LongLong).boxed(),
+        WireKind::ShortStr => short_string().prop_map(Arg::Str).boxed(),
+        WireKind::LongStr => bytes(200).prop_map(Arg::LongStr).boxed(),
+        WireKind::Bit => any::<bool>().prop_map(Arg::Bit).boxed(),
+        WireKind::Table => field_table().prop_map(Arg::Table).boxed(),
+    }
+}
+
+/// A method picked from the spec and random values for its fields.
+fn method_args() -> impl Strategy<Value = (&'static MethodInfo, Vec<Arg>)> {
+    proptest::sample::select(ALL_METHODS.to_vec()).prop_flat_map(|info| {
+        let fields: Vec<BoxedStrategy<Arg>> = info
+            .fields
+            .iter()
+            .map(|f| arg(f.kind, f.reserved))
+            .collect();
+        (Just(info), fields)
+    })
+}
+
+/// The spec's argument encoding, written independently of the generated code:
+/// consecutive bits share an octet, lowest bit first.
+fn encode_args(args: &[Arg]) -> BytesMut {
+    let mut buf = BytesMut::new();
+    let mut bit_index = 8;
+    for a in args {
+        if let Arg::Bit(b) = a {
+            if bit_index == 8 {
+                buf.put_u8(0);
+                bit_index = 0;
+            }
+            if *b {
+                let last = buf.len() - 1;
+                buf[last] |= 1 << bit_index;
+            }
+            bit_index += 1;
+            continue;
+        }
+        bit_index = 8;
+        match a {
+            Arg::Octet(v) => buf.put_u8(*v),
+            Arg::Short(v) => buf.put_u16(*v),
+            Arg::Long(v) => buf.put_u32(*v),
+            Arg::LongLong(v) => buf.put_u64(*v),
+            Arg::Str(s) => {
+                buf.put_u8(s.len() as u8);
+                buf.put_slice(s.as_bytes());
+            }
+            Arg::LongStr(b) => {
+                buf.put_u32(b.len() as u32);
+                buf.put_slice(b);
+            }
+            Arg::Table(t) => wire::write_table(&mut buf, t),
+            Arg::Bit(_) => unreachable!(),
+        }
+    }
+    buf
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn every_method_round_trips((info, args) in method_args()) {
+        let wire_args = encode_args(&args).freeze();
+        let mut input = &wire_args[..];
+        let method = Method::decode_args(info.id, &mut input).expect("decodes");
+        prop_assert!(input.is_empty(), "{} left bytes unread", info.name);
+        prop_assert_eq!(method.info(), info);
+
+        let mut encoded = BytesMut::new();
+        method.encode_args(&mut encoded);
+        prop_assert_eq!(&encoded[..], &wire_args[..], "{} re-encodes differently", info.name);
+
+        let mut framed = BytesMut::new();
+        frame::write_method(&mut framed, 5, &method);
+        let decoded = FrameDecoder::new(u32::MAX).decode(&mut framed).expect("valid").expect("whole");
+        prop_assert_eq!(decoded, amqp_client::protocol::Frame::Method { channel: 5, method });
+    }
+
+    #[test]
+    fn field_tables_round_trip(table in field_table()) {
+        let mut buf = BytesMut::new();
+        wire::write_table(&mut buf, &table);
+        let encoded = buf.freeze();
+        let mut input = &encoded[..];
+        let decoded = wire::read_table(&mut input).expect("decodes");
+        prop_assert!(input.is_empty());
+        prop_assert_eq!(&decoded, &table);
+        let mut again = BytesMut::new();
+        wire::write_table(&mut again, &decoded);
+        prop_assert_eq!(&again[..], &encoded[..]);
+    }
+
+    #[test]
+    fn content_header_properties_round_trip(
+        content_type in proptest::option::of(short_string()),
+        headers in proptest::option::of(field_table()),
+        delivery_mode in proptest::option::of(any::<u8>()),
+        priority in proptest::option::of(any::<u8>()),
+        correlation_id in proptest::option::of(short_string()),
+        expiration in proptest::option::of(short_string()),
+        timestamp in proptest::option::of(any::<u64>()),
+        app_id in proptest::option::of(short_string()),
+        reserved in proptest::option::of(short_string()),
+        body_size in any::<u64>(),
+    ) {
+        let properties = BasicProperties {
+            content_type, headers, delivery_mode, priority, correlation_id, expiration,
+            timestamp, app_id, reserved, ..BasicProperties::default()
+        };
+        let mut buf = BytesMut::new();
+        frame::write_header(&mut buf, 9, body_size, &properties);
+        let decoded = FrameDecoder::new(u32::MAX).decode(&mut buf).expect("valid").expect("whole");
+        let amqp_client::protocol::Frame::Header { channel: 9, header } = decoded else {
+            panic!("not a header: {decoded:?}");
+        };
+        prop_assert_eq!(header.body_size, body_size);
+        prop_assert_eq!(*header.properties, properties);
+    }
+
+    #[test]
+    fn random_bytes_never_panic_the_frame_decoder(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let mut buf = BytesMut::from(&data[..]);
+        let mut decoder = FrameDecoder::new(4096);
+        while let Ok(Some(_)) = decoder.decode(&mut buf) {}
+    }
+
+    #[test]
+    fn random_frame_payloads_never_panic(frame_type in 1u8..=3, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+        // A valid frame envelope around random bytes reaches the method,
+        // header and body parsers instead of stopping at the framing checks.
+        let mut buf = BytesMut::new();
+        buf.put_u8(frame_type);
+        buf.put_u16(1);
+        buf.put_u32(payload.len() as u32);
+        buf.put_slice(&payload);
+        buf.put_u8(0xCE);
+        let _ = FrameDecoder::new(4096).decode(&mut buf);
+    }
+
+    #[test]
+    fn random_bytes_never_panic_the_table_decoder(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = wire::read_table(&mut &data[..]);
+    }
+}
+
+#[test]
+fn nesting_beyond_the_limit_is_an_error_not_a_stack_overflow() {
+    // Table → 'F' table → … built from the inside out.
+    let mut inner = BytesMut::new();
+    inner.put_u32(0);
+    for _ in 0..(MAX_NESTING + 10) {
+        let mut outer = BytesMut::new();
+        outer.put_u32((inner.len() + 3) as u32);
+        outer.put_u8(1);
+        outer.put_u8(b'k');
+        outer.put_u8(b'F');
+        outer.put_slice(&inner);
+        inner = outer;
+    }
+    let err = wire::read_table(&mut &inner[..]).expect_err("too deep");
+    assert_eq!(
+        err,
+        amqp_client::protocol::DecodeError::NestingTooDeep(MAX_NESTING)
+    );
+}
+
+#[test]
+fn a_length_claim_beyond_the_input_allocates_nothing_and_fails() {
+    let err = wire::read_table(&mut &[0xFF, 0xFF, 0xFF, 0xF0, b'x'][..]).expect_err("truncated");
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
+
+#[test]
+fn short_strings_compare_by_content_whatever_their_storage() {
+    let inline = ShortString::new("routing.key").expect("short");
+    let stat = ShortString::from_static("routing.key");
+    assert_eq!(inline, stat);
+    let long = "x".repeat(200);
+    let heap = ShortString::new(&long).expect("≤255");
+    assert_eq!(heap.as_str(), long);
+    assert_eq!(ShortString::new("a".repeat(31)).expect("31").len(), 31);
+    assert_eq!(
+        ShortString::new("é".repeat(15)).expect("30 bytes").as_str(),
+        "é".repeat(15)
+    );
+    assert!(ShortString::new("y".repeat(256)).is_err());
+    assert_eq!(std::mem::size_of::<ShortString>(), 32);
+}
+
+#[test]
+fn non_utf8_short_strings_from_the_wire_are_replaced_not_rejected() {
+    let mut input: &[u8] = &[3, b'a', 0xFF, b'b'];
+    let s = wire::read_short_string(&mut input).expect("lossy");
+    assert_eq!(s.as_str(), "a\u{FFFD}b");
+}
