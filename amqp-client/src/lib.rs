@@ -1,6 +1,52 @@
 //! An AMQP 0-9-1 client for RabbitMQ.
 //!
+//! ```no_run
+//! use amqp_client::{BasicProperties, Connection, ConsumeOptions};
+//! use amqp_client::prelude::*;
+//!
+//! # async fn example() -> Result<(), amqp_client::Error> {
+//! let connection = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//! let channel = connection.open_channel().await?;
+//! let declared = channel
+//!     .queue_declare(queue::Declare { queue: "hello".try_into()?, ..Default::default() })
+//!     .await?;
+//! channel.basic_publish("", &declared.queue, false, BasicProperties::default(), "hi").await?;
+//! let mut consumer = channel.basic_consume("hello", ConsumeOptions::default()).await?;
+//! if let Some(delivery) = consumer.next().await {
+//!     let delivery = delivery?;
+//!     assert_eq!(&delivery.body[..], b"hi");
+//!     delivery.ack().await?;
+//! }
+//! connection.close().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! The [`protocol`] module is generated from the spec XML (plus hand-written
-//! wire primitives and the frame codec).
+//! wire primitives and the frame codec); the rest is the async core.
 
+pub mod channel;
+pub mod config;
+pub mod connection;
+pub mod consumer;
+pub mod error;
+mod handshake;
+mod io;
+mod machine;
 pub mod protocol;
+mod transport;
+
+pub use channel::{Channel, ConsumeOptions, PublishConfirm};
+pub use config::{AuthMechanism, Config, TlsConfig, UrlError};
+pub use connection::{Connection, ServerInfo};
+pub use consumer::{Consumer, Delivery, Envelope, GetMessage};
+pub use error::{CloseReason, Error, Initiator, Result};
+pub use machine::{Confirmation, ReturnedMessage};
+pub use protocol::{BasicProperties, FieldTable, FieldValue, ReplyCode, ReplyError, ShortString};
+
+/// What most programs need in scope: the generated channel methods and the
+/// method structs they take.
+pub mod prelude {
+    pub use crate::protocol::methods::{basic, channel, confirm, exchange, queue, tx};
+    pub use crate::protocol::ChannelMethods;
+}

@@ -406,6 +406,31 @@ pub fn constants(model: &Model) -> TokenStream {
         };
         quote!(#v => Some(#k),)
     });
+    let errors: Vec<_> = model
+        .reply_codes
+        .iter()
+        .filter(|c| c.kind != ReplyKind::Success)
+        .collect();
+    let error_variants = errors.iter().map(|c| {
+        let v = format_ident!("{}", camel(&c.name));
+        let kind = if c.kind == ReplyKind::Soft {
+            "channel"
+        } else {
+            "connection"
+        };
+        let d = doc(&format!("{} `{}`: closes the {kind}.", c.value, c.name));
+        quote!(#d #v,)
+    });
+    let error_from_code = errors.iter().map(|c| {
+        let v = format_ident!("{}", camel(&c.name));
+        let n = c.value;
+        quote!(#n => ReplyError::#v,)
+    });
+    let error_to_code = errors.iter().map(|c| {
+        let v = format_ident!("{}", camel(&c.name));
+        let ident = format_ident!("{}", c.name.replace('-', "_").to_uppercase());
+        quote!(ReplyError::#v => ReplyCode::#ident,)
+    });
     let all_codes = model.reply_codes.iter().map(|c| {
         let ident = format_ident!("{}", c.name.replace('-', "_").to_uppercase());
         quote!(ReplyCode::#ident,)
@@ -470,6 +495,34 @@ pub fn constants(model: &Model) -> TokenStream {
             /// Whether the spec says this code closes only the channel.
             pub const fn is_soft_error(self) -> bool {
                 matches!(self.kind(), Some(ReplyKind::SoftError))
+            }
+        }
+
+        /// The error a reply code reports, one variant per error code of the spec.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum ReplyError {
+            #(#error_variants)*
+            /// A code the spec does not define (or 200, which is no error).
+            Other(u16),
+        }
+
+        impl ReplyError {
+            /// The reply code.
+            pub const fn code(self) -> ReplyCode {
+                match self {
+                    #(#error_to_code)*
+                    ReplyError::Other(code) => ReplyCode(code),
+                }
+            }
+        }
+
+        impl From<ReplyCode> for ReplyError {
+            fn from(code: ReplyCode) -> Self {
+                match code.0 {
+                    #(#error_from_code)*
+                    other => ReplyError::Other(other),
+                }
             }
         }
 

@@ -3,6 +3,7 @@
 //! - `regen` rewrites the generated protocol code from `spec/`; `regen --check`
 //!   fails, naming each stale file, when the checked-in code differs.
 //! - `broker` makes sure a RabbitMQ answers at `AMQP_URL`.
+//! - `quickstart` runs `broker`, then the quickstart example.
 //! - `test` runs `broker`, then every test of the workspace.
 
 mod broker;
@@ -65,6 +66,20 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("regen") => regen(&root, args.iter().any(|a| a == "--check")),
         Some("broker") => broker::ensure(),
+        Some("quickstart") => broker::ensure().and_then(|()| {
+            cargo(
+                &root,
+                &[
+                    "run",
+                    "--quiet",
+                    "-p",
+                    "amqp-client",
+                    "--example",
+                    "quickstart",
+                ],
+                &args[1..],
+            )
+        }),
         Some("test") => {
             broker::ensure().and_then(|()| cargo(&root, &["test", "--workspace"], &args[1..]))
         }

@@ -283,6 +283,17 @@ pub fn write_body(buf: &mut BytesMut, channel: u16, body: &[u8], frame_max: u32)
     }
 }
 
+/// Writes the method frame of a `basic.publish` (without building a [`Method`]).
+#[inline]
+pub fn write_publish_method(buf: &mut BytesMut, channel: u16, publish: &basic::Publish) {
+    write_frame(buf, FRAME_METHOD, channel, |buf| {
+        let id = basic::Publish::INFO.id;
+        buf.put_u16(id.class_id);
+        buf.put_u16(id.method_id);
+        publish.encode_args(buf);
+    });
+}
+
 /// Writes a whole `basic.publish`: method, header and body frames.
 #[inline]
 pub fn write_publish(
@@ -293,12 +304,7 @@ pub fn write_publish(
     body: &[u8],
     frame_max: u32,
 ) {
-    write_frame(buf, FRAME_METHOD, channel, |buf| {
-        let id = basic::Publish::INFO.id;
-        buf.put_u16(id.class_id);
-        buf.put_u16(id.method_id);
-        publish.encode_args(buf);
-    });
+    write_publish_method(buf, channel, publish);
     write_header(buf, channel, body.len() as u64, properties);
     write_body(buf, channel, body, frame_max);
 }

@@ -153,6 +153,96 @@ impl ReplyCode {
         matches!(self.kind(), Some(ReplyKind::SoftError))
     }
 }
+/// The error a reply code reports, one variant per error code of the spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ReplyError {
+    /// 311 `content-too-large`: closes the channel.
+    ContentTooLarge,
+    /// 313 `no-consumers`: closes the channel.
+    NoConsumers,
+    /// 320 `connection-forced`: closes the connection.
+    ConnectionForced,
+    /// 402 `invalid-path`: closes the connection.
+    InvalidPath,
+    /// 403 `access-refused`: closes the channel.
+    AccessRefused,
+    /// 404 `not-found`: closes the channel.
+    NotFound,
+    /// 405 `resource-locked`: closes the channel.
+    ResourceLocked,
+    /// 406 `precondition-failed`: closes the channel.
+    PreconditionFailed,
+    /// 501 `frame-error`: closes the connection.
+    FrameError,
+    /// 502 `syntax-error`: closes the connection.
+    SyntaxError,
+    /// 503 `command-invalid`: closes the connection.
+    CommandInvalid,
+    /// 504 `channel-error`: closes the connection.
+    ChannelError,
+    /// 505 `unexpected-frame`: closes the connection.
+    UnexpectedFrame,
+    /// 506 `resource-error`: closes the connection.
+    ResourceError,
+    /// 530 `not-allowed`: closes the connection.
+    NotAllowed,
+    /// 540 `not-implemented`: closes the connection.
+    NotImplemented,
+    /// 541 `internal-error`: closes the connection.
+    InternalError,
+    /// A code the spec does not define (or 200, which is no error).
+    Other(u16),
+}
+impl ReplyError {
+    /// The reply code.
+    pub const fn code(self) -> ReplyCode {
+        match self {
+            ReplyError::ContentTooLarge => ReplyCode::CONTENT_TOO_LARGE,
+            ReplyError::NoConsumers => ReplyCode::NO_CONSUMERS,
+            ReplyError::ConnectionForced => ReplyCode::CONNECTION_FORCED,
+            ReplyError::InvalidPath => ReplyCode::INVALID_PATH,
+            ReplyError::AccessRefused => ReplyCode::ACCESS_REFUSED,
+            ReplyError::NotFound => ReplyCode::NOT_FOUND,
+            ReplyError::ResourceLocked => ReplyCode::RESOURCE_LOCKED,
+            ReplyError::PreconditionFailed => ReplyCode::PRECONDITION_FAILED,
+            ReplyError::FrameError => ReplyCode::FRAME_ERROR,
+            ReplyError::SyntaxError => ReplyCode::SYNTAX_ERROR,
+            ReplyError::CommandInvalid => ReplyCode::COMMAND_INVALID,
+            ReplyError::ChannelError => ReplyCode::CHANNEL_ERROR,
+            ReplyError::UnexpectedFrame => ReplyCode::UNEXPECTED_FRAME,
+            ReplyError::ResourceError => ReplyCode::RESOURCE_ERROR,
+            ReplyError::NotAllowed => ReplyCode::NOT_ALLOWED,
+            ReplyError::NotImplemented => ReplyCode::NOT_IMPLEMENTED,
+            ReplyError::InternalError => ReplyCode::INTERNAL_ERROR,
+            ReplyError::Other(code) => ReplyCode(code),
+        }
+    }
+}
+impl From<ReplyCode> for ReplyError {
+    fn from(code: ReplyCode) -> Self {
+        match code.0 {
+            311u16 => ReplyError::ContentTooLarge,
+            313u16 => ReplyError::NoConsumers,
+            320u16 => ReplyError::ConnectionForced,
+            402u16 => ReplyError::InvalidPath,
+            403u16 => ReplyError::AccessRefused,
+            404u16 => ReplyError::NotFound,
+            405u16 => ReplyError::ResourceLocked,
+            406u16 => ReplyError::PreconditionFailed,
+            501u16 => ReplyError::FrameError,
+            502u16 => ReplyError::SyntaxError,
+            503u16 => ReplyError::CommandInvalid,
+            504u16 => ReplyError::ChannelError,
+            505u16 => ReplyError::UnexpectedFrame,
+            506u16 => ReplyError::ResourceError,
+            530u16 => ReplyError::NotAllowed,
+            540u16 => ReplyError::NotImplemented,
+            541u16 => ReplyError::InternalError,
+            other => ReplyError::Other(other),
+        }
+    }
+}
 impl core::fmt::Debug for ReplyCode {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self.name() {

@@ -1,0 +1,60 @@
+//! Declare a queue, publish a message, consume it, ack it, close.
+//!
+//! `cargo xtask quickstart` (makes sure a broker answers at `AMQP_URL` first),
+//! or `cargo run -p amqp-client --example quickstart`.
+
+use amqp_client::prelude::*;
+use amqp_client::{BasicProperties, Connection, ConsumeOptions, ShortString};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let connection = Connection::open(&url).await?;
+    println!("connected to {url}");
+
+    let channel = connection.open_channel().await?;
+    let declared = channel
+        .queue_declare(queue::Declare {
+            queue: ShortString::from_static("amqp-client.quickstart"),
+            auto_delete: true,
+            ..Default::default()
+        })
+        .await?;
+    println!(
+        "declared queue {} ({} messages waiting)",
+        declared.queue, declared.message_count
+    );
+
+    let properties =
+        BasicProperties::default().with_content_type(ShortString::from_static("text/plain"));
+    channel
+        .basic_publish(
+            "",
+            &declared.queue,
+            false,
+            properties,
+            "hello from amqp-client",
+        )
+        .await?;
+    println!("published");
+
+    let mut consumer = channel
+        .basic_consume(&declared.queue, ConsumeOptions::default())
+        .await?;
+    let delivery = consumer.next().await.ok_or("the consumer ended")??;
+    println!(
+        "received {:?} (delivery tag {}, content type {:?})",
+        String::from_utf8_lossy(&delivery.body),
+        delivery.envelope.delivery_tag,
+        delivery.properties.content_type.as_deref()
+    );
+    delivery.ack().await?;
+    println!("acked");
+
+    consumer.cancel().await?;
+    channel.close().await?;
+    connection.close().await?;
+    println!("closed");
+    Ok(())
+}

@@ -1,0 +1,359 @@
+//! The channel handle: RPCs (through the generated [`ChannelMethods`]),
+//! publishing with optional confirms, consuming, `basic.get`, returns.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::connection::Inner as ConnectionInner;
+use crate::consumer::{Consumer, Delivery, GetMessage};
+use crate::error::Error;
+use crate::machine::{Command, Confirmation, Reply, ReturnedMessage};
+use crate::protocol::methods::{basic, Method};
+use crate::protocol::{BasicProperties, ChannelRpc, FieldTable, ShortString};
+
+pub(crate) struct ChannelInner {
+    pub id: u16,
+    pub closed: Arc<OnceLock<Error>>,
+    pub conn: Arc<ConnectionInner>,
+    confirm_mode: AtomicBool,
+}
+
+impl Drop for ChannelInner {
+    fn drop(&mut self) {
+        // The last handle is gone: close the channel without waiting (the
+        // control queue is unbounded, so this never blocks or spawns).
+        if self.closed.get().is_none() {
+            let _ = self.conn.control.send(Command::CloseChannel {
+                channel: self.id,
+                reply: None,
+            });
+        }
+    }
+}
+
+/// A channel. Cheap to clone, `Send + Sync`: many tasks may use it at once;
+/// their synchronous calls queue so that one is on the wire at a time.
+/// It closes when [`close`](Self::close) is called or its last handle drops.
+#[derive(Clone)]
+pub struct Channel {
+    pub(crate) inner: Arc<ChannelInner>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options of [`Channel::basic_consume`].
+#[derive(Debug, Clone, Default)]
+pub struct ConsumeOptions {
+    /// The consumer tag; empty lets the client choose one.
+    pub consumer_tag: String,
+    /// Deliveries need no ack.
+    pub no_ack: bool,
+    /// The only consumer of the queue.
+    pub exclusive: bool,
+    /// Not delivered messages published on this connection.
+    pub no_local: bool,
+    /// Extra arguments (`x-priority`…).
+    pub arguments: FieldTable,
+}
+
+/// The confirmation of one publish; await it (or drop it when not needed).
+pub struct PublishConfirm {
+    answer: Option<oneshot::Receiver<Result<Confirmation, Error>>>,
+    conn: Arc<ConnectionInner>,
+}
+
+impl Future for PublishConfirm {
+    type Output = Result<Confirmation, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        match this.answer.as_mut() {
+            // Not in confirm mode: handed to the connection is all there is.
+            None => Poll::Ready(Ok(Confirmation::NotRequested)),
+            Some(answer) => match Pin::new(answer).poll(cx) {
+                Poll::Ready(Ok(outcome)) => Poll::Ready(outcome),
+                Poll::Ready(Err(_)) => Poll::Ready(Err(this.conn.closed_error())),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl Channel {
+    pub(crate) fn new(id: u16, closed: Arc<OnceLock<Error>>, conn: Arc<ConnectionInner>) -> Self {
+        Self {
+            inner: Arc::new(ChannelInner {
+                id,
+                closed,
+                conn,
+                confirm_mode: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The channel id.
+    pub fn id(&self) -> u16 {
+        self.inner.id
+    }
+
+    /// The error that closed the channel (or its connection), if it is closed.
+    pub fn closed_error(&self) -> Option<Error> {
+        self.inner
+            .closed
+            .get()
+            .or_else(|| self.inner.conn.shared.error.get())
+            .cloned()
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        match self.closed_error() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    async fn send_command(&self, command: Command) -> Result<(), Error> {
+        self.inner.conn.send(command).await
+    }
+
+    async fn answer<T>(&self, answer: oneshot::Receiver<Result<T, Error>>) -> Result<T, Error> {
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(self
+                .closed_error()
+                .unwrap_or_else(|| self.inner.conn.closed_error())),
+        }
+    }
+
+    pub(crate) async fn rpc(&self, method: Method) -> Result<Reply, Error> {
+        self.check()?;
+        let is_confirm_select = matches!(method, Method::ConfirmSelect(_));
+        let (reply, answer) = oneshot::channel();
+        self.send_command(Command::Rpc {
+            channel: self.inner.id,
+            method,
+            reply,
+        })
+        .await?;
+        let reply = self.answer(answer).await?;
+        if is_confirm_select {
+            self.inner.confirm_mode.store(true, Ordering::Release);
+        }
+        Ok(reply)
+    }
+
+    /// Closes the channel: sends `channel.close` and waits for close-ok.
+    /// Closing a channel that the broker already closed returns that error.
+    pub async fn close(&self) -> Result<(), Error> {
+        if let Some(error) = self.closed_error() {
+            return match error {
+                Error::ChannelClosed { ref reason, .. }
+                    if reason.initiator == crate::error::Initiator::Application =>
+                {
+                    Ok(())
+                }
+                other => Err(other),
+            };
+        }
+        let (reply, answer) = oneshot::channel();
+        let _ = self.inner.conn.control.send(Command::CloseChannel {
+            channel: self.inner.id,
+            reply: Some(reply),
+        });
+        self.answer(answer).await
+    }
+
+    /// Publishes a message. In confirm mode the returned confirmation
+    /// resolves to ack, nack or returned; otherwise it resolves at once.
+    /// While the broker blocks the connection this waits for it to unblock,
+    /// so memory does not pile up in the client.
+    pub async fn basic_publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        properties: BasicProperties,
+        body: impl Into<Bytes>,
+    ) -> Result<PublishConfirm, Error> {
+        self.check()?;
+        let publish = basic::Publish {
+            exchange: ShortString::new(exchange)?,
+            routing_key: ShortString::new(routing_key)?,
+            mandatory,
+            immediate: false,
+        };
+        self.publish(publish, properties, body.into()).await
+    }
+
+    /// [`basic_publish`](Self::basic_publish) with the method struct.
+    pub async fn publish(
+        &self,
+        publish: basic::Publish,
+        properties: BasicProperties,
+        body: Bytes,
+    ) -> Result<PublishConfirm, Error> {
+        self.check()?;
+        let blocked = &self.inner.conn.shared.blocked;
+        if blocked.borrow().is_some() {
+            let mut blocked = blocked.clone();
+            let _ = blocked.wait_for(Option::is_none).await;
+        }
+        let (confirm, answer) = if self.inner.confirm_mode.load(Ordering::Acquire) {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        self.send_command(Command::Publish {
+            channel: self.inner.id,
+            publish,
+            properties,
+            body,
+            confirm,
+        })
+        .await?;
+        Ok(PublishConfirm {
+            answer,
+            conn: self.inner.conn.clone(),
+        })
+    }
+
+    /// Waits until every publish so far is confirmed; `true` if all were acked.
+    pub async fn wait_for_confirms(&self) -> Result<bool, Error> {
+        self.check()?;
+        let (reply, answer) = oneshot::channel();
+        self.send_command(Command::WaitForConfirms {
+            channel: self.inner.id,
+            reply,
+        })
+        .await?;
+        self.answer(answer).await
+    }
+
+    /// Starts a consumer on `queue`; its deliveries come as a stream.
+    pub async fn basic_consume(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> Result<Consumer, Error> {
+        self.check()?;
+        let tag = if options.consumer_tag.is_empty() {
+            let n = self
+                .inner
+                .conn
+                .next_consumer
+                .fetch_add(1, Ordering::Relaxed);
+            // Short enough to be stored inline by ShortString.
+            ShortString::new(format!("ctag-{}.{n}", self.inner.id))?
+        } else {
+            ShortString::new(&options.consumer_tag)?
+        };
+        let consume = basic::Consume {
+            queue: ShortString::new(queue)?,
+            consumer_tag: tag.clone(),
+            no_local: options.no_local,
+            no_ack: options.no_ack,
+            exclusive: options.exclusive,
+            no_wait: false,
+            arguments: options.arguments,
+        };
+        let (deliveries, receiver) = mpsc::channel(self.inner.conn.config.consumer_buffer);
+        let end = Arc::new(OnceLock::new());
+        let (reply, answer) = oneshot::channel();
+        self.send_command(Command::Consume {
+            channel: self.inner.id,
+            consume,
+            deliveries,
+            end: end.clone(),
+            reply,
+        })
+        .await?;
+        self.answer(answer).await?;
+        Ok(Consumer::new(tag, self.clone(), receiver, end))
+    }
+
+    /// Starts a consumer and calls `handler` for each delivery, one at a
+    /// time, on a task of its own. The task ends when the consumer does, with
+    /// the reason (`Ok` for a cancel by the application).
+    pub async fn basic_consume_with<F, Fut>(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+        mut handler: F,
+    ) -> Result<tokio::task::JoinHandle<Result<(), Error>>, Error>
+    where
+        F: FnMut(Delivery) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let mut consumer = self.basic_consume(queue, options).await?;
+        Ok(tokio::spawn(async move {
+            while let Some(delivery) = consumer.next().await {
+                handler(delivery?).await;
+            }
+            Ok(())
+        }))
+    }
+
+    /// Fetches one message from `queue`; `None` when it is empty.
+    pub async fn basic_get(&self, queue: &str, no_ack: bool) -> Result<Option<GetMessage>, Error> {
+        let reply = self
+            .rpc(Method::BasicGet(basic::Get {
+                queue: ShortString::new(queue)?,
+                no_ack,
+            }))
+            .await?;
+        match (reply.method, reply.content) {
+            (Method::BasicGetEmpty(_), _) => Ok(None),
+            (Method::BasicGetOk(get_ok), Some(content)) => {
+                Ok(Some(GetMessage::new(get_ok, content, self.clone())))
+            }
+            (other, _) => Err(crate::protocol::UnexpectedReply {
+                request: &basic::Get::INFO,
+                reply: other.info(),
+            }
+            .into()),
+        }
+    }
+
+    /// Messages the broker returns as unroutable (published `mandatory`
+    /// without confirm mode; in confirm mode they come with the confirmation).
+    /// Calling it again replaces the earlier stream.
+    pub async fn returns(&self, capacity: usize) -> Result<mpsc::Receiver<ReturnedMessage>, Error> {
+        let (returns, receiver) = mpsc::channel(capacity.max(1));
+        self.send_command(Command::SetReturns {
+            channel: self.inner.id,
+            returns,
+        })
+        .await?;
+        Ok(receiver)
+    }
+}
+
+impl ChannelRpc for Channel {
+    type Error = Error;
+
+    async fn call(&self, request: Method) -> Result<Method, Error> {
+        Ok(self.rpc(request).await?.method)
+    }
+
+    async fn send(&self, method: Method) -> Result<(), Error> {
+        self.check()?;
+        self.send_command(Command::Send {
+            channel: self.inner.id,
+            method,
+        })
+        .await
+    }
+}

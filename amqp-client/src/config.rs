@@ -1,0 +1,408 @@
+//! Connection settings: RabbitMQ's URI form (`amqp://` and `amqps://`) and a
+//! builder for everything a URL can say and more.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use thiserror::Error;
+use url::Url;
+
+use crate::protocol::{FieldTable, FieldValue, ShortString};
+
+/// A URL that cannot be used, naming the part that is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum UrlError {
+    /// Not a URL at all.
+    #[error("invalid AMQP URL: {0}")]
+    Syntax(String),
+    /// A scheme other than `amqp` or `amqps`.
+    #[error("invalid AMQP URL scheme `{0}`: expected `amqp` or `amqps`")]
+    Scheme(String),
+    /// A vhost path with more than one segment.
+    #[error("invalid AMQP URL vhost `{0}`: a vhost is one path segment (write `/` as `%2f`)")]
+    Vhost(String),
+    /// User, password or vhost is not valid percent-encoded UTF-8.
+    #[error("invalid AMQP URL {part}: not valid percent-encoded UTF-8")]
+    Encoding {
+        /// `user`, `password` or `vhost`.
+        part: &'static str,
+    },
+    /// A query parameter with a bad value.
+    #[error("invalid AMQP URL query parameter `{name}={value}`: {reason}")]
+    Query {
+        /// Parameter name.
+        name: String,
+        /// Its value.
+        value: String,
+        /// Why it is wrong.
+        reason: &'static str,
+    },
+    /// A query parameter this client does not know.
+    #[error("unknown AMQP URL query parameter `{0}`")]
+    UnknownQuery(String),
+}
+
+/// SASL mechanism used to authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuthMechanism {
+    /// User and password in clear (inside TLS where it matters).
+    #[default]
+    Plain,
+    /// RabbitMQ's AMQPLAIN: user and password as a field table.
+    AmqPlain,
+    /// The identity is the TLS client certificate.
+    External,
+}
+
+impl AuthMechanism {
+    /// The name sent in `connection.start-ok`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMechanism::Plain => "PLAIN",
+            AuthMechanism::AmqPlain => "AMQPLAIN",
+            AuthMechanism::External => "EXTERNAL",
+        }
+    }
+}
+
+/// TLS settings for `amqps://`.
+#[derive(Debug, Clone, Default)]
+pub struct TlsConfig {
+    /// PEM file with the CA certificates to trust instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM files with a client certificate chain and its private key (for EXTERNAL).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Name to verify and send as SNI; defaults to the host.
+    pub server_name: Option<String>,
+    /// Accept any server certificate. Dangerous: anyone on the path can read
+    /// and change the traffic. For tests only.
+    pub dangerous_accept_invalid_certs: bool,
+}
+
+/// Everything needed to open a connection.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+    /// Virtual host.
+    pub vhost: String,
+    /// Heartbeat interval in seconds wanted by the client; 0 disables it.
+    pub heartbeat: u16,
+    /// Largest frame wanted by the client (0: no limit of its own).
+    pub frame_max: u32,
+    /// Most channels wanted by the client (0: no limit of its own).
+    pub channel_max: u16,
+    /// How long the TCP connect, TLS handshake and AMQP handshake may take.
+    pub connection_timeout: Duration,
+    /// SASL mechanism.
+    pub auth_mechanism: AuthMechanism,
+    /// `Some` for `amqps://`.
+    pub tls: Option<TlsConfig>,
+    /// Name shown in the management UI and `rabbitmqctl list_connections`.
+    pub connection_name: Option<String>,
+    /// Locale asked for in `connection.start-ok`.
+    pub locale: String,
+    /// Extra client properties, merged over the defaults.
+    pub client_properties: FieldTable,
+    /// Capacity of each consumer's delivery buffer; when it is full the
+    /// connection stops reading the socket until the application catches up.
+    pub consumer_buffer: usize,
+    /// Largest message body accepted from the broker; a larger one is a
+    /// connection error rather than an unbounded allocation.
+    pub max_body_size: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: "localhost".to_owned(),
+            port: 5672,
+            user: "guest".to_owned(),
+            password: "guest".to_owned(),
+            vhost: "/".to_owned(),
+            heartbeat: 60,
+            frame_max: 131_072,
+            channel_max: 2047,
+            connection_timeout: Duration::from_secs(30),
+            auth_mechanism: AuthMechanism::Plain,
+            tls: None,
+            connection_name: None,
+            locale: "en_US".to_owned(),
+            client_properties: FieldTable::new(),
+            consumer_buffer: 1024,
+            max_body_size: 128 * 1024 * 1024,
+        }
+    }
+}
+
+fn decode_part(text: &str, part: &'static str) -> Result<String, UrlError> {
+    // `url` leaves user, password and path percent-encoded.
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .map(|t| t.into_owned())
+        .map_err(|_| UrlError::Encoding { part })
+}
+
+fn query_number<T: FromStr>(name: &str, value: &str) -> Result<T, UrlError> {
+    value.parse().map_err(|_| UrlError::Query {
+        name: name.to_owned(),
+        value: value.to_owned(),
+        reason: "not a number in range",
+    })
+}
+
+impl FromStr for Config {
+    type Err = UrlError;
+
+    /// Parses RabbitMQ's URI form: `amqp[s]://user:password@host:port/vhost?…`.
+    fn from_str(text: &str) -> Result<Self, UrlError> {
+        let url = Url::parse(text).map_err(|e| UrlError::Syntax(e.to_string()))?;
+        let mut config = Config::default();
+        match url.scheme() {
+            "amqp" => {}
+            "amqps" => {
+                config.port = 5671;
+                config.tls = Some(TlsConfig::default());
+            }
+            other => return Err(UrlError::Scheme(other.to_owned())),
+        }
+        if let Some(host) = url.host_str().filter(|h| !h.is_empty()) {
+            config.host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+        }
+        if let Some(port) = url.port() {
+            config.port = port;
+        }
+        if !url.username().is_empty() {
+            config.user = decode_part(url.username(), "user")?;
+        }
+        if let Some(password) = url.password() {
+            config.password = decode_part(password, "password")?;
+        }
+        let path = url.path();
+        // `amqp://host` and `amqp://host/` both mean the default vhost `/`.
+        if path.len() > 1 {
+            let raw = &path[1..];
+            if raw.contains('/') {
+                return Err(UrlError::Vhost(raw.to_owned()));
+            }
+            config.vhost = decode_part(raw, "vhost")?;
+        }
+        for (name, value) in url.query_pairs() {
+            match name.as_ref() {
+                "heartbeat" => config.heartbeat = query_number(&name, &value)?,
+                "frame_max" => config.frame_max = query_number(&name, &value)?,
+                "channel_max" => config.channel_max = query_number(&name, &value)?,
+                "connection_timeout" => {
+                    let millis: u64 = query_number(&name, &value)?;
+                    config.connection_timeout = Duration::from_millis(millis);
+                }
+                "auth_mechanism" => {
+                    config.auth_mechanism = match value.to_ascii_uppercase().as_str() {
+                        "PLAIN" => AuthMechanism::Plain,
+                        "AMQPLAIN" => AuthMechanism::AmqPlain,
+                        "EXTERNAL" => AuthMechanism::External,
+                        _ => {
+                            return Err(UrlError::Query {
+                                name: name.into_owned(),
+                                value: value.into_owned(),
+                                reason: "expected PLAIN, AMQPLAIN or EXTERNAL",
+                            })
+                        }
+                    }
+                }
+                "cacertfile" => {
+                    config.tls.get_or_insert_with(TlsConfig::default).ca_file =
+                        Some(PathBuf::from(value.as_ref()));
+                }
+                "server_name_indication" => {
+                    config
+                        .tls
+                        .get_or_insert_with(TlsConfig::default)
+                        .server_name = Some(value.into_owned());
+                }
+                "connection_name" => config.connection_name = Some(value.into_owned()),
+                other => return Err(UrlError::UnknownQuery(other.to_owned())),
+            }
+        }
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// Parses an `amqp://` or `amqps://` URL.
+    pub fn from_url(url: &str) -> Result<Self, UrlError> {
+        url.parse()
+    }
+
+    /// Sets the host.
+    #[must_use]
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.host = host.into();
+        self
+    }
+
+    /// Sets the port.
+    #[must_use]
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Sets user and password.
+    #[must_use]
+    pub fn credentials(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.user = user.into();
+        self.password = password.into();
+        self
+    }
+
+    /// Sets the virtual host.
+    #[must_use]
+    pub fn vhost(mut self, vhost: impl Into<String>) -> Self {
+        self.vhost = vhost.into();
+        self
+    }
+
+    /// Sets the heartbeat interval in seconds (0 disables heartbeats).
+    #[must_use]
+    pub fn heartbeat(mut self, seconds: u16) -> Self {
+        self.heartbeat = seconds;
+        self
+    }
+
+    /// Sets the largest frame the client wants.
+    #[must_use]
+    pub fn frame_max(mut self, frame_max: u32) -> Self {
+        self.frame_max = frame_max;
+        self
+    }
+
+    /// Sets the most channels the client wants.
+    #[must_use]
+    pub fn channel_max(mut self, channel_max: u16) -> Self {
+        self.channel_max = channel_max;
+        self
+    }
+
+    /// Sets the connect + handshake timeout.
+    #[must_use]
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// Sets the SASL mechanism.
+    #[must_use]
+    pub fn auth_mechanism(mut self, mechanism: AuthMechanism) -> Self {
+        self.auth_mechanism = mechanism;
+        self
+    }
+
+    /// Enables TLS with these settings.
+    #[must_use]
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Sets the connection name shown by the broker.
+    #[must_use]
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = Some(name.into());
+        self
+    }
+
+    /// Sets the locale.
+    #[must_use]
+    pub fn locale(mut self, locale: impl Into<String>) -> Self {
+        self.locale = locale.into();
+        self
+    }
+
+    /// Adds a client property (merged over `product`, `version`, `platform`…).
+    #[must_use]
+    pub fn client_property(mut self, key: ShortString, value: impl Into<FieldValue>) -> Self {
+        self.client_properties.insert(key, value);
+        self
+    }
+
+    /// Sets the capacity of each consumer's delivery buffer.
+    #[must_use]
+    pub fn consumer_buffer(mut self, deliveries: usize) -> Self {
+        self.consumer_buffer = deliveries.max(1);
+        self
+    }
+
+    /// `host:port`, with brackets around IPv6 addresses.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_url() {
+        let c: Config = "amqp://user%40x:p%2Fw@rabbit.local:5673/my%2fvhost?heartbeat=5&frame_max=8192&channel_max=10&connection_timeout=1500&auth_mechanism=amqplain"
+            .parse()
+            .expect("valid");
+        assert_eq!((c.host.as_str(), c.port), ("rabbit.local", 5673));
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("user@x", "p/w"));
+        assert_eq!(c.vhost, "my/vhost");
+        assert_eq!((c.heartbeat, c.frame_max, c.channel_max), (5, 8192, 10));
+        assert_eq!(c.connection_timeout, Duration::from_millis(1500));
+        assert_eq!(c.auth_mechanism, AuthMechanism::AmqPlain);
+        assert!(c.tls.is_none());
+    }
+
+    #[test]
+    fn defaults_of_the_short_forms() {
+        let c: Config = "amqp:///".parse().expect("valid");
+        assert_eq!(
+            (c.host.as_str(), c.port, c.user.as_str(), c.vhost.as_str()),
+            ("localhost", 5672, "guest", "/")
+        );
+        let c: Config = "amqp://h".parse().expect("valid");
+        assert_eq!(c.vhost, "/");
+        let c: Config = "amqp://h/%2f".parse().expect("valid");
+        assert_eq!(c.vhost, "/");
+        let c: Config = "amqps://h".parse().expect("valid");
+        assert_eq!(c.port, 5671);
+        assert!(c.tls.is_some());
+        let c: Config = "amqp://[::1]:5000/v".parse().expect("valid");
+        assert_eq!(
+            (c.host.as_str(), c.address()),
+            ("::1", "[::1]:5000".to_owned())
+        );
+    }
+
+    #[test]
+    fn bad_urls_name_the_part() {
+        let err = |u: &str| u.parse::<Config>().expect_err(u).to_string();
+        assert!(err("http://h").contains("scheme `http`"));
+        assert!(err("amqp://h/a/b").contains("vhost"));
+        assert!(err("amqp://h?heartbeat=x").contains("heartbeat=x"));
+        assert!(err("amqp://h?heartbeat=70000").contains("heartbeat"));
+        assert!(err("amqp://h?auth_mechanism=KERBEROS").contains("auth_mechanism"));
+        assert!(err("amqp://h?bogus=1").contains("bogus"));
+        assert!(err("not a url").contains("invalid AMQP URL"));
+        assert!(err("amqp://h:99999").contains("invalid AMQP URL"));
+    }
+}

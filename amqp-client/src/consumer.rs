@@ -1,0 +1,237 @@
+//! Consumers as streams of deliveries, and the messages `basic.get` fetches.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::channel::Channel;
+use crate::error::Error;
+use crate::machine::{Command, ConsumerEnd, Content, RawDelivery};
+use crate::protocol::methods::{basic, Method};
+use crate::protocol::{BasicProperties, ChannelRpc, ShortString};
+
+/// Where a message came from and how to acknowledge it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The consumer it was delivered to (empty for `basic.get`).
+    pub consumer_tag: ShortString,
+    /// The tag to ack, nack or reject it with, on its channel.
+    pub delivery_tag: u64,
+    /// Whether it was delivered before.
+    pub redelivered: bool,
+    /// The exchange it was published to.
+    pub exchange: ShortString,
+    /// Its routing key.
+    pub routing_key: ShortString,
+}
+
+/// A message delivered to a consumer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Where it came from.
+    pub envelope: Envelope,
+    /// Its properties.
+    pub properties: Box<BasicProperties>,
+    /// Its body, a slice of the connection's read buffer when it fit one frame.
+    pub body: Bytes,
+    channel: Channel,
+}
+
+impl Delivery {
+    pub(crate) fn new(envelope: Envelope, content: Content, channel: Channel) -> Self {
+        Self {
+            envelope,
+            properties: content.properties,
+            body: content.body,
+            channel,
+        }
+    }
+
+    /// The channel it arrived on.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Acknowledges it.
+    pub async fn ack(&self) -> Result<(), Error> {
+        self.channel
+            .send(Method::BasicAck(basic::Ack {
+                delivery_tag: self.envelope.delivery_tag,
+                multiple: false,
+            }))
+            .await
+    }
+
+    /// Rejects it (and with `multiple`, every earlier unacked one), requeueing or not.
+    pub async fn nack(&self, multiple: bool, requeue: bool) -> Result<(), Error> {
+        self.channel
+            .send(Method::BasicNack(basic::Nack {
+                delivery_tag: self.envelope.delivery_tag,
+                multiple,
+                requeue,
+            }))
+            .await
+    }
+
+    /// Rejects it, requeueing or not.
+    pub async fn reject(&self, requeue: bool) -> Result<(), Error> {
+        self.channel
+            .send(Method::BasicReject(basic::Reject {
+                delivery_tag: self.envelope.delivery_tag,
+                requeue,
+            }))
+            .await
+    }
+}
+
+/// A message fetched with `basic.get`.
+#[derive(Debug, Clone)]
+pub struct GetMessage {
+    /// The delivery (its envelope's consumer tag is empty).
+    pub delivery: Delivery,
+    /// Messages left in the queue.
+    pub message_count: u32,
+}
+
+impl GetMessage {
+    pub(crate) fn new(get_ok: basic::GetOk, content: Content, channel: Channel) -> Self {
+        let envelope = Envelope {
+            consumer_tag: ShortString::default(),
+            delivery_tag: get_ok.delivery_tag,
+            redelivered: get_ok.redelivered,
+            exchange: get_ok.exchange,
+            routing_key: get_ok.routing_key,
+        };
+        Self {
+            delivery: Delivery::new(envelope, content, channel),
+            message_count: get_ok.message_count,
+        }
+    }
+}
+
+/// A consumer: a stream of deliveries. It ends (`None`) after a cancel by the
+/// application; when the broker cancels it or its channel or connection
+/// closes, it yields that error once, then ends. Dropping it cancels it, and
+/// deliveries still on their way are requeued.
+pub struct Consumer {
+    tag: ShortString,
+    channel: Channel,
+    receiver: mpsc::Receiver<RawDelivery>,
+    end: ConsumerEnd,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("tag", &self.tag)
+            .field("channel", &self.channel.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    pub(crate) fn new(
+        tag: ShortString,
+        channel: Channel,
+        receiver: mpsc::Receiver<RawDelivery>,
+        end: ConsumerEnd,
+    ) -> Self {
+        Self {
+            tag,
+            channel,
+            receiver,
+            end,
+            finished: false,
+        }
+    }
+
+    /// The consumer tag.
+    pub fn tag(&self) -> &ShortString {
+        &self.tag
+    }
+
+    /// The channel it consumes on.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// The next delivery; `None` once the consumer has ended.
+    pub async fn next(&mut self) -> Option<Result<Delivery, Error>> {
+        std::future::poll_fn(|cx| self.poll_delivery(cx)).await
+    }
+
+    /// Cancels the consumer and waits for the broker's cancel-ok. Deliveries
+    /// already buffered can still be read from the stream.
+    pub async fn cancel(&mut self) -> Result<(), Error> {
+        if self.end.get().is_some() {
+            return Ok(());
+        }
+        self.channel
+            .call(Method::BasicCancel(basic::Cancel {
+                consumer_tag: self.tag.clone(),
+                no_wait: false,
+            }))
+            .await
+            .map(|_| ())
+    }
+
+    fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery, Error>>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        match self.receiver.poll_recv(cx) {
+            Poll::Ready(Some(raw)) => {
+                let envelope = Envelope {
+                    consumer_tag: raw.deliver.consumer_tag,
+                    delivery_tag: raw.deliver.delivery_tag,
+                    redelivered: raw.deliver.redelivered,
+                    exchange: raw.deliver.exchange,
+                    routing_key: raw.deliver.routing_key,
+                };
+                Poll::Ready(Some(Ok(Delivery::new(
+                    envelope,
+                    raw.content,
+                    self.channel.clone(),
+                ))))
+            }
+            Poll::Ready(None) => {
+                self.finished = true;
+                match self.end.get() {
+                    Some(Error::ConsumerCancelled {
+                        by_broker: false, ..
+                    })
+                    | None => Poll::Ready(None),
+                    Some(error) => Poll::Ready(Some(Err(error.clone()))),
+                }
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl futures_core::Stream for Consumer {
+    type Item = Result<Delivery, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_delivery(cx)
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if self.end.get().is_none() {
+            let _ = self
+                .channel
+                .inner
+                .conn
+                .control
+                .send(Command::ForgetConsumer {
+                    channel: self.channel.id(),
+                    tag: self.tag.clone(),
+                });
+        }
+    }
+}

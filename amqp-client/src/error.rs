@@ -1,0 +1,238 @@
+//! The client's error: one enum for everything above the protocol layer.
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::config::UrlError;
+use crate::protocol::{FrameError, MethodId, ReplyCode, ReplyError, UnexpectedReply};
+
+/// Who ended a channel or connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    /// The application asked for it.
+    Application,
+    /// The broker sent a close.
+    Broker,
+    /// This library closed it after a protocol violation by the peer.
+    Library,
+}
+
+/// Why a channel or connection ended, as carried by `channel.close` or
+/// `connection.close`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    /// The reply code.
+    pub code: ReplyCode,
+    /// The reply text.
+    pub text: String,
+    /// The method that caused it, when the closer named one.
+    pub method: Option<MethodId>,
+    /// Who closed.
+    pub initiator: Initiator,
+}
+
+impl CloseReason {
+    /// The typed error of the reply code.
+    pub fn error(&self) -> ReplyError {
+        ReplyError::from(self.code)
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.code, self.text)?;
+        if let Some(method) = self.method.filter(|m| m.class_id != 0) {
+            write!(f, " (caused by {method})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every way a client operation can fail. Cheap to clone: a closed channel or
+/// connection answers every later call with a clone of the error that closed it.
+#[derive(Debug, Clone, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The URL cannot be used.
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// The host name did not resolve.
+    #[error("cannot resolve {address}: {source}")]
+    Dns {
+        /// `host:port`.
+        address: String,
+        /// The resolver's error.
+        source: Arc<std::io::Error>,
+    },
+    /// Nothing accepted the TCP connection.
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        /// The address tried.
+        address: String,
+        /// The socket error.
+        source: Arc<std::io::Error>,
+    },
+    /// Connecting and the handshake took longer than the connection timeout.
+    #[error("connecting to {address} timed out after {timeout:?}")]
+    Timeout {
+        /// The address tried.
+        address: String,
+        /// The limit.
+        timeout: std::time::Duration,
+    },
+    /// TLS could not be set up (bad certificate, verification failure…).
+    #[error("TLS with {address} failed: {reason}")]
+    Tls {
+        /// The address tried.
+        address: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The server does not speak AMQP 0-9-1.
+    #[error("protocol version mismatch: the server answered with header {server_header:?}")]
+    ProtocolVersion {
+        /// The 8 bytes it sent.
+        server_header: Vec<u8>,
+    },
+    /// Wrong user or password (403 ACCESS_REFUSED during the handshake).
+    #[error("authentication failed for user `{user}`: {text}")]
+    AuthenticationFailed {
+        /// The user name.
+        user: String,
+        /// The broker's text.
+        text: String,
+    },
+    /// The vhost does not exist or the user may not use it.
+    #[error("cannot open vhost `{vhost}`: {reason}")]
+    VhostRefused {
+        /// The vhost.
+        vhost: String,
+        /// The broker's close.
+        reason: CloseReason,
+    },
+    /// The broker offers none of the SASL mechanisms this client can use.
+    #[error("the broker does not offer the {wanted} mechanism (it offers {offered})")]
+    Mechanism {
+        /// What the client wanted.
+        wanted: &'static str,
+        /// What the broker offered.
+        offered: String,
+    },
+    /// The channel was closed (by the broker with a soft error, or by the application).
+    #[error("channel {channel} closed: {reason}")]
+    ChannelClosed {
+        /// Channel id.
+        channel: u16,
+        /// The typed reply code.
+        reply: ReplyError,
+        /// Code, text, and the method that caused it.
+        reason: Arc<CloseReason>,
+    },
+    /// The connection was closed (by the broker, the application, or after a protocol error).
+    #[error("connection closed: {reason}")]
+    ConnectionClosed {
+        /// The typed reply code.
+        reply: ReplyError,
+        /// Code, text, and the method that caused it.
+        reason: Arc<CloseReason>,
+    },
+    /// The socket failed or the peer went away without a close.
+    #[error("connection lost: {0}")]
+    ConnectionLost(Arc<std::io::Error>),
+    /// No heartbeat or other frame arrived for two heartbeat intervals.
+    #[error(
+        "the broker sent nothing for {0:?} (two heartbeat intervals): connection considered dead"
+    )]
+    MissedHeartbeats(std::time::Duration),
+    /// The peer sent a frame that cannot be accepted.
+    #[error("protocol error: {0}")]
+    Protocol(#[from] FrameError),
+    /// The peer sent a well-formed frame at a point where it makes no sense.
+    #[error("unexpected frame: {0}")]
+    UnexpectedFrame(String),
+    /// A synchronous call got a reply the spec does not list for it.
+    #[error(transparent)]
+    UnexpectedReply(#[from] UnexpectedReply),
+    /// Every channel id up to the negotiated channel_max is in use.
+    #[error("all {0} channel ids are in use")]
+    ChannelsExhausted(u16),
+    /// A name longer than the 255 bytes of a shortstr.
+    #[error(transparent)]
+    ShortString(#[from] crate::protocol::ShortStringTooLong),
+    /// The operation needs the channel in confirm mode.
+    #[error("channel {0} is not in confirm mode")]
+    NotInConfirmMode(u16),
+    /// A published message was returned as unroutable (mandatory).
+    #[error("message returned: {code} {text}")]
+    Returned {
+        /// The reply code (312 NO_ROUTE…).
+        code: ReplyCode,
+        /// The reply text.
+        text: String,
+    },
+    /// A consumer ended: cancelled by the broker (its queue was deleted) or
+    /// by the application.
+    #[error("consumer `{consumer_tag}` on channel {channel} was cancelled by the {}", if *.by_broker { "broker" } else { "application" })]
+    ConsumerCancelled {
+        /// Channel id.
+        channel: u16,
+        /// The consumer tag.
+        consumer_tag: String,
+        /// Whether the broker cancelled it.
+        by_broker: bool,
+    },
+    /// The broker nacked a published message.
+    #[error("the broker nacked the message")]
+    Nacked,
+}
+
+impl Error {
+    /// The reply code, when the broker sent one.
+    pub fn reply_code(&self) -> Option<ReplyCode> {
+        match self {
+            Error::ChannelClosed { reason, .. } | Error::ConnectionClosed { reason, .. } => {
+                Some(reason.code)
+            }
+            Error::VhostRefused { reason, .. } => Some(reason.code),
+            Error::AuthenticationFailed { .. } => Some(ReplyCode::ACCESS_REFUSED),
+            Error::Returned { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The typed reply error, when the broker sent a code.
+    pub fn reply_error(&self) -> Option<ReplyError> {
+        self.reply_code().map(ReplyError::from)
+    }
+
+    /// Whether the error ended the whole connection.
+    pub fn is_connection_error(&self) -> bool {
+        matches!(
+            self,
+            Error::ConnectionClosed { .. }
+                | Error::ConnectionLost(_)
+                | Error::MissedHeartbeats(_)
+                | Error::Protocol(_)
+                | Error::UnexpectedFrame(_)
+        )
+    }
+
+    pub(crate) fn channel_closed(channel: u16, reason: CloseReason) -> Self {
+        Error::ChannelClosed {
+            channel,
+            reply: reason.error(),
+            reason: Arc::new(reason),
+        }
+    }
+
+    pub(crate) fn connection_closed(reason: CloseReason) -> Self {
+        Error::ConnectionClosed {
+            reply: reason.error(),
+            reason: Arc::new(reason),
+        }
+    }
+}
+
+/// The result of client operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,1362 @@
+//! The connection's protocol state, free of I/O: frames and commands go in,
+//! frames to write come out, and time is an argument. It owns channel ids,
+//! the one-RPC-at-a-time rule per channel, content assembly, publisher
+//! confirms, consumers, heartbeats and the fair scheduling of outgoing frames.
+//! The I/O task (`io.rs`) drives it; tests drive it without sockets.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::{CloseReason, Error, Initiator};
+use crate::protocol::frame::{self, ContentHeader, Frame, FRAME_OVERHEAD};
+use crate::protocol::methods::{basic, channel, connection, Method};
+use crate::protocol::{BasicProperties, MethodId, MethodInfo, ReplyCode, ShortString};
+
+/// Message content: properties and body.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Content {
+    pub properties: Box<BasicProperties>,
+    pub body: Bytes,
+}
+
+/// What answered a synchronous request.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub method: Method,
+    /// The content of a `basic.get-ok`.
+    pub content: Option<Content>,
+}
+
+/// A delivery as the machine hands it to a consumer's buffer.
+#[derive(Debug)]
+pub(crate) struct RawDelivery {
+    pub deliver: basic::Deliver,
+    pub content: Content,
+}
+
+/// A message the broker returned as unroutable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReturnedMessage {
+    /// The reply code (312 NO_ROUTE, 313 NO_CONSUMERS).
+    pub reply_code: ReplyCode,
+    /// The reply text.
+    pub reply_text: ShortString,
+    /// The exchange it was published to.
+    pub exchange: ShortString,
+    /// Its routing key.
+    pub routing_key: ShortString,
+    /// Its properties.
+    pub properties: Box<BasicProperties>,
+    /// Its body.
+    pub body: Bytes,
+}
+
+/// The outcome of a publish on a channel in confirm mode.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Confirmation {
+    /// The broker took responsibility for the message.
+    Ack,
+    /// The broker could not take the message.
+    Nack,
+    /// The message was unroutable and `mandatory`: returned, then acked.
+    Returned(Box<ReturnedMessage>),
+    /// The channel is not in confirm mode: the message was handed to the
+    /// connection, and nothing more is known of it.
+    NotRequested,
+}
+
+/// Why a consumer's stream ended.
+pub(crate) type ConsumerEnd = Arc<OnceLock<Error>>;
+
+/// Where the outcome of one publish in confirm mode goes.
+pub(crate) type ConfirmSender = oneshot::Sender<Result<Confirmation, Error>>;
+
+/// What handles ask of the connection.
+// A publish carries its properties inline: boxing them would cost an
+// allocation per message to save a copy of a few hundred bytes.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(crate) enum Command {
+    OpenChannel {
+        closed: Arc<OnceLock<Error>>,
+        reply: oneshot::Sender<Result<u16, Error>>,
+    },
+    Rpc {
+        channel: u16,
+        method: Method,
+        reply: oneshot::Sender<Result<Reply, Error>>,
+    },
+    Send {
+        channel: u16,
+        method: Method,
+    },
+    Publish {
+        channel: u16,
+        publish: basic::Publish,
+        properties: BasicProperties,
+        body: Bytes,
+        confirm: Option<ConfirmSender>,
+    },
+    Consume {
+        channel: u16,
+        consume: basic::Consume,
+        deliveries: mpsc::Sender<RawDelivery>,
+        end: ConsumerEnd,
+        reply: oneshot::Sender<Result<Reply, Error>>,
+    },
+    /// A dropped consumer: cancel it and requeue what still arrives for it.
+    ForgetConsumer {
+        channel: u16,
+        tag: ShortString,
+    },
+    WaitForConfirms {
+        channel: u16,
+        reply: oneshot::Sender<Result<bool, Error>>,
+    },
+    SetReturns {
+        channel: u16,
+        returns: mpsc::Sender<ReturnedMessage>,
+    },
+    CloseChannel {
+        channel: u16,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
+    UpdateSecret {
+        secret: Bytes,
+        reason: ShortString,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    CloseConnection {
+        code: ReplyCode,
+        text: String,
+    },
+}
+
+enum Stage {
+    Method,
+    Header,
+    Body(usize),
+}
+
+#[allow(clippy::large_enum_variant)] // see `Command`
+enum Outgoing {
+    Method(Method),
+    Publish {
+        publish: basic::Publish,
+        properties: BasicProperties,
+        body: Bytes,
+        stage: Stage,
+    },
+}
+
+struct PendingRpc {
+    info: &'static MethodInfo,
+    /// Taken when the request goes on the wire.
+    method: Option<Method>,
+    reply: oneshot::Sender<Result<Reply, Error>>,
+}
+
+enum AssemblyTarget {
+    Deliver(basic::Deliver),
+    Return(basic::Return),
+    Get(basic::GetOk),
+}
+
+struct Assembly {
+    target: AssemblyTarget,
+    header: Option<(Box<BasicProperties>, u64)>,
+    body: BodyBuffer,
+}
+
+/// The body of a message in the making: one frame's slice is kept as it is
+/// (no copy); several are joined into one buffer.
+enum BodyBuffer {
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl BodyBuffer {
+    fn len(&self) -> usize {
+        match self {
+            BodyBuffer::Empty => 0,
+            BodyBuffer::One(b) => b.len(),
+            BodyBuffer::Many(b) => b.len(),
+        }
+    }
+
+    fn push(&mut self, payload: Bytes, expected: usize) {
+        *self = match std::mem::replace(self, BodyBuffer::Empty) {
+            BodyBuffer::Empty => BodyBuffer::One(payload),
+            BodyBuffer::One(first) => {
+                let mut joined = BytesMut::with_capacity(expected);
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&payload);
+                BodyBuffer::Many(joined)
+            }
+            BodyBuffer::Many(mut joined) => {
+                joined.extend_from_slice(&payload);
+                BodyBuffer::Many(joined)
+            }
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            BodyBuffer::Empty => Bytes::new(),
+            BodyBuffer::One(b) => b,
+            BodyBuffer::Many(b) => b.freeze(),
+        }
+    }
+}
+
+struct ConsumerSlot {
+    deliveries: mpsc::Sender<RawDelivery>,
+    end: ConsumerEnd,
+    no_ack: bool,
+}
+
+struct Confirms {
+    next_seq: u64,
+    /// Outstanding publishes in sequence order.
+    pending: VecDeque<(u64, Option<ConfirmSender>)>,
+    /// Returns waiting for the ack that follows them.
+    returned: VecDeque<ReturnedMessage>,
+    waiters: Vec<oneshot::Sender<Result<bool, Error>>>,
+    all_acked: bool,
+}
+
+impl Confirms {
+    fn new() -> Self {
+        Self {
+            next_seq: 1,
+            pending: VecDeque::new(),
+            returned: VecDeque::new(),
+            waiters: Vec::new(),
+            all_acked: true,
+        }
+    }
+
+    fn settle(&mut self, tag: u64, multiple: bool, ack: bool) {
+        let mut settled = Vec::new();
+        if multiple {
+            while self.pending.front().is_some_and(|(seq, _)| *seq <= tag) {
+                if let Some(entry) = self.pending.pop_front() {
+                    settled.push(entry);
+                }
+            }
+        } else if let Ok(index) = self.pending.binary_search_by_key(&tag, |(seq, _)| *seq) {
+            if let Some(entry) = self.pending.remove(index) {
+                settled.push(entry);
+            }
+        }
+        // A return precedes the ack of the message it returns: RabbitMQ sends
+        // both for one publish before it handles the next.
+        let last = settled.len().saturating_sub(1);
+        for (i, (_, sender)) in settled.into_iter().enumerate() {
+            let outcome = if !ack {
+                self.all_acked = false;
+                Confirmation::Nack
+            } else if i == last {
+                match self.returned.pop_front() {
+                    Some(message) => Confirmation::Returned(Box::new(message)),
+                    None => Confirmation::Ack,
+                }
+            } else {
+                Confirmation::Ack
+            };
+            if let Some(sender) = sender {
+                let _ = sender.send(Ok(outcome));
+            }
+        }
+        if self.pending.is_empty() {
+            for waiter in self.waiters.drain(..) {
+                let _ = waiter.send(Ok(self.all_acked));
+            }
+            self.all_acked = true;
+        }
+    }
+
+    fn fail(&mut self, error: &Error) {
+        for (_, sender) in self.pending.drain(..) {
+            if let Some(sender) = sender {
+                let _ = sender.send(Err(error.clone()));
+            }
+        }
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(Err(error.clone()));
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Phase {
+    Opening,
+    Open,
+    Closing,
+}
+
+struct ChannelState {
+    closed: Arc<OnceLock<Error>>,
+    phase: Phase,
+    open_reply: Option<oneshot::Sender<Result<u16, Error>>>,
+    close_replies: Vec<oneshot::Sender<Result<(), Error>>>,
+    rpcs: VecDeque<PendingRpc>,
+    in_flight: bool,
+    out: VecDeque<Outgoing>,
+    scheduled: bool,
+    assembling: Option<Assembly>,
+    consumers: HashMap<ShortString, ConsumerSlot>,
+    confirms: Option<Confirms>,
+    returns: Option<mpsc::Sender<ReturnedMessage>>,
+}
+
+impl ChannelState {
+    fn new(closed: Arc<OnceLock<Error>>, open_reply: oneshot::Sender<Result<u16, Error>>) -> Self {
+        Self {
+            closed,
+            phase: Phase::Opening,
+            open_reply: Some(open_reply),
+            close_replies: Vec::new(),
+            rpcs: VecDeque::new(),
+            in_flight: false,
+            out: VecDeque::new(),
+            scheduled: false,
+            assembling: None,
+            consumers: HashMap::new(),
+            confirms: None,
+            returns: None,
+        }
+    }
+
+    /// Fails everything waiting on the channel and records why it closed.
+    fn fail(&mut self, error: &Error) {
+        let _ = self.closed.set(error.clone());
+        if let Some(reply) = self.open_reply.take() {
+            let _ = reply.send(Err(error.clone()));
+        }
+        for pending in self.rpcs.drain(..) {
+            let _ = pending.reply.send(Err(error.clone()));
+        }
+        for (_, slot) in self.consumers.drain() {
+            let _ = slot.end.set(error.clone());
+        }
+        if let Some(confirms) = self.confirms.as_mut() {
+            confirms.fail(error);
+        }
+        for reply in self.close_replies.drain(..) {
+            let _ = reply.send(Err(error.clone()));
+        }
+        self.out.clear();
+        self.assembling = None;
+    }
+}
+
+/// Settings the machine runs with.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat: Duration,
+    pub close_timeout: Duration,
+    pub max_body_size: u64,
+}
+
+#[derive(Debug)]
+enum State {
+    Open,
+    /// The application asked to close; waiting for close-ok until the deadline.
+    Closing {
+        deadline: Instant,
+    },
+    /// Over: only flushing what is left to write.
+    Closed,
+}
+
+/// The connection state machine.
+pub(crate) struct Machine {
+    settings: Settings,
+    state: State,
+    channels: HashMap<u16, ChannelState>,
+    /// Channels with frames to send, served round-robin.
+    ready: VecDeque<u16>,
+    /// Connection frames (channel 0) and the close-ok of channels already
+    /// forgotten, sent before any channel's queue.
+    control: VecDeque<(u16, Method)>,
+    heartbeat_due: bool,
+    secret_replies: VecDeque<oneshot::Sender<Result<(), Error>>>,
+    last_received: Instant,
+    last_sent: Instant,
+    /// Why the connection ended; shared with every handle.
+    error: Arc<OnceLock<Error>>,
+    blocked: watch::Sender<Option<String>>,
+    parked: Option<(u16, mpsc::Sender<RawDelivery>, RawDelivery)>,
+    next_channel_hint: u16,
+}
+
+fn unexpected(what: String) -> Error {
+    Error::UnexpectedFrame(what)
+}
+
+impl Machine {
+    pub(crate) fn new(
+        settings: Settings,
+        now: Instant,
+        error: Arc<OnceLock<Error>>,
+        blocked: watch::Sender<Option<String>>,
+    ) -> Self {
+        Self {
+            settings,
+            state: State::Open,
+            channels: HashMap::new(),
+            ready: VecDeque::new(),
+            control: VecDeque::new(),
+            heartbeat_due: false,
+            secret_replies: VecDeque::new(),
+            last_received: now,
+            last_sent: now,
+            error,
+            blocked,
+            parked: None,
+            next_channel_hint: 1,
+        }
+    }
+
+    /// Whether nothing more will happen but flushing.
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Whether commands from handles are still taken.
+    pub(crate) fn accepts_commands(&self) -> bool {
+        matches!(self.state, State::Open)
+    }
+
+    /// A delivery waiting for room in its consumer's buffer: while there is
+    /// one, the I/O task stops reading the socket.
+    pub(crate) fn parked_sender(&self) -> Option<mpsc::Sender<RawDelivery>> {
+        self.parked.as_ref().map(|(_, sender, _)| sender.clone())
+    }
+
+    /// Room was made for the parked delivery.
+    pub(crate) fn unpark(&mut self, permit: mpsc::OwnedPermit<RawDelivery>) {
+        if let Some((_, _, delivery)) = self.parked.take() {
+            permit.send(delivery);
+        }
+    }
+
+    /// The consumer of the parked delivery went away.
+    pub(crate) fn drop_parked(&mut self) {
+        if let Some((id, _, delivery)) = self.parked.take() {
+            let no_ack = self
+                .channels
+                .get(&id)
+                .and_then(|c| c.consumers.get(&delivery.deliver.consumer_tag))
+                .is_some_and(|slot| slot.no_ack);
+            if !no_ack {
+                self.requeue(id, delivery.deliver.delivery_tag);
+            }
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) next needs calling.
+    pub(crate) fn next_timeout(&self) -> Option<Instant> {
+        let mut next = None;
+        if let State::Closing { deadline } = self.state {
+            next = Some(deadline);
+        }
+        if !self.settings.heartbeat.is_zero() && !self.is_closed() {
+            let send_at = self.last_sent + self.settings.heartbeat / 2;
+            let dead_at = self.last_received + self.settings.heartbeat * 2;
+            let earliest = send_at.min(dead_at);
+            next = Some(next.map_or(earliest, |n: Instant| n.min(earliest)));
+        }
+        next
+    }
+
+    /// Time passed: send a heartbeat, declare the peer dead, or give up on a close.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        if let State::Closing { deadline } = self.state {
+            if now >= deadline {
+                tracing::debug!("no connection.close-ok before the timeout");
+                self.finish();
+                return;
+            }
+        }
+        if self.settings.heartbeat.is_zero() || self.is_closed() {
+            return;
+        }
+        if now >= self.last_received + self.settings.heartbeat * 2 {
+            tracing::warn!("missed heartbeats: no frame from the broker for two intervals");
+            self.fail(Error::MissedHeartbeats(self.settings.heartbeat * 2));
+            return;
+        }
+        if now >= self.last_sent + self.settings.heartbeat / 2 {
+            self.heartbeat_due = true;
+        }
+    }
+
+    /// Bytes arrived.
+    pub(crate) fn on_received(&mut self, now: Instant) {
+        self.last_received = now;
+    }
+
+    /// Bytes were written.
+    pub(crate) fn on_sent(&mut self, now: Instant) {
+        self.last_sent = now;
+    }
+
+    /// Whether there is anything to write.
+    pub(crate) fn wants_to_write(&self) -> bool {
+        self.heartbeat_due || !self.control.is_empty() || !self.ready.is_empty()
+    }
+
+    /// Writes frames into `buf` until it holds `budget` bytes or nothing is
+    /// left: connection frames first, then one turn per ready channel in
+    /// round-robin, so a long body on one channel never holds back another.
+    pub(crate) fn write_frames(&mut self, buf: &mut BytesMut, budget: usize) {
+        if self.heartbeat_due {
+            frame::write_heartbeat(buf);
+            self.heartbeat_due = false;
+        }
+        while let Some((channel, method)) = self.control.pop_front() {
+            tracing::trace!(channel, ?method, "frame sent");
+            frame::write_method(buf, channel, &method);
+        }
+        let frame_max = self.settings.frame_max;
+        while buf.len() < budget {
+            let Some(id) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(channel) = self.channels.get_mut(&id) else {
+                continue;
+            };
+            write_one_turn(id, channel, buf, frame_max);
+            if channel.out.is_empty() {
+                channel.scheduled = false;
+            } else {
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    fn schedule(&mut self, id: u16) {
+        if let Some(channel) = self.channels.get_mut(&id) {
+            if !channel.scheduled && !channel.out.is_empty() {
+                channel.scheduled = true;
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    fn push_out(&mut self, id: u16, outgoing: Outgoing) {
+        if let Some(channel) = self.channels.get_mut(&id) {
+            channel.out.push_back(outgoing);
+        }
+        self.schedule(id);
+    }
+
+    /// Puts the next queued RPC of a channel on the wire if none is in flight.
+    fn pump_rpc(&mut self, id: u16) {
+        let Some(channel) = self.channels.get_mut(&id) else {
+            return;
+        };
+        if channel.in_flight || channel.phase != Phase::Open {
+            return;
+        }
+        let Some(head) = channel.rpcs.front_mut() else {
+            return;
+        };
+        let Some(method) = head.method.take() else {
+            return;
+        };
+        channel.in_flight = true;
+        if let Method::ConfirmSelect(_) = method {
+            // The broker numbers publishes from the select on.
+            channel.confirms.get_or_insert_with(Confirms::new);
+        }
+        channel.out.push_back(Outgoing::Method(method));
+        self.schedule(id);
+    }
+
+    fn allocate_channel(&mut self) -> Option<u16> {
+        let max = self.settings.channel_max;
+        let start = self.next_channel_hint.clamp(1, max.max(1));
+        let mut id = start;
+        loop {
+            if !self.channels.contains_key(&id) {
+                self.next_channel_hint = if id == max { 1 } else { id + 1 };
+                return Some(id);
+            }
+            id = if id >= max { 1 } else { id + 1 };
+            if id == start {
+                return None;
+            }
+        }
+    }
+
+    fn closed_error(&self) -> Error {
+        self.error.get().cloned().unwrap_or_else(|| {
+            Error::connection_closed(CloseReason {
+                code: ReplyCode::REPLY_SUCCESS,
+                text: "connection closed".to_owned(),
+                method: None,
+                initiator: Initiator::Application,
+            })
+        })
+    }
+
+    fn channel_gone(id: u16) -> Error {
+        Error::channel_closed(
+            id,
+            CloseReason {
+                code: ReplyCode::CHANNEL_ERROR,
+                text: format!("channel {id} is not open"),
+                method: None,
+                initiator: Initiator::Library,
+            },
+        )
+    }
+
+    /// Takes a command from a handle.
+    pub(crate) fn command(&mut self, command: Command, now: Instant) {
+        if !self.accepts_commands() {
+            self.refuse(command);
+            return;
+        }
+        match command {
+            Command::OpenChannel { closed, reply } => match self.allocate_channel() {
+                Some(id) => {
+                    self.channels.insert(id, ChannelState::new(closed, reply));
+                    self.push_out(id, Outgoing::Method(Method::ChannelOpen(channel::Open {})));
+                }
+                None => {
+                    let _ = reply.send(Err(Error::ChannelsExhausted(self.settings.channel_max)));
+                }
+            },
+            Command::Rpc {
+                channel,
+                method,
+                reply,
+            } => {
+                let Some(state) = self.channels.get_mut(&channel) else {
+                    let _ = reply.send(Err(Self::channel_gone(channel)));
+                    return;
+                };
+                if let Some(error) = state.closed.get() {
+                    let _ = reply.send(Err(error.clone()));
+                    return;
+                }
+                state.rpcs.push_back(PendingRpc {
+                    info: method.info(),
+                    method: Some(method),
+                    reply,
+                });
+                self.pump_rpc(channel);
+            }
+            Command::Send { channel, method } => {
+                if let Method::BasicCancel(cancel) = &method {
+                    // no-wait cancel: the consumer ends now.
+                    self.end_consumer(channel, &cancel.consumer_tag, false);
+                }
+                if self.channel_is_usable(channel) {
+                    self.push_out(channel, Outgoing::Method(method));
+                }
+            }
+            Command::Publish {
+                channel,
+                publish,
+                properties,
+                body,
+                confirm,
+            } => {
+                let Some(state) = self.channels.get_mut(&channel) else {
+                    if let Some(confirm) = confirm {
+                        let _ = confirm.send(Err(Self::channel_gone(channel)));
+                    }
+                    return;
+                };
+                if let Some(error) = state.closed.get() {
+                    if let Some(confirm) = confirm {
+                        let _ = confirm.send(Err(error.clone()));
+                    }
+                    return;
+                }
+                if let Some(confirms) = state.confirms.as_mut() {
+                    let seq = confirms.next_seq;
+                    confirms.next_seq += 1;
+                    confirms.pending.push_back((seq, confirm));
+                }
+                self.push_out(
+                    channel,
+                    Outgoing::Publish {
+                        publish,
+                        properties,
+                        body,
+                        stage: Stage::Method,
+                    },
+                );
+            }
+            Command::Consume {
+                channel,
+                consume,
+                deliveries,
+                end,
+                reply,
+            } => {
+                let Some(state) = self.channels.get_mut(&channel) else {
+                    let _ = reply.send(Err(Self::channel_gone(channel)));
+                    return;
+                };
+                if let Some(error) = state.closed.get() {
+                    let _ = reply.send(Err(error.clone()));
+                    return;
+                }
+                // Registered now: deliveries may follow consume-ok at once.
+                state.consumers.insert(
+                    consume.consumer_tag.clone(),
+                    ConsumerSlot {
+                        deliveries,
+                        end,
+                        no_ack: consume.no_ack,
+                    },
+                );
+                state.rpcs.push_back(PendingRpc {
+                    info: &basic::Consume::INFO,
+                    method: Some(Method::BasicConsume(consume)),
+                    reply,
+                });
+                self.pump_rpc(channel);
+            }
+            Command::ForgetConsumer { channel, tag } => {
+                let known = self
+                    .channels
+                    .get(&channel)
+                    .is_some_and(|c| c.consumers.contains_key(&tag));
+                if known && self.channel_is_usable(channel) {
+                    self.push_out(
+                        channel,
+                        Outgoing::Method(Method::BasicCancel(basic::Cancel {
+                            consumer_tag: tag.clone(),
+                            no_wait: true,
+                        })),
+                    );
+                }
+                // The slot stays (its buffer is closed) so that deliveries still
+                // in flight are requeued rather than lost; cancel ends it.
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    if let Some(slot) = state.consumers.get(&tag) {
+                        let _ = slot.end.set(Error::ConsumerCancelled {
+                            channel,
+                            consumer_tag: tag.to_string(),
+                            by_broker: false,
+                        });
+                    }
+                }
+            }
+            Command::WaitForConfirms { channel, reply } => {
+                let Some(state) = self.channels.get_mut(&channel) else {
+                    let _ = reply.send(Err(Self::channel_gone(channel)));
+                    return;
+                };
+                if let Some(error) = state.closed.get() {
+                    let _ = reply.send(Err(error.clone()));
+                    return;
+                }
+                match state.confirms.as_mut() {
+                    None => {
+                        let _ = reply.send(Err(Error::NotInConfirmMode(channel)));
+                    }
+                    Some(confirms) if confirms.pending.is_empty() => {
+                        let all = confirms.all_acked;
+                        confirms.all_acked = true;
+                        let _ = reply.send(Ok(all));
+                    }
+                    Some(confirms) => confirms.waiters.push(reply),
+                }
+            }
+            Command::SetReturns { channel, returns } => {
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    state.returns = Some(returns);
+                }
+            }
+            Command::CloseChannel { channel, reply } => {
+                let Some(state) = self.channels.get_mut(&channel) else {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(()));
+                    }
+                    return;
+                };
+                if let Some(reply) = reply {
+                    state.close_replies.push(reply);
+                }
+                if state.phase == Phase::Closing {
+                    return;
+                }
+                state.phase = Phase::Closing;
+                let reason = CloseReason {
+                    code: ReplyCode::REPLY_SUCCESS,
+                    text: "closed by the application".to_owned(),
+                    method: None,
+                    initiator: Initiator::Application,
+                };
+                let _ = state.closed.set(Error::channel_closed(channel, reason));
+                state
+                    .out
+                    .push_back(Outgoing::Method(Method::ChannelClose(channel::Close {
+                        reply_code: ReplyCode::REPLY_SUCCESS.code(),
+                        reply_text: ShortString::from_static("closed by the application"),
+                        class_id: 0,
+                        method_id: 0,
+                    })));
+                self.schedule(channel);
+            }
+            Command::UpdateSecret {
+                secret,
+                reason,
+                reply,
+            } => {
+                self.secret_replies.push_back(reply);
+                self.control.push_back((
+                    0,
+                    Method::ConnectionUpdateSecret(connection::UpdateSecret {
+                        new_secret: secret,
+                        reason,
+                    }),
+                ));
+            }
+            Command::CloseConnection { code, text } => {
+                let reason = CloseReason {
+                    code,
+                    text: text.clone(),
+                    method: None,
+                    initiator: Initiator::Application,
+                };
+                let _ = self.error.set(Error::connection_closed(reason));
+                self.control.push_back((
+                    0,
+                    Method::ConnectionClose(connection::Close {
+                        reply_code: code.code(),
+                        reply_text: ShortString::new(&text).unwrap_or_default(),
+                        class_id: 0,
+                        method_id: 0,
+                    }),
+                ));
+                self.state = State::Closing {
+                    deadline: now + self.settings.close_timeout,
+                };
+            }
+        }
+    }
+
+    fn channel_is_usable(&self, id: u16) -> bool {
+        self.channels
+            .get(&id)
+            .is_some_and(|c| c.closed.get().is_none())
+    }
+
+    /// Answers a command that arrives after the connection stopped taking them.
+    fn refuse(&self, command: Command) {
+        let error = self.closed_error();
+        match command {
+            Command::OpenChannel { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Command::Rpc { reply, .. } | Command::Consume { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Command::Publish {
+                confirm: Some(confirm),
+                ..
+            } => {
+                let _ = confirm.send(Err(error));
+            }
+            Command::WaitForConfirms { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Command::CloseChannel {
+                reply: Some(reply), ..
+            }
+            | Command::UpdateSecret { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes a frame from the broker. An error is fatal: the caller closes the
+    /// connection with [`protocol_error`](Self::protocol_error).
+    pub(crate) fn handle_frame(&mut self, frame: Frame) -> Result<(), Error> {
+        tracing::trace!(?frame, "frame received");
+        match frame {
+            Frame::Heartbeat => Ok(()),
+            Frame::Method { channel: 0, method } => self.connection_method(method),
+            Frame::Method { channel, method } => self.channel_method(channel, method),
+            Frame::Header { channel, header } => self.content_header(channel, header),
+            Frame::Body { channel, payload } => self.content_body(channel, payload),
+        }
+        .map_err(|e| {
+            tracing::debug!(error = %e, "fatal protocol error");
+            e
+        })
+    }
+
+    fn connection_method(&mut self, method: Method) -> Result<(), Error> {
+        match method {
+            Method::ConnectionClose(close) => {
+                let reason = CloseReason {
+                    code: ReplyCode(close.reply_code),
+                    text: close.reply_text.to_string(),
+                    method: Some(MethodId::new(close.class_id, close.method_id)),
+                    initiator: Initiator::Broker,
+                };
+                tracing::info!(%reason, "connection closed by the broker");
+                self.control
+                    .push_back((0, Method::ConnectionCloseOk(connection::CloseOk {})));
+                self.fail(Error::connection_closed(reason));
+                Ok(())
+            }
+            Method::ConnectionCloseOk(_) => {
+                tracing::debug!("connection.close-ok received");
+                self.finish();
+                Ok(())
+            }
+            Method::ConnectionBlocked(blocked) => {
+                tracing::info!(reason = %blocked.reason, "connection blocked by the broker");
+                self.blocked.send_replace(Some(blocked.reason.to_string()));
+                Ok(())
+            }
+            Method::ConnectionUnblocked(_) => {
+                tracing::info!("connection unblocked");
+                self.blocked.send_replace(None);
+                Ok(())
+            }
+            Method::ConnectionUpdateSecretOk(_) => match self.secret_replies.pop_front() {
+                Some(reply) => {
+                    let _ = reply.send(Ok(()));
+                    Ok(())
+                }
+                None => Err(unexpected(
+                    "connection.update-secret-ok without a request".to_owned(),
+                )),
+            },
+            other => Err(unexpected(format!("{} on channel 0", other.info().name))),
+        }
+    }
+
+    fn channel_method(&mut self, id: u16, method: Method) -> Result<(), Error> {
+        let Some(state) = self.channels.get_mut(&id) else {
+            return Err(unexpected(format!(
+                "{} on channel {id}, which is not open",
+                method.info().name
+            )));
+        };
+        if state.assembling.is_some() {
+            return Err(unexpected(format!(
+                "{} on channel {id} while content was expected",
+                method.info().name
+            )));
+        }
+        match method {
+            Method::ChannelOpenOk(_) => {
+                if state.phase != Phase::Opening {
+                    return Err(unexpected(format!("channel.open-ok on open channel {id}")));
+                }
+                state.phase = Phase::Open;
+                if let Some(reply) = state.open_reply.take() {
+                    let _ = reply.send(Ok(id));
+                }
+                self.pump_rpc(id);
+            }
+            Method::ChannelClose(close) => {
+                let reason = CloseReason {
+                    code: ReplyCode(close.reply_code),
+                    text: close.reply_text.to_string(),
+                    method: Some(MethodId::new(close.class_id, close.method_id)),
+                    initiator: Initiator::Broker,
+                };
+                tracing::debug!(channel = id, %reason, "channel closed by the broker");
+                let error = Error::channel_closed(id, reason);
+                state.fail(&error);
+                for reply in state.close_replies.drain(..) {
+                    let _ = reply.send(Ok(()));
+                }
+                self.channels.remove(&id);
+                // close-ok is the channel's last frame; the id is free after it.
+                self.control_on_channel(id, Method::ChannelCloseOk(channel::CloseOk {}));
+            }
+            Method::ChannelCloseOk(_) => {
+                if state.phase != Phase::Closing {
+                    return Err(unexpected(format!(
+                        "channel.close-ok on channel {id}, which was not closing"
+                    )));
+                }
+                let error = state
+                    .closed
+                    .get()
+                    .cloned()
+                    .unwrap_or_else(|| Self::channel_gone(id));
+                let replies: Vec<_> = state.close_replies.drain(..).collect();
+                state.fail(&error);
+                for reply in replies {
+                    let _ = reply.send(Ok(()));
+                }
+                self.channels.remove(&id);
+            }
+            Method::ChannelFlow(flow) => {
+                state
+                    .out
+                    .push_back(Outgoing::Method(Method::ChannelFlowOk(channel::FlowOk {
+                        active: flow.active,
+                    })));
+                self.schedule(id);
+            }
+            Method::BasicDeliver(deliver) => {
+                state.assembling = Some(Assembly {
+                    target: AssemblyTarget::Deliver(deliver),
+                    header: None,
+                    body: BodyBuffer::Empty,
+                });
+            }
+            Method::BasicReturn(ret) => {
+                state.assembling = Some(Assembly {
+                    target: AssemblyTarget::Return(ret),
+                    header: None,
+                    body: BodyBuffer::Empty,
+                });
+            }
+            Method::BasicGetOk(get_ok) => {
+                if !state.in_flight
+                    || state.rpcs.front().map(|p| p.info.id) != Some(basic::Get::INFO.id)
+                {
+                    return Err(unexpected(format!(
+                        "basic.get-ok on channel {id} without a basic.get"
+                    )));
+                }
+                state.assembling = Some(Assembly {
+                    target: AssemblyTarget::Get(get_ok),
+                    header: None,
+                    body: BodyBuffer::Empty,
+                });
+            }
+            Method::BasicAck(ack) => match state.confirms.as_mut() {
+                Some(confirms) => confirms.settle(ack.delivery_tag, ack.multiple, true),
+                None => {
+                    return Err(unexpected(format!(
+                        "basic.ack on channel {id}, which is not in confirm mode"
+                    )))
+                }
+            },
+            Method::BasicNack(nack) => match state.confirms.as_mut() {
+                Some(confirms) => confirms.settle(nack.delivery_tag, nack.multiple, false),
+                None => {
+                    return Err(unexpected(format!(
+                        "basic.nack on channel {id}, which is not in confirm mode"
+                    )))
+                }
+            },
+            Method::BasicCancel(cancel) => {
+                // consumer_cancel_notify: the queue went away.
+                if !cancel.no_wait {
+                    state
+                        .out
+                        .push_back(Outgoing::Method(Method::BasicCancelOk(basic::CancelOk {
+                            consumer_tag: cancel.consumer_tag.clone(),
+                        })));
+                    self.schedule(id);
+                }
+                self.end_consumer(id, &cancel.consumer_tag, true);
+            }
+            reply => {
+                let matches = state.in_flight
+                    && state
+                        .rpcs
+                        .front()
+                        .is_some_and(|p| p.info.is_answered_by(reply.info().id));
+                if !matches {
+                    return Err(unexpected(format!(
+                        "{} on channel {id} answers no request",
+                        reply.info().name
+                    )));
+                }
+                if let Method::BasicCancelOk(ok) = &reply {
+                    let tag = ok.consumer_tag.clone();
+                    self.end_consumer(id, &tag, false);
+                }
+                self.complete_rpc(
+                    id,
+                    Reply {
+                        method: reply,
+                        content: None,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn control_on_channel(&mut self, id: u16, method: Method) {
+        // Written ahead of every channel's queue: the channel is gone.
+        self.control.push_back((id, method));
+    }
+
+    fn complete_rpc(&mut self, id: u16, reply: Reply) {
+        let Some(state) = self.channels.get_mut(&id) else {
+            return;
+        };
+        state.in_flight = false;
+        if let Some(pending) = state.rpcs.pop_front() {
+            let _ = pending.reply.send(Ok(reply));
+        }
+        self.pump_rpc(id);
+    }
+
+    fn end_consumer(&mut self, id: u16, tag: &ShortString, by_broker: bool) {
+        let Some(state) = self.channels.get_mut(&id) else {
+            return;
+        };
+        if let Some(slot) = state.consumers.remove(tag) {
+            let _ = slot.end.set(Error::ConsumerCancelled {
+                channel: id,
+                consumer_tag: tag.to_string(),
+                by_broker,
+            });
+        }
+    }
+
+    fn content_header(&mut self, id: u16, header: ContentHeader) -> Result<(), Error> {
+        let max = self.settings.max_body_size;
+        let assembly = self
+            .channels
+            .get_mut(&id)
+            .and_then(|s| s.assembling.as_mut())
+            .filter(|a| a.header.is_none())
+            .ok_or_else(|| {
+                unexpected(format!(
+                    "content header on channel {id} without a method that carries content"
+                ))
+            })?;
+        if header.body_size > max {
+            return Err(unexpected(format!(
+                "content body of {} bytes on channel {id} exceeds the {max}-byte limit",
+                header.body_size
+            )));
+        }
+        assembly.header = Some((header.properties, header.body_size));
+        if header.body_size == 0 {
+            self.complete_content(id)?;
+        }
+        Ok(())
+    }
+
+    fn content_body(&mut self, id: u16, payload: Bytes) -> Result<(), Error> {
+        let assembly = self
+            .channels
+            .get_mut(&id)
+            .and_then(|s| s.assembling.as_mut())
+            .ok_or_else(|| {
+                unexpected(format!(
+                    "content body on channel {id} without a content header"
+                ))
+            })?;
+        let Some((_, size)) = &assembly.header else {
+            return Err(unexpected(format!(
+                "content body on channel {id} before its header"
+            )));
+        };
+        let size = *size as usize;
+        if assembly.body.len() + payload.len() > size {
+            return Err(unexpected(format!(
+                "content body on channel {id} longer than its header's {size} bytes"
+            )));
+        }
+        assembly.body.push(payload, size);
+        if assembly.body.len() == size {
+            self.complete_content(id)?;
+        }
+        Ok(())
+    }
+
+    fn complete_content(&mut self, id: u16) -> Result<(), Error> {
+        let Some(state) = self.channels.get_mut(&id) else {
+            return Ok(());
+        };
+        let Some(assembly) = state.assembling.take() else {
+            return Ok(());
+        };
+        let Some((properties, _)) = assembly.header else {
+            return Ok(());
+        };
+        let content = Content {
+            properties,
+            body: assembly.body.into_bytes(),
+        };
+        match assembly.target {
+            AssemblyTarget::Deliver(deliver) => {
+                let Some(slot) = state.consumers.get(&deliver.consumer_tag) else {
+                    return Err(unexpected(format!(
+                        "basic.deliver on channel {id} for unknown consumer {}",
+                        deliver.consumer_tag
+                    )));
+                };
+                let no_ack = slot.no_ack;
+                let delivery = RawDelivery { deliver, content };
+                match slot.deliveries.try_send(delivery) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(delivery)) => {
+                        self.parked = Some((id, slot.deliveries.clone(), delivery));
+                    }
+                    Err(mpsc::error::TrySendError::Closed(delivery)) => {
+                        if !no_ack {
+                            self.requeue(id, delivery.deliver.delivery_tag);
+                        }
+                    }
+                }
+            }
+            AssemblyTarget::Return(ret) => {
+                let message = ReturnedMessage {
+                    reply_code: ReplyCode(ret.reply_code),
+                    reply_text: ret.reply_text,
+                    exchange: ret.exchange,
+                    routing_key: ret.routing_key,
+                    properties: content.properties,
+                    body: content.body,
+                };
+                if let Some(confirms) = state.confirms.as_mut() {
+                    confirms.returned.push_back(message);
+                } else if let Some(returns) = &state.returns {
+                    if returns.try_send(message).is_err() {
+                        tracing::warn!(
+                            channel = id,
+                            "returned message dropped: the returns buffer is full or closed"
+                        );
+                    }
+                } else {
+                    tracing::warn!(
+                        channel = id,
+                        "returned message dropped: no returns listener"
+                    );
+                }
+            }
+            AssemblyTarget::Get(get_ok) => {
+                self.complete_rpc(
+                    id,
+                    Reply {
+                        method: Method::BasicGetOk(get_ok),
+                        content: Some(content),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A delivery for a consumer that is gone goes back to the queue.
+    fn requeue(&mut self, id: u16, delivery_tag: u64) {
+        self.push_out(
+            id,
+            Outgoing::Method(Method::BasicNack(basic::Nack {
+                delivery_tag,
+                multiple: false,
+                requeue: true,
+            })),
+        );
+    }
+
+    /// The peer broke the protocol: tell it why (best effort) and fail everything.
+    pub(crate) fn protocol_error(&mut self, error: Error) {
+        if self.is_closed() {
+            return;
+        }
+        let code = match &error {
+            Error::Protocol(e) => e.reply_code(),
+            _ => ReplyCode::UNEXPECTED_FRAME,
+        };
+        self.control.push_back((
+            0,
+            Method::ConnectionClose(connection::Close {
+                reply_code: code.code(),
+                reply_text: ShortString::new(truncate(&error.to_string(), 255)).unwrap_or_default(),
+                class_id: 0,
+                method_id: 0,
+            }),
+        ));
+        self.fail(error);
+    }
+
+    /// Ends the connection with `error`, failing everything that waits.
+    pub(crate) fn fail(&mut self, error: Error) {
+        let _ = self.error.set(error);
+        let error = self.closed_error();
+        for (_, mut state) in self.channels.drain() {
+            state.fail(&error);
+        }
+        for reply in self.secret_replies.drain(..) {
+            let _ = reply.send(Err(error.clone()));
+        }
+        self.ready.clear();
+        self.parked = None;
+        self.state = State::Closed;
+    }
+
+    fn finish(&mut self) {
+        let error = self.closed_error();
+        self.fail(error);
+    }
+
+    /// Why the connection ended, once it has.
+    pub(crate) fn error(&self) -> Option<&Error> {
+        self.error.get()
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// One turn of a channel: a whole method, or a publish up to and including
+/// one body frame.
+fn write_one_turn(id: u16, channel: &mut ChannelState, buf: &mut BytesMut, frame_max: u32) {
+    let Some(head) = channel.out.front_mut() else {
+        return;
+    };
+    match head {
+        Outgoing::Method(method) => {
+            tracing::trace!(channel = id, ?method, "frame sent");
+            frame::write_method(buf, id, method);
+            channel.out.pop_front();
+        }
+        Outgoing::Publish {
+            publish,
+            properties,
+            body,
+            stage,
+        } => {
+            if let Stage::Method = stage {
+                frame::write_publish_method(buf, id, publish);
+                *stage = Stage::Header;
+            }
+            if let Stage::Header = stage {
+                frame::write_header(buf, id, body.len() as u64, properties);
+                *stage = Stage::Body(0);
+            }
+            if let Stage::Body(offset) = stage {
+                let chunk = frame_max as usize - FRAME_OVERHEAD;
+                let end = (*offset + chunk).min(body.len());
+                frame::write_body(buf, id, &body[*offset..end], frame_max);
+                *offset = end;
+                if end >= body.len() {
+                    channel.out.pop_front();
+                }
+            }
+        }
+    }
+}
