@@ -222,7 +222,13 @@ impl futures_core::Stream for Consumer {
 
 impl Drop for Consumer {
     fn drop(&mut self) {
-        if self.end.get().is_none() {
+        // Deliveries buffered but never read go back to the queue.
+        let mut requeue = Vec::new();
+        while let Ok(raw) = self.receiver.try_recv() {
+            requeue.push(raw.deliver.delivery_tag);
+        }
+        self.receiver.close();
+        if self.end.get().is_none() || !requeue.is_empty() {
             let _ = self
                 .channel
                 .inner
@@ -231,6 +237,7 @@ impl Drop for Consumer {
                 .send(Command::ForgetConsumer {
                     channel: self.channel.id(),
                     tag: self.tag.clone(),
+                    requeue,
                 });
         }
     }

@@ -108,10 +108,12 @@ pub(crate) enum Command {
         end: ConsumerEnd,
         reply: oneshot::Sender<Result<Reply, Error>>,
     },
-    /// A dropped consumer: cancel it and requeue what still arrives for it.
+    /// A dropped consumer: cancel it, and requeue what it had buffered
+    /// (`requeue`) and what still arrives for it.
     ForgetConsumer {
         channel: u16,
         tag: ShortString,
+        requeue: Vec<u64>,
     },
     WaitForConfirms {
         channel: u16,
@@ -732,31 +734,40 @@ impl Machine {
                 });
                 self.pump_rpc(channel);
             }
-            Command::ForgetConsumer { channel, tag } => {
-                let known = self
-                    .channels
-                    .get(&channel)
-                    .is_some_and(|c| c.consumers.contains_key(&tag));
-                if known && self.channel_is_usable(channel) {
-                    self.push_out(
-                        channel,
-                        Outgoing::Method(Method::BasicCancel(basic::Cancel {
-                            consumer_tag: tag.clone(),
-                            no_wait: true,
-                        })),
-                    );
+            Command::ForgetConsumer {
+                channel,
+                tag,
+                requeue,
+            } => {
+                if !self.channel_is_usable(channel) {
+                    return;
                 }
-                // The slot stays (its buffer is closed) so that deliveries still
-                // in flight are requeued rather than lost; cancel ends it.
-                if let Some(state) = self.channels.get_mut(&channel) {
-                    if let Some(slot) = state.consumers.get(&tag) {
-                        let _ = slot.end.set(Error::ConsumerCancelled {
-                            channel,
-                            consumer_tag: tag.to_string(),
-                            by_broker: false,
-                        });
-                    }
+                for delivery_tag in requeue {
+                    self.requeue(channel, delivery_tag);
                 }
+                let Some(state) = self.channels.get_mut(&channel) else {
+                    return;
+                };
+                let Some(slot) = state.consumers.get(&tag) else {
+                    return;
+                };
+                let _ = slot.end.set(Error::ConsumerCancelled {
+                    channel,
+                    consumer_tag: tag.to_string(),
+                    by_broker: false,
+                });
+                // The slot stays until cancel-ok, so that deliveries still in
+                // flight are requeued rather than lost. Nobody awaits the reply.
+                let (reply, _) = oneshot::channel();
+                state.rpcs.push_back(PendingRpc {
+                    info: &basic::Cancel::INFO,
+                    method: Some(Method::BasicCancel(basic::Cancel {
+                        consumer_tag: tag,
+                        no_wait: false,
+                    })),
+                    reply,
+                });
+                self.pump_rpc(channel);
             }
             Command::WaitForConfirms { channel, reply } => {
                 let Some(state) = self.channels.get_mut(&channel) else {

@@ -1,1 +1,89 @@
-//! Support code for the integration tests.
+//! Support code for the integration tests: the broker URL, connecting,
+//! `rabbitmqctl`, unique names, private broker nodes and a scripted fake peer.
+
+pub mod fake_peer;
+pub mod node;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use amqp_client::{Config, Connection};
+
+/// The broker the tests use: `AMQP_URL`, or the local default.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// The config of [`amqp_url`].
+pub fn config() -> Config {
+    amqp_url().parse().expect("AMQP_URL is a valid AMQP URL")
+}
+
+/// Connects to the test broker, failing loudly (never skipping) when none answers.
+pub async fn connect() -> Connection {
+    connect_with(config()).await
+}
+
+/// Connects with `config`, failing loudly when the broker does not answer.
+pub async fn connect_with(config: Config) -> Connection {
+    let address = config.address();
+    match Connection::connect(config).await {
+        Ok(connection) => connection,
+        Err(e) => panic!(
+            "no RabbitMQ at {address}: {e}\nrun the tests with `cargo xtask test`, which starts one, or set AMQP_URL"
+        ),
+    }
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "amqp-client-test.{prefix}.{}.{}.{}",
+        std::process::id(),
+        nanos % 1_000_000_000,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs `rabbitmqctl` against the shared broker and returns its stdout;
+/// panics with its stderr when it fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run rabbitmqctl: {e}"));
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Bindings of the default vhost as (source, destination, routing key) lines.
+pub fn list_bindings() -> Vec<(String, String, String)> {
+    rabbitmqctl(&[
+        "list_bindings",
+        "-q",
+        "--no-table-headers",
+        "source_name",
+        "destination_name",
+        "routing_key",
+    ])
+    .lines()
+    .filter_map(|line| {
+        let mut parts = line.split('\t');
+        Some((
+            parts.next()?.to_owned(),
+            parts.next()?.to_owned(),
+            parts.next().unwrap_or("").to_owned(),
+        ))
+    })
+    .collect()
+}
