@@ -42,7 +42,9 @@ pub use connection::{Connection, ServerInfo};
 pub use consumer::{Consumer, Delivery, Envelope, GetMessage};
 pub use error::{CloseReason, Error, Initiator, Result};
 pub use machine::{Confirmation, ReturnedMessage};
-pub use protocol::{BasicProperties, FieldTable, FieldValue, ReplyCode, ReplyError, ShortString};
+pub use protocol::{
+    BasicProperties, Decimal, FieldTable, FieldValue, ReplyCode, ReplyError, ShortString,
+};
 
 /// What most programs need in scope: the generated channel methods and the
 /// method structs they take.

@@ -397,7 +397,6 @@ pub(crate) struct Machine {
     error: Arc<OnceLock<Error>>,
     blocked: watch::Sender<Option<String>>,
     parked: Option<(u16, mpsc::Sender<RawDelivery>, RawDelivery)>,
-    next_channel_hint: u16,
 }
 
 fn unexpected(what: String) -> Error {
@@ -424,7 +423,6 @@ impl Machine {
             error,
             blocked,
             parked: None,
-            next_channel_hint: 1,
         }
     }
 
@@ -585,20 +583,10 @@ impl Machine {
         self.schedule(id);
     }
 
-    fn allocate_channel(&mut self) -> Option<u16> {
-        let max = self.settings.channel_max;
-        let start = self.next_channel_hint.clamp(1, max.max(1));
-        let mut id = start;
-        loop {
-            if !self.channels.contains_key(&id) {
-                self.next_channel_hint = if id == max { 1 } else { id + 1 };
-                return Some(id);
-            }
-            id = if id >= max { 1 } else { id + 1 };
-            if id == start {
-                return None;
-            }
-        }
+    /// The lowest free channel id: ids are recycled as soon as a channel's
+    /// close handshake is over.
+    fn allocate_channel(&self) -> Option<u16> {
+        (1..=self.settings.channel_max).find(|id| !self.channels.contains_key(id))
     }
 
     fn closed_error(&self) -> Error {
