@@ -121,7 +121,7 @@ impl Driver {
                 },
                 permit = reserve(parked) => match permit {
                     Ok(permit) => {
-                        self.machine.unpark(permit);
+                        self.machine.unpark(permit, Instant::now());
                         self.handle_input();
                     }
                     Err(()) => {

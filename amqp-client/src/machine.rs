@@ -443,10 +443,12 @@ impl Machine {
     }
 
     /// Room was made for the parked delivery.
-    pub(crate) fn unpark(&mut self, permit: mpsc::OwnedPermit<RawDelivery>) {
+    pub(crate) fn unpark(&mut self, permit: mpsc::OwnedPermit<RawDelivery>, now: Instant) {
         if let Some((_, _, delivery)) = self.parked.take() {
             permit.send(delivery);
         }
+        // Reading resumes now; the pause does not count as the peer's silence.
+        self.last_received = now;
     }
 
     /// The consumer of the parked delivery went away.
@@ -490,7 +492,9 @@ impl Machine {
         if self.settings.heartbeat.is_zero() || self.is_closed() {
             return;
         }
-        if now >= self.last_received + self.settings.heartbeat * 2 {
+        // While a full consumer buffer pauses reading, the broker's frames wait
+        // in the socket: silence is ours, not the peer's.
+        if self.parked.is_none() && now >= self.last_received + self.settings.heartbeat * 2 {
             tracing::warn!("missed heartbeats: no frame from the broker for two intervals");
             self.fail(Error::MissedHeartbeats(self.settings.heartbeat * 2));
             return;
@@ -1357,5 +1361,399 @@ fn write_one_turn(id: u16, channel: &mut ChannelState, buf: &mut BytesMut, frame
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The machine driven without sockets: frames in, bytes out, time as an argument.
+
+    use super::*;
+    use crate::protocol::frame::FrameDecoder;
+    use crate::protocol::methods::{confirm, queue};
+
+    fn machine(now: Instant) -> (Machine, Arc<OnceLock<Error>>) {
+        let error = Arc::new(OnceLock::new());
+        let (blocked, _) = watch::channel(None);
+        let settings = Settings {
+            channel_max: 8,
+            frame_max: 4096,
+            heartbeat: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+            max_body_size: 1 << 20,
+        };
+        (Machine::new(settings, now, error.clone(), blocked), error)
+    }
+
+    /// Everything the machine wants to write, decoded.
+    fn written(m: &mut Machine) -> Vec<Frame> {
+        let mut buf = BytesMut::new();
+        m.write_frames(&mut buf, usize::MAX);
+        let mut decoder = FrameDecoder::new(u32::MAX);
+        let mut frames = Vec::new();
+        while let Some(frame) = decoder
+            .decode(&mut buf)
+            .expect("the machine writes valid frames")
+        {
+            frames.push(frame);
+        }
+        frames
+    }
+
+    fn open_channel(m: &mut Machine, now: Instant) -> u16 {
+        let (reply, mut answer) = oneshot::channel();
+        m.command(
+            Command::OpenChannel {
+                closed: Arc::new(OnceLock::new()),
+                reply,
+            },
+            now,
+        );
+        let Frame::Method {
+            channel,
+            method: Method::ChannelOpen(_),
+        } = written(m).remove(0)
+        else {
+            panic!("expected channel.open");
+        };
+        m.handle_frame(Frame::Method {
+            channel,
+            method: Method::ChannelOpenOk(channel::OpenOk {}),
+        })
+        .expect("open-ok");
+        assert_eq!(
+            answer.try_recv().expect("answered").expect("opened"),
+            channel
+        );
+        channel
+    }
+
+    fn declare(name: &'static str) -> Method {
+        Method::QueueDeclare(queue::Declare {
+            queue: ShortString::from_static(name),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn one_rpc_at_a_time_per_channel_and_replies_in_order() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let (first_tx, mut first) = oneshot::channel();
+        let (second_tx, mut second) = oneshot::channel();
+        m.command(
+            Command::Rpc {
+                channel: id,
+                method: declare("a"),
+                reply: first_tx,
+            },
+            now,
+        );
+        m.command(
+            Command::Rpc {
+                channel: id,
+                method: declare("b"),
+                reply: second_tx,
+            },
+            now,
+        );
+        let sent = written(&mut m);
+        assert_eq!(sent.len(), 1, "the second call waits for the first reply");
+        let ok = |q: &'static str| Frame::Method {
+            channel: id,
+            method: Method::QueueDeclareOk(queue::DeclareOk {
+                queue: ShortString::from_static(q),
+                message_count: 0,
+                consumer_count: 0,
+            }),
+        };
+        m.handle_frame(ok("a")).expect("reply");
+        assert!(matches!(
+            first.try_recv(),
+            Ok(Ok(Reply {
+                method: Method::QueueDeclareOk(_),
+                ..
+            }))
+        ));
+        assert!(second.try_recv().is_err(), "not answered yet");
+        assert_eq!(written(&mut m).len(), 1, "now the second goes out");
+        m.handle_frame(ok("b")).expect("reply");
+        assert!(second.try_recv().is_ok());
+    }
+
+    #[test]
+    fn a_reply_that_answers_nothing_is_a_protocol_error() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let err = m
+            .handle_frame(Frame::Method {
+                channel: id,
+                method: Method::TxCommitOk(crate::protocol::methods::tx::CommitOk {}),
+            })
+            .expect_err("unexpected");
+        assert!(matches!(err, Error::UnexpectedFrame(_)), "{err}");
+    }
+
+    #[test]
+    fn confirms_settle_single_and_multiple_acks_and_nacks() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let (select, _select_answer) = oneshot::channel();
+        m.command(
+            Command::Rpc {
+                channel: id,
+                method: Method::ConfirmSelect(confirm::Select { no_wait: false }),
+                reply: select,
+            },
+            now,
+        );
+        written(&mut m);
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::ConfirmSelectOk(confirm::SelectOk {}),
+        })
+        .expect("select-ok");
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            let (tx, rx) = oneshot::channel();
+            m.command(
+                Command::Publish {
+                    channel: id,
+                    publish: basic::Publish::default(),
+                    properties: BasicProperties::default(),
+                    body: Bytes::from_static(b"x"),
+                    confirm: Some(tx),
+                },
+                now,
+            );
+            answers.push(rx);
+        }
+        let (wait_tx, mut wait) = oneshot::channel();
+        m.command(
+            Command::WaitForConfirms {
+                channel: id,
+                reply: wait_tx,
+            },
+            now,
+        );
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicAck(basic::Ack {
+                delivery_tag: 2,
+                multiple: true,
+            }),
+        })
+        .expect("ack");
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicNack(basic::Nack {
+                delivery_tag: 4,
+                multiple: false,
+                requeue: false,
+            }),
+        })
+        .expect("nack");
+        assert!(wait.try_recv().is_err(), "publish 3 is outstanding");
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicAck(basic::Ack {
+                delivery_tag: 3,
+                multiple: false,
+            }),
+        })
+        .expect("ack");
+        let outcomes: Vec<_> = answers
+            .iter_mut()
+            .map(|a| a.try_recv().expect("settled").expect("ok"))
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                Confirmation::Ack,
+                Confirmation::Ack,
+                Confirmation::Ack,
+                Confirmation::Nack
+            ]
+        );
+        assert_eq!(
+            wait.try_recv().expect("all settled").expect("ok"),
+            false,
+            "one was nacked"
+        );
+    }
+
+    #[test]
+    fn content_is_assembled_across_body_frames_and_rejected_out_of_order() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let (deliveries, mut receiver) = mpsc::channel(4);
+        let (reply, _answer) = oneshot::channel();
+        let tag = ShortString::from_static("t");
+        m.command(
+            Command::Consume {
+                channel: id,
+                consume: basic::Consume {
+                    consumer_tag: tag.clone(),
+                    ..Default::default()
+                },
+                deliveries,
+                end: Arc::new(OnceLock::new()),
+                reply,
+            },
+            now,
+        );
+        let deliver = Frame::Method {
+            channel: id,
+            method: Method::BasicDeliver(basic::Deliver {
+                consumer_tag: tag,
+                delivery_tag: 1,
+                ..Default::default()
+            }),
+        };
+        m.handle_frame(deliver.clone()).expect("deliver");
+        m.handle_frame(Frame::Header {
+            channel: id,
+            header: ContentHeader {
+                class_id: 60,
+                body_size: 6,
+                properties: Box::default(),
+            },
+        })
+        .expect("header");
+        m.handle_frame(Frame::Body {
+            channel: id,
+            payload: Bytes::from_static(b"abc"),
+        })
+        .expect("body 1");
+        assert!(receiver.try_recv().is_err(), "incomplete");
+        m.handle_frame(Frame::Body {
+            channel: id,
+            payload: Bytes::from_static(b"def"),
+        })
+        .expect("body 2");
+        assert_eq!(
+            &receiver.try_recv().expect("complete").content.body[..],
+            b"abcdef"
+        );
+
+        m.handle_frame(deliver).expect("deliver");
+        let err = m
+            .handle_frame(Frame::Body {
+                channel: id,
+                payload: Bytes::from_static(b"x"),
+            })
+            .expect_err("body before header");
+        assert!(matches!(err, Error::UnexpectedFrame(_)));
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let err = m
+            .handle_frame(Frame::Header {
+                channel: id,
+                header: ContentHeader {
+                    class_id: 60,
+                    body_size: 1,
+                    properties: Box::default(),
+                },
+            })
+            .expect_err("header without method");
+        assert!(matches!(err, Error::UnexpectedFrame(_)));
+    }
+
+    #[test]
+    fn a_long_body_on_one_channel_does_not_hold_back_another() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let a = open_channel(&mut m, now);
+        let b = open_channel(&mut m, now);
+        let publish = |channel, body: Bytes| Command::Publish {
+            channel,
+            publish: basic::Publish::default(),
+            properties: BasicProperties::default(),
+            body,
+            confirm: None,
+        };
+        m.command(publish(a, Bytes::from(vec![0u8; 100_000])), now);
+        m.command(publish(b, Bytes::from_static(b"small")), now);
+        let frames = written(&mut m);
+        let small_done = frames
+            .iter()
+            .position(|f| matches!(f, Frame::Body { channel, .. } if *channel == b))
+            .expect("small body sent");
+        let large_bodies_before = frames[..small_done]
+            .iter()
+            .filter(|f| matches!(f, Frame::Body { channel, .. } if *channel == a))
+            .count();
+        assert!(
+            large_bodies_before <= 1,
+            "the small message waited for {large_bodies_before} frames of the large one"
+        );
+        let large_total: usize = frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Body { channel, payload } if *channel == a => Some(payload.len()),
+                _ => None,
+            })
+            .sum();
+        assert_eq!(large_total, 100_000);
+    }
+
+    #[test]
+    fn heartbeats_are_sent_when_idle_and_silence_kills_the_connection() {
+        let start = Instant::now();
+        let (mut m, error) = machine(start);
+        assert_eq!(m.next_timeout(), Some(start + Duration::from_secs(5)));
+        m.handle_timeout(start + Duration::from_secs(5));
+        assert_eq!(written(&mut m), vec![Frame::Heartbeat]);
+        m.on_sent(start + Duration::from_secs(5));
+        m.on_received(start + Duration::from_secs(12));
+        m.handle_timeout(start + Duration::from_secs(21));
+        assert!(!m.is_closed(), "heard from the peer 9 s ago");
+        m.handle_timeout(start + Duration::from_secs(32));
+        assert!(m.is_closed());
+        assert!(matches!(error.get(), Some(Error::MissedHeartbeats(_))));
+    }
+
+    #[test]
+    fn a_broker_channel_close_fails_the_pending_call_with_its_reason_and_frees_the_id() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let (reply, mut answer) = oneshot::channel();
+        m.command(
+            Command::Rpc {
+                channel: id,
+                method: declare("missing"),
+                reply,
+            },
+            now,
+        );
+        written(&mut m);
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::ChannelClose(channel::Close {
+                reply_code: 404,
+                reply_text: ShortString::from_static("NOT_FOUND - no queue 'missing'"),
+                class_id: 50,
+                method_id: 10,
+            }),
+        })
+        .expect("close");
+        let err = answer.try_recv().expect("answered").expect_err("failed");
+        assert_eq!(
+            err.reply_error(),
+            Some(crate::protocol::ReplyError::NotFound)
+        );
+        assert!(matches!(
+            written(&mut m).as_slice(),
+            [Frame::Method {
+                method: Method::ChannelCloseOk(_),
+                ..
+            }]
+        ));
+        assert_eq!(open_channel(&mut m, now), id, "the id is recycled");
     }
 }
