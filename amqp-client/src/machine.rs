@@ -1578,9 +1578,8 @@ mod tests {
                 Confirmation::Nack
             ]
         );
-        assert_eq!(
-            wait.try_recv().expect("all settled").expect("ok"),
-            false,
+        assert!(
+            !wait.try_recv().expect("all settled").expect("ok"),
             "one was nacked"
         );
     }
