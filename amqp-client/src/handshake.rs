@@ -100,7 +100,24 @@ impl HandshakeIo<'_> {
 
     async fn receive(&mut self) -> Result<Method, Error> {
         loop {
-            if let Some(frame) = self.decoder.decode(&mut self.read)? {
+            let decoded = match self.decoder.decode(&mut self.read) {
+                Ok(decoded) => decoded,
+                Err(error) => {
+                    // Tell the peer why before dropping the socket.
+                    let close = connection::Close {
+                        reply_code: error.reply_code().code(),
+                        reply_text: ShortString::new(
+                            error.to_string().chars().take(200).collect::<String>(),
+                        )
+                        .unwrap_or_default(),
+                        class_id: 0,
+                        method_id: 0,
+                    };
+                    let _ = self.send(Method::ConnectionClose(close)).await;
+                    return Err(error.into());
+                }
+            };
+            if let Some(frame) = decoded {
                 tracing::trace!(?frame, "frame received");
                 match frame {
                     Frame::Method { channel: 0, method } => return Ok(method),

@@ -211,7 +211,7 @@ fn frame_errors_are_typed_and_map_to_reply_codes() {
             },
             501,
         ), // bad end
-        (frame_bytes(8, 3, b""), 503), // heartbeat on channel 3
+        (frame_bytes(8, 3, b""), 501), // heartbeat on channel 3
         (frame_bytes(1, 1, &[0x00, 0x3C]), 502), // truncated method
         (frame_bytes(1, 1, &[0x00, 0x3C, 0x00, 0x63]), 503), // unknown method 60/99
         (

@@ -119,7 +119,7 @@ impl FrameError {
             FrameError::Method { source, .. } | FrameError::Header { source, .. } => {
                 source.reply_code()
             }
-            FrameError::HeartbeatOnChannel { .. } => ReplyCode::COMMAND_INVALID,
+            // 0-9-1 §4.2.7: an invalid heartbeat frame is a frame error.
             _ => ReplyCode::FRAME_ERROR,
         }
     }
