@@ -1,0 +1,112 @@
+//! A consumer that reads slower than the peer delivers keeps memory bounded:
+//! its buffer fills, the connection stops reading the socket, and TCP pushes
+//! back on the peer. A fake peer floods deliveries (a real broker cannot be
+//! made to ignore prefetch), counting how much it manages to write.
+
+use std::time::Duration;
+
+use amqp_client::protocol::methods::{basic, Method};
+use amqp_client::protocol::BasicProperties;
+use amqp_client::{Connection, ConsumeOptions};
+use amqp_client_tests::fake_peer::{header_frame, method_frame, raw_frame, FakePeer, Tuning};
+
+const BODY: usize = 1024;
+/// The peer gives up flooding here: a client without back-pressure would
+/// take all of it.
+const FLOOD_CAP: usize = 512 * 1024 * 1024;
+
+#[tokio::test]
+async fn a_slow_consumer_stops_the_socket_instead_of_buffering_without_bound() {
+    let script = FakePeer::start(|mut peer| async move {
+        peer.handshake(&Tuning::default()).await?;
+        let channel = peer.accept_channel_open().await?;
+        let (_, consume) = peer.expect_method("basic.consume").await?;
+        let Method::BasicConsume(consume) = consume else {
+            unreachable!()
+        };
+        let tag = consume.consumer_tag.clone();
+        peer.send_method(
+            channel,
+            &Method::BasicConsumeOk(basic::ConsumeOk {
+                consumer_tag: tag.clone(),
+            }),
+        )
+        .await?;
+        // Flood in batches of 64 messages until a write stalls for a second.
+        let mut written = 0usize;
+        let mut delivery_tag = 0u64;
+        let body = vec![b'f'; BODY];
+        while written < FLOOD_CAP {
+            let mut batch = Vec::new();
+            for _ in 0..64 {
+                delivery_tag += 1;
+                let deliver = Method::BasicDeliver(basic::Deliver {
+                    consumer_tag: tag.clone(),
+                    delivery_tag,
+                    redelivered: false,
+                    exchange: Default::default(),
+                    routing_key: Default::default(),
+                });
+                batch.extend(method_frame(channel, &deliver));
+                batch.extend(header_frame(
+                    channel,
+                    BODY as u64,
+                    &BasicProperties::default(),
+                ));
+                batch.extend(raw_frame(3, channel, &body));
+            }
+            match tokio::time::timeout(Duration::from_secs(1), peer.send_raw(&batch)).await {
+                Ok(result) => {
+                    result?;
+                    written += batch.len();
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(written)
+    })
+    .await
+    .expect("fake peer");
+
+    let connection = Connection::connect(script.config().consumer_buffer(16))
+        .await
+        .expect("connect");
+    let channel = connection.open_channel().await.expect("channel");
+    let mut consumer = channel
+        .basic_consume(
+            "flood",
+            ConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("consume");
+    // The application reads nothing while the peer floods.
+    let written = tokio::time::timeout(Duration::from_secs(60), script.finish())
+        .await
+        .expect("the flood ends");
+    println!(
+        "the peer wrote {} MB before the socket pushed back",
+        written / (1024 * 1024)
+    );
+    assert!(
+        written < FLOOD_CAP,
+        "the client took everything the peer sent: no back-pressure"
+    );
+    assert!(
+        written < 64 * 1024 * 1024,
+        "{written} bytes in flight: more than socket buffers can explain"
+    );
+
+    // Reading resumes where it stopped, in order and intact.
+    for expected in 1..=1000u64 {
+        let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+            .await
+            .expect("deliveries resume")
+            .expect("open")
+            .expect("ok");
+        assert_eq!(delivery.envelope.delivery_tag, expected);
+        assert_eq!(delivery.body.len(), BODY);
+    }
+}
