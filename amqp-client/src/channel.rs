@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
@@ -20,6 +20,8 @@ use crate::protocol::{BasicProperties, ChannelRpc, FieldTable, ShortString};
 pub(crate) struct ChannelInner {
     pub id: u16,
     pub closed: Arc<OnceLock<Error>>,
+    /// Bumped by the connection at each reconnect.
+    pub epoch: Arc<AtomicU64>,
     pub conn: Arc<ConnectionInner>,
     confirm_mode: AtomicBool,
 }
@@ -92,11 +94,17 @@ impl Future for PublishConfirm {
 }
 
 impl Channel {
-    pub(crate) fn new(id: u16, closed: Arc<OnceLock<Error>>, conn: Arc<ConnectionInner>) -> Self {
+    pub(crate) fn new(
+        id: u16,
+        closed: Arc<OnceLock<Error>>,
+        epoch: Arc<AtomicU64>,
+        conn: Arc<ConnectionInner>,
+    ) -> Self {
         Self {
             inner: Arc::new(ChannelInner {
                 id,
                 closed,
+                epoch,
                 conn,
                 confirm_mode: AtomicBool::new(false),
             }),
@@ -106,6 +114,35 @@ impl Channel {
     /// The channel id.
     pub fn id(&self) -> u16 {
         self.inner.id
+    }
+
+    /// How many times the connection was recovered under this channel.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.inner.epoch.load(Ordering::Acquire)
+    }
+
+    /// Sends an ack, nack or reject for a delivery of `epoch`: a tag from
+    /// before a reconnect is refused here, and dropped by the connection if
+    /// a reconnect happens while it waits to be sent.
+    pub(crate) async fn send_settlement(
+        &self,
+        method: Method,
+        epoch: u64,
+        delivery_tag: u64,
+    ) -> Result<(), Error> {
+        self.check()?;
+        if epoch != self.epoch() {
+            return Err(Error::StaleDelivery {
+                channel: self.inner.id,
+                delivery_tag,
+            });
+        }
+        self.send_command(Command::Send {
+            channel: self.inner.id,
+            method,
+            epoch: Some(epoch),
+        })
+        .await
     }
 
     /// The error that closed the channel (or its connection), if it is closed.
@@ -316,9 +353,12 @@ impl Channel {
             .await?;
         match (reply.method, reply.content) {
             (Method::BasicGetEmpty(_), _) => Ok(None),
-            (Method::BasicGetOk(get_ok), Some(content)) => {
-                Ok(Some(GetMessage::new(get_ok, content, self.clone())))
-            }
+            (Method::BasicGetOk(get_ok), Some(content)) => Ok(Some(GetMessage::new(
+                get_ok,
+                content,
+                self.epoch(),
+                self.clone(),
+            ))),
             (other, _) => Err(crate::protocol::UnexpectedReply {
                 request: &basic::Get::INFO,
                 reply: other.info(),
@@ -353,6 +393,7 @@ impl ChannelRpc for Channel {
         self.send_command(Command::Send {
             channel: self.inner.id,
             method,
+            epoch: None,
         })
         .await
     }

@@ -81,6 +81,60 @@ pub struct TlsConfig {
     pub dangerous_accept_invalid_certs: bool,
 }
 
+/// Automatic recovery: when the connection is lost (socket failure, missed
+/// heartbeats, a close the application did not ask for), reconnect with
+/// exponential backoff and jitter, trying each address in turn, then re-open
+/// channels and re-create topology and consumers.
+#[derive(Debug, Clone)]
+pub struct RecoveryConfig {
+    /// Whether to recover at all.
+    pub enabled: bool,
+    /// Wait before the first reconnect attempt.
+    pub initial_delay: Duration,
+    /// Longest wait between attempts (the backoff's cap).
+    pub max_delay: Duration,
+    /// Attempts before giving up (`None`: never give up).
+    pub max_attempts: Option<u32>,
+    /// Re-create recorded exchanges, queues, bindings (consumers always come back).
+    pub topology: bool,
+    /// How long a call made while recovering waits for it before failing.
+    pub call_timeout: Duration,
+    /// Retry a failed first connect the same way (off: the first failure is returned).
+    pub retry_initial_connect: bool,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(30),
+            max_attempts: None,
+            topology: true,
+            call_timeout: Duration::from_secs(30),
+            retry_initial_connect: false,
+        }
+    }
+}
+
+impl RecoveryConfig {
+    /// No recovery: a lost connection stays lost.
+    pub fn disabled() -> Self {
+        Self {
+            enabled: false,
+            ..Self::default()
+        }
+    }
+
+    /// The wait before attempt `attempt` (0-based): `initial_delay × 2^attempt`,
+    /// capped at `max_delay`, scaled by `jitter` in [0.5, 1.0] so that many
+    /// clients do not reconnect in lockstep.
+    pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
+        let base = self.initial_delay.saturating_mul(1u32 << attempt.min(20));
+        base.min(self.max_delay).mul_f64(jitter.clamp(0.5, 1.0))
+    }
+}
+
 /// Everything needed to open a connection.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -118,6 +172,10 @@ pub struct Config {
     /// Largest message body accepted from the broker; a larger one is a
     /// connection error rather than an unbounded allocation.
     pub max_body_size: u64,
+    /// More brokers (a cluster's nodes) tried in turn after `host:port`.
+    pub fallback_addresses: Vec<(String, u16)>,
+    /// Automatic recovery.
+    pub recovery: RecoveryConfig,
 }
 
 impl Default for Config {
@@ -139,6 +197,8 @@ impl Default for Config {
             client_properties: FieldTable::new(),
             consumer_buffer: 1024,
             max_body_size: 128 * 1024 * 1024,
+            fallback_addresses: Vec::new(),
+            recovery: RecoveryConfig::default(),
         }
     }
 }
@@ -344,6 +404,35 @@ impl Config {
         self
     }
 
+    /// Adds a broker to try after `host:port` (and the ones added before).
+    #[must_use]
+    pub fn fallback_address(mut self, host: impl Into<String>, port: u16) -> Self {
+        self.fallback_addresses.push((host.into(), port));
+        self
+    }
+
+    /// Sets automatic recovery.
+    #[must_use]
+    pub fn recovery(mut self, recovery: RecoveryConfig) -> Self {
+        self.recovery = recovery;
+        self
+    }
+
+    /// Every address to try, `host:port` first.
+    pub fn addresses(&self) -> Vec<(String, u16)> {
+        let mut all = vec![(self.host.clone(), self.port)];
+        all.extend(self.fallback_addresses.iter().cloned());
+        all
+    }
+
+    /// This config aimed at another broker.
+    pub(crate) fn at(&self, (host, port): &(String, u16)) -> Config {
+        let mut config = self.clone();
+        config.host = host.clone();
+        config.port = *port;
+        config
+    }
+
     /// `host:port`, with brackets around IPv6 addresses.
     pub fn address(&self) -> String {
         if self.host.contains(':') {
@@ -390,6 +479,20 @@ mod tests {
         assert_eq!(
             (c.host.as_str(), c.address()),
             ("::1", "[::1]:5000".to_owned())
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_jitters_down_by_half_at_most() {
+        let r = RecoveryConfig::default();
+        assert_eq!(r.delay(0, 1.0), Duration::from_millis(100));
+        assert_eq!(r.delay(3, 1.0), Duration::from_millis(800));
+        assert_eq!(r.delay(30, 1.0), Duration::from_secs(30));
+        assert_eq!(r.delay(3, 0.5), Duration::from_millis(400));
+        assert_eq!(
+            r.delay(3, 0.0),
+            Duration::from_millis(400),
+            "jitter is clamped"
         );
     }
 

@@ -1,26 +1,33 @@
 //! The connection handle: connect, open channels, watch for blocking, close.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::channel::Channel;
 use crate::config::Config;
 use crate::error::{Error, Initiator};
 use crate::handshake;
 use crate::io::Driver;
-use crate::machine::{Command, Machine, Settings};
+use crate::machine::{Command, Machine, RecoveryEvent, Settings};
 use crate::protocol::frame::FrameDecoder;
 use crate::protocol::{FieldTable, ReplyCode, ShortString};
-use crate::transport;
+use crate::transport::{self, Stream};
 
 /// How many commands may wait for the I/O task before senders wait in turn.
 const COMMAND_QUEUE: usize = 4096;
 
 type ErrorHandler = Box<dyn Fn(&Error) + Send + Sync>;
+
+/// The on-connect hook: runs after the first connect and after every
+/// reconnect, on a task of its own, with the connection.
+pub(crate) type OnConnect = Arc<
+    dyn Fn(Connection) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> + Send + Sync,
+>;
 
 /// State shared by the I/O task and every handle.
 pub(crate) struct Shared {
@@ -30,10 +37,23 @@ pub(crate) struct Shared {
     pub finished: watch::Sender<Option<Result<(), Error>>>,
     /// `Some(reason)` while the broker blocks publishers.
     pub blocked: watch::Receiver<Option<String>>,
+    /// `true` while the connection is lost or being recovered.
+    pub recovering: watch::Receiver<bool>,
+    /// Recovery's reports.
+    pub events: broadcast::Sender<RecoveryEvent>,
     error_handlers: Mutex<Vec<ErrorHandler>>,
 }
 
 impl Shared {
+    /// Calls every error handler with `error`.
+    pub(crate) fn report(&self, error: &Error) {
+        if let Ok(handlers) = self.error_handlers.lock() {
+            for handler in handlers.iter() {
+                handler(error);
+            }
+        }
+    }
+
     /// Called by the I/O task when it ends.
     pub(crate) fn finish(&self, error: Option<Error>) {
         let error = error.or_else(|| self.error.get().cloned());
@@ -47,11 +67,7 @@ impl Shared {
             }
             Some(error) => {
                 tracing::info!(%error, "connection ended");
-                if let Ok(handlers) = self.error_handlers.lock() {
-                    for handler in handlers.iter() {
-                        handler(&error);
-                    }
-                }
+                self.report(&error);
                 Err(error)
             }
             None => Ok(()),
@@ -94,10 +110,129 @@ impl Inner {
     }
 
     pub(crate) async fn send(&self, command: Command) -> Result<(), Error> {
+        self.wait_while_recovering().await?;
         self.commands
             .send(command)
             .await
             .map_err(|_| self.closed_error())
+    }
+
+    /// Calls made while the connection recovers wait for it (bounded by
+    /// the recovery call timeout) instead of failing at once.
+    pub(crate) async fn wait_while_recovering(&self) -> Result<(), Error> {
+        if *self.shared.recovering.borrow() {
+            let timeout = self.config.recovery.call_timeout;
+            let mut recovering = self.shared.recovering.clone();
+            if tokio::time::timeout(timeout, recovering.wait_for(|r| !*r))
+                .await
+                .is_err()
+            {
+                return Err(Error::RecoveryTimeout(timeout));
+            }
+        }
+        match self.shared.error.get() {
+            Some(error) => Err(error.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Opens a stream to one of `config`'s addresses, starting after `last`
+/// (so that a lost node is tried last), and runs the handshake.
+pub(crate) async fn open_stream(
+    config: &Config,
+    last: Option<usize>,
+) -> Result<(Stream, handshake::Negotiated, usize), Error> {
+    let addresses = config.addresses();
+    let start = last.map_or(0, |i| i + 1);
+    let mut last_error = None;
+    for k in 0..addresses.len() {
+        let index = (start + k) % addresses.len();
+        let target = config.at(&addresses[index]);
+        let address = target.address();
+        tracing::debug!(%address, vhost = %target.vhost, "connecting");
+        let timeout = target.connection_timeout;
+        let opened = tokio::time::timeout(timeout, async {
+            let mut stream = transport::connect(&target).await?;
+            let negotiated = handshake::handshake(&mut stream, &target).await?;
+            Ok::<_, Error>((stream, negotiated))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Timeout {
+                address: address.clone(),
+                timeout,
+            })
+        });
+        match opened {
+            Ok((stream, negotiated)) => {
+                tracing::info!(
+                    %address,
+                    channel_max = negotiated.channel_max,
+                    frame_max = negotiated.frame_max,
+                    heartbeat = negotiated.heartbeat,
+                    "connected"
+                );
+                return Ok((stream, negotiated, index));
+            }
+            // Wrong credentials or vhost are the same on every node.
+            Err(e @ (Error::AuthenticationFailed { .. } | Error::VhostRefused { .. })) => {
+                return Err(e)
+            }
+            Err(e) => {
+                tracing::debug!(%address, error = %e, "connect failed");
+                last_error = Some(e);
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| Error::Connect {
+        address: config.address(),
+        source: Arc::new(std::io::Error::other("no address to connect to")),
+    }))
+}
+
+/// A number in [0.5, 1.0) for backoff jitter; no RNG dependency needed for that.
+pub(crate) fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    // A multiplicative hash spreads nearby nanosecond counts apart.
+    let mixed = nanos.wrapping_mul(2_654_435_761) >> 8;
+    0.5 + f64::from(mixed % 1_000_000) / 2_000_000.0
+}
+
+/// Sets up a connection before it opens: the on-connect hook and error
+/// handlers must exist before the first connect to see it.
+#[must_use = "a builder does nothing until `connect` is called"]
+pub struct ConnectionBuilder {
+    config: Config,
+    hook: Option<OnConnect>,
+    error_handlers: Vec<ErrorHandler>,
+}
+
+impl ConnectionBuilder {
+    /// Registers the on-connect hook, run after the first connect and after
+    /// every reconnect (on a task of its own, like the seeds' dispatch), with a
+    /// connection it can open channels on. Its errors go to the error handlers.
+    pub fn on_connect<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(Connection) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Error>> + Send + 'static,
+    {
+        self.hook = Some(Arc::new(move |connection| Box::pin(hook(connection))));
+        self
+    }
+
+    /// Registers an error handler (see [`Connection::on_error`]).
+    pub fn on_error(mut self, handler: impl Fn(&Error) + Send + Sync + 'static) -> Self {
+        self.error_handlers.push(Box::new(handler));
+        self
+    }
+
+    /// Connects (retrying with backoff if `recovery.retry_initial_connect`).
+    pub async fn connect(self) -> Result<Connection, Error> {
+        Connection::start(self.config, self.hook, self.error_handlers).await
     }
 }
 
@@ -124,49 +259,95 @@ impl Connection {
     }
 
     /// Connects with `config`: TCP (and TLS), then the AMQP handshake, all
-    /// within `config.connection_timeout`.
+    /// within `config.connection_timeout` per address tried.
     pub async fn connect(config: Config) -> Result<Self, Error> {
-        let address = config.address();
-        tracing::debug!(%address, vhost = %config.vhost, "connecting");
-        let timeout = config.connection_timeout;
-        let opened = tokio::time::timeout(timeout, async {
-            let mut stream = transport::connect(&config).await?;
-            let negotiated = handshake::handshake(&mut stream, &config).await?;
-            Ok::<_, Error>((stream, negotiated))
-        })
-        .await
-        .map_err(|_| Error::Timeout {
-            address: address.clone(),
-            timeout,
-        })??;
-        let (stream, negotiated) = opened;
-        tracing::info!(
-            %address,
-            channel_max = negotiated.channel_max,
-            frame_max = negotiated.frame_max,
-            heartbeat = negotiated.heartbeat,
-            "connected"
-        );
+        Self::start(config, None, Vec::new()).await
+    }
+
+    /// A builder, for an on-connect hook and error handlers that must be in
+    /// place before the first connect.
+    pub fn builder(config: Config) -> ConnectionBuilder {
+        ConnectionBuilder {
+            config,
+            hook: None,
+            error_handlers: Vec::new(),
+        }
+    }
+
+    async fn start(
+        config: Config,
+        hook: Option<OnConnect>,
+        error_handlers: Vec<ErrorHandler>,
+    ) -> Result<Self, Error> {
+        let mut attempt = 0;
+        let (stream, negotiated, address_index) = loop {
+            match open_stream(&config, None).await {
+                Ok(opened) => break opened,
+                Err(e @ (Error::AuthenticationFailed { .. } | Error::VhostRefused { .. })) => {
+                    return Err(e)
+                }
+                Err(e)
+                    if config.recovery.retry_initial_connect
+                        && config
+                            .recovery
+                            .max_attempts
+                            .is_none_or(|max| attempt + 1 < max) =>
+                {
+                    let delay = config.recovery.delay(attempt, jitter());
+                    tracing::warn!(error = %e, ?delay, "first connect failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
 
         let error = Arc::new(OnceLock::new());
         let (blocked_tx, blocked_rx) = watch::channel(None);
+        let (recovering_tx, recovering_rx) = watch::channel(false);
+        let (events, _) = broadcast::channel(256);
         let (finished, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             error: error.clone(),
             finished,
             blocked: blocked_rx,
-            error_handlers: Mutex::new(Vec::new()),
+            recovering: recovering_rx,
+            events: events.clone(),
+            error_handlers: Mutex::new(error_handlers),
         });
+        let timeout = config.connection_timeout;
         let settings = Settings {
             channel_max: negotiated.channel_max,
             frame_max: negotiated.frame_max,
             heartbeat: Duration::from_secs(u64::from(negotiated.heartbeat)),
             close_timeout: timeout.min(Duration::from_secs(10)),
             max_body_size: config.max_body_size,
+            recover: config.recovery.enabled,
+            recover_topology: config.recovery.topology,
         };
-        let machine = Machine::new(settings, Instant::now(), error, blocked_tx);
+        let machine = Machine::new(
+            settings,
+            Instant::now(),
+            error,
+            blocked_tx,
+            recovering_tx,
+            events,
+        );
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            commands: commands_tx,
+            control: control_tx,
+            shared: shared.clone(),
+            info: ServerInfo {
+                channel_max: negotiated.channel_max,
+                frame_max: negotiated.frame_max,
+                heartbeat: negotiated.heartbeat,
+                properties: negotiated.server_properties.clone(),
+            },
+            config: config.clone(),
+            next_consumer: std::sync::atomic::AtomicU64::new(1),
+        });
         let (reader, writer) = stream.into_split();
         let driver = Driver {
             reader,
@@ -176,24 +357,45 @@ impl Connection {
             read_buf: negotiated.leftover,
             commands: commands_rx,
             control: control_rx,
-            shared: shared.clone(),
+            shared,
+            config,
+            handle: Arc::downgrade(&inner),
+            hook: hook.clone(),
+            address_index,
         };
         tokio::spawn(driver.run());
-        Ok(Connection {
-            inner: Arc::new(Inner {
-                commands: commands_tx,
-                control: control_tx,
-                shared,
-                info: ServerInfo {
-                    channel_max: negotiated.channel_max,
-                    frame_max: negotiated.frame_max,
-                    heartbeat: negotiated.heartbeat,
-                    properties: negotiated.server_properties,
-                },
-                config,
-                next_consumer: std::sync::atomic::AtomicU64::new(1),
-            }),
-        })
+        let connection = Connection { inner };
+        if let Some(hook) = hook {
+            connection.run_hook(hook);
+        }
+        Ok(connection)
+    }
+
+    /// Runs the on-connect hook on a task of its own; its error goes to the
+    /// error handlers.
+    pub(crate) fn run_hook(&self, hook: OnConnect) {
+        let connection = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = hook(connection.clone()).await {
+                tracing::warn!(%error, "on-connect hook failed");
+                connection.inner.shared.report(&error);
+            }
+        });
+    }
+
+    /// Recovery's reports: recovering, reconnected, queue renamed, step
+    /// failed, recovered, failed.
+    pub fn recovery_events(&self) -> broadcast::Receiver<RecoveryEvent> {
+        self.inner.shared.events.subscribe()
+    }
+
+    /// Whether the connection is lost or being recovered right now.
+    pub fn is_recovering(&self) -> bool {
+        *self.inner.shared.recovering.borrow()
+    }
+
+    pub(crate) fn from_weak(inner: &Weak<Inner>) -> Option<Self> {
+        inner.upgrade().map(|inner| Connection { inner })
     }
 
     /// What was negotiated, and the broker's properties.
@@ -205,16 +407,18 @@ impl Connection {
     /// closes when its last handle is dropped.
     pub async fn open_channel(&self) -> Result<Channel, Error> {
         let closed = Arc::new(OnceLock::new());
+        let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (reply, answer) = oneshot::channel();
         self.inner
             .send(Command::OpenChannel {
                 closed: closed.clone(),
+                epoch: epoch.clone(),
                 reply,
             })
             .await?;
         let id = answer.await.map_err(|_| self.inner.closed_error())??;
         tracing::debug!(channel = id, "channel opened");
-        Ok(Channel::new(id, closed, self.inner.clone()))
+        Ok(Channel::new(id, closed, epoch, self.inner.clone()))
     }
 
     /// Runs `body` with a fresh channel and closes the channel afterwards,

@@ -37,15 +37,18 @@ pub struct Delivery {
     /// Its body, a slice of the connection's read buffer when it fit one frame.
     pub body: Bytes,
     channel: Channel,
+    /// The connection epoch it arrived in: acks from an older one are refused.
+    epoch: u64,
 }
 
 impl Delivery {
-    pub(crate) fn new(envelope: Envelope, content: Content, channel: Channel) -> Self {
+    pub(crate) fn new(envelope: Envelope, content: Content, epoch: u64, channel: Channel) -> Self {
         Self {
             envelope,
             properties: content.properties,
             body: content.body,
             channel,
+            epoch,
         }
     }
 
@@ -54,35 +57,38 @@ impl Delivery {
         &self.channel
     }
 
-    /// Acknowledges it.
+    /// Acknowledges it. After a reconnect the tag means nothing to the new
+    /// channel: this returns [`Error::StaleDelivery`] and sends nothing (the
+    /// broker redelivers the message).
     pub async fn ack(&self) -> Result<(), Error> {
-        self.channel
-            .send(Method::BasicAck(basic::Ack {
-                delivery_tag: self.envelope.delivery_tag,
-                multiple: false,
-            }))
-            .await
+        let tag = self.envelope.delivery_tag;
+        let ack = Method::BasicAck(basic::Ack {
+            delivery_tag: tag,
+            multiple: false,
+        });
+        self.channel.send_settlement(ack, self.epoch, tag).await
     }
 
-    /// Rejects it (and with `multiple`, every earlier unacked one), requeueing or not.
+    /// Rejects it (and with `multiple`, every earlier unacked one), requeueing
+    /// or not. Stale tags are refused as for [`ack`](Self::ack).
     pub async fn nack(&self, multiple: bool, requeue: bool) -> Result<(), Error> {
-        self.channel
-            .send(Method::BasicNack(basic::Nack {
-                delivery_tag: self.envelope.delivery_tag,
-                multiple,
-                requeue,
-            }))
-            .await
+        let tag = self.envelope.delivery_tag;
+        let nack = Method::BasicNack(basic::Nack {
+            delivery_tag: tag,
+            multiple,
+            requeue,
+        });
+        self.channel.send_settlement(nack, self.epoch, tag).await
     }
 
-    /// Rejects it, requeueing or not.
+    /// Rejects it, requeueing or not. Stale tags are refused as for [`ack`](Self::ack).
     pub async fn reject(&self, requeue: bool) -> Result<(), Error> {
-        self.channel
-            .send(Method::BasicReject(basic::Reject {
-                delivery_tag: self.envelope.delivery_tag,
-                requeue,
-            }))
-            .await
+        let tag = self.envelope.delivery_tag;
+        let reject = Method::BasicReject(basic::Reject {
+            delivery_tag: tag,
+            requeue,
+        });
+        self.channel.send_settlement(reject, self.epoch, tag).await
     }
 }
 
@@ -96,7 +102,12 @@ pub struct GetMessage {
 }
 
 impl GetMessage {
-    pub(crate) fn new(get_ok: basic::GetOk, content: Content, channel: Channel) -> Self {
+    pub(crate) fn new(
+        get_ok: basic::GetOk,
+        content: Content,
+        epoch: u64,
+        channel: Channel,
+    ) -> Self {
         let envelope = Envelope {
             consumer_tag: ShortString::default(),
             delivery_tag: get_ok.delivery_tag,
@@ -105,7 +116,7 @@ impl GetMessage {
             routing_key: get_ok.routing_key,
         };
         Self {
-            delivery: Delivery::new(envelope, content, channel),
+            delivery: Delivery::new(envelope, content, epoch, channel),
             message_count: get_ok.message_count,
         }
     }
@@ -194,6 +205,7 @@ impl Consumer {
                 Poll::Ready(Some(Ok(Delivery::new(
                     envelope,
                     raw.content,
+                    raw.epoch,
                     self.channel.clone(),
                 ))))
             }
@@ -224,8 +236,12 @@ impl Drop for Consumer {
     fn drop(&mut self) {
         // Deliveries buffered but never read go back to the queue.
         let mut requeue = Vec::new();
+        let epoch = self.channel.epoch();
         while let Ok(raw) = self.receiver.try_recv() {
-            requeue.push(raw.deliver.delivery_tag);
+            // Tags from before a reconnect are the broker's to requeue.
+            if raw.epoch == epoch {
+                requeue.push(raw.deliver.delivery_tag);
+            }
         }
         self.receiver.close();
         if self.end.get().is_none() || !requeue.is_empty() {

@@ -182,6 +182,22 @@ pub enum Error {
         /// Whether the broker cancelled it.
         by_broker: bool,
     },
+    /// The connection was lost before the broker confirmed a publish: it may
+    /// or may not have been received. Publish it again if it must arrive.
+    #[error("the outcome of the publish is unknown: {0}")]
+    PublishOutcomeUnknown(Arc<Error>),
+    /// A delivery from before a reconnect: its tag means nothing to the new
+    /// channel, so acking it would close the channel with 406.
+    #[error("delivery tag {delivery_tag} on channel {channel} is from before a reconnect; the broker redelivers the message")]
+    StaleDelivery {
+        /// Channel id.
+        channel: u16,
+        /// The stale tag.
+        delivery_tag: u64,
+    },
+    /// The connection was recovering and did not come back within the call timeout.
+    #[error("the connection did not recover within {0:?}")]
+    RecoveryTimeout(std::time::Duration),
     /// The broker nacked a published message.
     #[error("the broker nacked the message")]
     Nacked,

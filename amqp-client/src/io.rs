@@ -1,17 +1,18 @@
 //! The one task that owns the socket: it reads frames into the state machine,
-//! takes commands from handles, keeps time for heartbeats, and writes what the
-//! machine produces in large batches.
+//! takes commands from handles, keeps time for heartbeats, writes what the
+//! machine produces in large batches, and reconnects when the socket is lost.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::connection::Shared;
+use crate::config::Config;
+use crate::connection::{jitter, open_stream, Connection, Inner, OnConnect, Shared};
 use crate::error::Error;
-use crate::machine::{Command, Machine, RawDelivery};
+use crate::machine::{Command, Machine, RawDelivery, RecoveryEvent};
 use crate::protocol::frame::FrameDecoder;
 use crate::protocol::ReplyCode;
 use crate::transport::{Reader, Writer};
@@ -20,6 +21,9 @@ use crate::transport::{Reader, Writer};
 const WRITE_BATCH: usize = 256 * 1024;
 /// How much room it makes for each socket read.
 const READ_CHUNK: usize = 64 * 1024;
+/// How long a last frame (a close, a close-ok) may take to go out before the
+/// socket is dropped.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub(crate) struct Driver {
     pub reader: Reader,
@@ -30,6 +34,13 @@ pub(crate) struct Driver {
     pub commands: mpsc::Receiver<Command>,
     pub control: mpsc::UnboundedReceiver<Command>,
     pub shared: Arc<Shared>,
+    pub config: Config,
+    /// The handles' shared state, to give the on-connect hook a connection
+    /// without keeping the connection alive from here.
+    pub handle: Weak<Inner>,
+    pub hook: Option<OnConnect>,
+    /// The address the current socket is connected to.
+    pub address_index: usize,
 }
 
 async fn reserve(
@@ -48,11 +59,18 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+fn lost(e: std::io::Error) -> Error {
+    Error::ConnectionLost(Arc::new(e))
+}
+
 impl Driver {
     /// Decodes and handles the frames in the read buffer, stopping early when
     /// a consumer's buffer is full.
     fn handle_input(&mut self) {
-        while self.machine.parked_sender().is_none() && !self.machine.is_closed() {
+        while self.machine.parked_sender().is_none()
+            && !self.machine.is_closed()
+            && !self.machine.is_interrupted()
+        {
             match self.decoder.decode(&mut self.read_buf) {
                 Ok(Some(frame)) => {
                     if let Err(error) = self.machine.handle_frame(frame) {
@@ -66,20 +84,54 @@ impl Driver {
     }
 
     pub(crate) async fn run(mut self) {
+        loop {
+            self.run_session().await;
+            if !self.machine.is_interrupted() {
+                break;
+            }
+            if let Some(cause) = self.machine.take_loss() {
+                self.shared.report(&cause);
+            }
+            if let Err(error) = self.reconnect().await {
+                tracing::error!(%error, "recovery gave up");
+                self.machine.fail(error);
+                break;
+            }
+        }
+        let error = self.machine.error().cloned();
+        // Handles that were waiting in the queues learn why.
+        self.commands.close();
+        while let Ok(command) = self.commands.try_recv() {
+            self.machine.command(command, Instant::now());
+        }
+        self.control.close();
+        while let Ok(command) = self.control.try_recv() {
+            self.machine.command(command, Instant::now());
+        }
+        self.shared.finish(error);
+    }
+
+    /// Runs one socket until the machine is over or the socket is lost.
+    async fn run_session(&mut self) {
         let mut write_buf = BytesMut::with_capacity(WRITE_BATCH);
-        let mut commands_open = true;
-        let mut control_open = true;
-        let mut reading = true;
+        let mut socket_ok = true;
         // Leftover bytes from the handshake.
         self.handle_input();
         loop {
+            if self.machine.is_closed() || self.machine.is_interrupted() {
+                // Last frames (a close, a close-ok) go out if they can.
+                self.machine.write_frames(&mut write_buf, usize::MAX);
+                if socket_ok && !write_buf.is_empty() {
+                    let _ = tokio::time::timeout(FLUSH_TIMEOUT, self.writer.write_all(&write_buf))
+                        .await;
+                }
+                let _ = tokio::time::timeout(FLUSH_TIMEOUT, self.writer.shutdown()).await;
+                return;
+            }
             if write_buf.len() < WRITE_BATCH / 2 && self.machine.wants_to_write() {
                 self.machine.write_frames(&mut write_buf, WRITE_BATCH);
             }
-            if self.machine.is_closed() && write_buf.is_empty() {
-                break;
-            }
-            if !commands_open && !control_open && self.machine.accepts_commands() {
+            if self.commands_gone() && self.machine.accepts_commands() {
                 // Every handle is gone: close gracefully.
                 tracing::debug!("last handle dropped: closing the connection");
                 self.machine.command(
@@ -102,23 +154,30 @@ impl Driver {
                 commands,
                 control,
                 ..
-            } = &mut self;
+            } = self;
             tokio::select! {
                 biased;
                 written = writer.write(&write_buf), if !write_buf.is_empty() => {
                     match written {
-                        Ok(0) => self.machine.fail(Error::ConnectionLost(Arc::new(std::io::ErrorKind::WriteZero.into()))),
+                        Ok(0) => {
+                            socket_ok = false;
+                            self.machine.connection_lost(lost(std::io::ErrorKind::WriteZero.into()));
+                        }
                         Ok(n) => {
                             write_buf.advance(n);
                             self.machine.on_sent(Instant::now());
                         }
-                        Err(e) => self.machine.fail(Error::ConnectionLost(Arc::new(e))),
+                        Err(e) => {
+                            socket_ok = false;
+                            self.machine.connection_lost(lost(e));
+                        }
                     }
                 }
-                command = control.recv(), if control_open => match command {
-                    Some(command) => self.machine.command(command, Instant::now()),
-                    None => control_open = false,
-                },
+                command = control.recv(), if !control.is_closed() => {
+                    if let Some(command) = command {
+                        self.machine.command(command, Instant::now());
+                    }
+                }
                 permit = reserve(parked) => match permit {
                     Ok(permit) => {
                         self.machine.unpark(permit, Instant::now());
@@ -129,27 +188,27 @@ impl Driver {
                         self.handle_input();
                     }
                 },
-                read = { read_buf.reserve(READ_CHUNK); reader.read_buf(read_buf) }, if reading && !paused => {
+                read = { read_buf.reserve(READ_CHUNK); reader.read_buf(read_buf) }, if !paused => {
                     match read {
                         Ok(0) => {
-                            reading = false;
-                            self.machine.fail(Error::ConnectionLost(Arc::new(std::io::Error::new(
+                            socket_ok = false;
+                            self.machine.connection_lost(lost(std::io::Error::new(
                                 std::io::ErrorKind::UnexpectedEof,
                                 "the broker closed the socket",
-                            ))));
+                            )));
                         }
                         Ok(_) => {
                             self.machine.on_received(Instant::now());
                             self.handle_input();
                         }
                         Err(e) => {
-                            reading = false;
-                            self.machine.fail(Error::ConnectionLost(Arc::new(e)));
+                            socket_ok = false;
+                            self.machine.connection_lost(lost(e));
                         }
                     }
                 }
-                command = commands.recv(), if commands_open && accepting => match command {
-                    Some(command) => {
+                command = commands.recv(), if accepting && !commands.is_closed() => {
+                    if let Some(command) = command {
                         let now = Instant::now();
                         self.machine.command(command, now);
                         // Take what else is queued without another trip through select.
@@ -160,26 +219,89 @@ impl Driver {
                             }
                         }
                     }
-                    None => commands_open = false,
                 },
                 () = sleep_until(deadline) => self.machine.handle_timeout(Instant::now()),
             }
-            if self.machine.is_closed() && !reading {
-                // Nothing more will be written to a dead socket.
-                write_buf.clear();
+        }
+    }
+
+    /// Whether every handle is gone.
+    fn commands_gone(&self) -> bool {
+        self.commands.is_closed()
+            && self.control.is_closed()
+            && self.commands.is_empty()
+            && self.control.is_empty()
+    }
+
+    /// Reconnects with backoff, trying each address in turn, and hands the
+    /// new socket to the machine, which re-creates channels, topology and
+    /// consumers. Control commands are served while waiting.
+    async fn reconnect(&mut self) -> Result<(), Error> {
+        let recovery = self.config.recovery.clone();
+        let mut attempt = 0u32;
+        loop {
+            let delay = recovery.delay(attempt, jitter());
+            tracing::info!(attempt, ?delay, "reconnecting");
+            let wake = tokio::time::Instant::now() + delay;
+            loop {
+                if self.machine.is_closed() {
+                    return Err(self
+                        .machine
+                        .error()
+                        .cloned()
+                        .unwrap_or_else(|| lost(std::io::ErrorKind::NotConnected.into())));
+                }
+                if self.commands_gone() {
+                    return Err(Error::connection_closed(crate::error::CloseReason {
+                        code: ReplyCode::REPLY_SUCCESS,
+                        text: "connection dropped by the application during recovery".to_owned(),
+                        method: None,
+                        initiator: crate::error::Initiator::Application,
+                    }));
+                }
+                tokio::select! {
+                    () = tokio::time::sleep_until(wake) => break,
+                    command = self.control.recv(), if !self.control.is_closed() => {
+                        if let Some(command) = command {
+                            self.machine.command(command, Instant::now());
+                        }
+                    }
+                }
+            }
+            match open_stream(&self.config, Some(self.address_index)).await {
+                Ok((stream, negotiated, index)) => {
+                    let address = self.config.at(&self.config.addresses()[index]).address();
+                    self.address_index = index;
+                    let (reader, writer) = stream.into_split();
+                    self.reader = reader;
+                    self.writer = writer;
+                    self.decoder = FrameDecoder::new(negotiated.frame_max);
+                    self.read_buf = negotiated.leftover;
+                    let _ = self
+                        .shared
+                        .events
+                        .send(RecoveryEvent::Reconnected { address });
+                    self.machine.resume(
+                        negotiated.channel_max,
+                        negotiated.frame_max,
+                        Duration::from_secs(u64::from(negotiated.heartbeat)),
+                        Instant::now(),
+                    );
+                    if let (Some(hook), Some(connection)) =
+                        (self.hook.clone(), Connection::from_weak(&self.handle))
+                    {
+                        connection.run_hook(hook);
+                    }
+                    return Ok(());
+                }
+                Err(error) => {
+                    tracing::warn!(attempt, %error, "reconnect failed");
+                    attempt += 1;
+                    if recovery.max_attempts.is_some_and(|max| attempt >= max) {
+                        return Err(error);
+                    }
+                }
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.writer.shutdown()).await;
-        let error = self.machine.error().cloned();
-        // Handles that were waiting in the queues learn why.
-        self.commands.close();
-        while let Ok(command) = self.commands.try_recv() {
-            self.machine.command(command, Instant::now());
-        }
-        self.control.close();
-        while let Ok(command) = self.control.try_recv() {
-            self.machine.command(command, Instant::now());
-        }
-        self.shared.finish(error);
     }
 }

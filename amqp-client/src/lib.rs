@@ -34,14 +34,15 @@ mod handshake;
 mod io;
 mod machine;
 pub mod protocol;
+mod topology;
 mod transport;
 
 pub use channel::{Channel, ConsumeOptions, PublishConfirm};
-pub use config::{AuthMechanism, Config, TlsConfig, UrlError};
-pub use connection::{Connection, ServerInfo};
+pub use config::{AuthMechanism, Config, RecoveryConfig, TlsConfig, UrlError};
+pub use connection::{Connection, ConnectionBuilder, ServerInfo};
 pub use consumer::{Consumer, Delivery, Envelope, GetMessage};
 pub use error::{CloseReason, Error, Initiator, Result};
-pub use machine::{Confirmation, ReturnedMessage};
+pub use machine::{Confirmation, RecoveryEvent, ReturnedMessage};
 pub use protocol::{
     BasicProperties, Decimal, FieldTable, FieldValue, ReplyCode, ReplyError, ShortString,
 };

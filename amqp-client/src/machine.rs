@@ -5,11 +5,14 @@
 //! The I/O task (`io.rs`) drives it; tests drive it without sockets.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::topology::Topology;
 
 use crate::error::{CloseReason, Error, Initiator};
 use crate::protocol::frame::{self, ContentHeader, Frame, FRAME_OVERHEAD};
@@ -36,6 +39,46 @@ pub(crate) struct Reply {
 pub(crate) struct RawDelivery {
     pub deliver: basic::Deliver,
     pub content: Content,
+    /// The channel's connection epoch when it arrived: its tag is only
+    /// meaningful on the same epoch.
+    pub epoch: u64,
+}
+
+/// What automatic recovery reports.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum RecoveryEvent {
+    /// The connection was lost; recovery starts.
+    Recovering {
+        /// Why it was lost.
+        cause: Error,
+    },
+    /// A new connection is up (to `address`); channels and topology follow.
+    Reconnected {
+        /// `host:port` of the broker.
+        address: String,
+    },
+    /// The broker named a server-named queue anew.
+    QueueRenamed {
+        /// Its name before the reconnect.
+        old: String,
+        /// Its name now.
+        new: String,
+    },
+    /// Re-creating a channel, entity or consumer failed (it is skipped).
+    StepFailed {
+        /// The method that failed (`queue.declare`…).
+        method: &'static str,
+        /// Why.
+        error: Error,
+    },
+    /// Channels, topology and consumers are back.
+    Recovered,
+    /// Recovery gave up; the connection is closed.
+    Failed {
+        /// The last error.
+        error: Error,
+    },
 }
 
 /// A message the broker returned as unroutable.
@@ -83,6 +126,7 @@ pub(crate) type ConfirmSender = oneshot::Sender<Result<Confirmation, Error>>;
 pub(crate) enum Command {
     OpenChannel {
         closed: Arc<OnceLock<Error>>,
+        epoch: Arc<AtomicU64>,
         reply: oneshot::Sender<Result<u16, Error>>,
     },
     Rpc {
@@ -93,6 +137,9 @@ pub(crate) enum Command {
     Send {
         channel: u16,
         method: Method,
+        /// For acks, nacks and rejects: the epoch of the delivery; a stale
+        /// one is dropped rather than sent to a channel that never saw it.
+        epoch: Option<u64>,
     },
     Publish {
         channel: u16,
@@ -159,7 +206,69 @@ struct PendingRpc {
     info: &'static MethodInfo,
     /// Taken when the request goes on the wire.
     method: Option<Method>,
-    reply: oneshot::Sender<Result<Reply, Error>>,
+    /// A copy of requests whose success must be recorded for recovery.
+    request: Option<Method>,
+    /// `None` when nobody awaits the reply.
+    reply: Option<oneshot::Sender<Result<Reply, Error>>>,
+    /// A step of recovery: its reply advances recovery.
+    step: bool,
+}
+
+impl PendingRpc {
+    fn user(method: Method, reply: oneshot::Sender<Result<Reply, Error>>) -> Self {
+        let request = records(&method).then(|| method.clone());
+        Self {
+            info: method.info(),
+            method: Some(method),
+            request,
+            reply: Some(reply),
+            step: false,
+        }
+    }
+
+    /// A call whose reply nobody awaits (the cancel of a dropped consumer).
+    fn unawaited(method: Method) -> Self {
+        Self {
+            info: method.info(),
+            method: Some(method),
+            request: None,
+            reply: None,
+            step: false,
+        }
+    }
+
+    fn step(method: Method) -> Self {
+        Self {
+            info: method.info(),
+            method: Some(method),
+            request: None,
+            reply: None,
+            step: true,
+        }
+    }
+
+    fn fail(self, error: &Error) {
+        if let Some(reply) = self.reply {
+            let _ = reply.send(Err(error.clone()));
+        }
+    }
+}
+
+/// Whether recovery must remember that this request succeeded.
+fn records(method: &Method) -> bool {
+    matches!(
+        method,
+        Method::ExchangeDeclare(_)
+            | Method::ExchangeDelete(_)
+            | Method::ExchangeBind(_)
+            | Method::ExchangeUnbind(_)
+            | Method::QueueDeclare(_)
+            | Method::QueueDelete(_)
+            | Method::QueueBind(_)
+            | Method::QueueUnbind(_)
+            | Method::BasicQos(_)
+            | Method::TxSelect(_)
+    )
 }
 
 enum AssemblyTarget {
@@ -220,6 +329,8 @@ struct ConsumerSlot {
     deliveries: mpsc::Sender<RawDelivery>,
     end: ConsumerEnd,
     no_ack: bool,
+    /// The request, to consume again after a reconnect.
+    consume: basic::Consume,
 }
 
 struct Confirms {
@@ -300,6 +411,8 @@ enum Phase {
     Opening,
     Open,
     Closing,
+    /// The connection was lost; the channel waits to be re-opened.
+    Lost,
 }
 
 struct ChannelState {
@@ -315,14 +428,29 @@ struct ChannelState {
     consumers: HashMap<ShortString, ConsumerSlot>,
     confirms: Option<Confirms>,
     returns: Option<mpsc::Sender<ReturnedMessage>>,
+    /// Bumped at each reconnect; shared with the handles.
+    epoch: Arc<AtomicU64>,
+    /// Prefetch settings to restore (one per `global` value).
+    qos: Vec<basic::Qos>,
+    tx: bool,
+    /// Recovery's own channel for topology, invisible to the application.
+    internal: bool,
 }
 
 impl ChannelState {
-    fn new(closed: Arc<OnceLock<Error>>, open_reply: oneshot::Sender<Result<u16, Error>>) -> Self {
+    fn new(
+        closed: Arc<OnceLock<Error>>,
+        epoch: Arc<AtomicU64>,
+        open_reply: Option<oneshot::Sender<Result<u16, Error>>>,
+    ) -> Self {
         Self {
             closed,
+            epoch,
+            qos: Vec::new(),
+            tx: false,
+            internal: false,
             phase: Phase::Opening,
-            open_reply: Some(open_reply),
+            open_reply,
             close_replies: Vec::new(),
             rpcs: VecDeque::new(),
             in_flight: false,
@@ -342,7 +470,7 @@ impl ChannelState {
             let _ = reply.send(Err(error.clone()));
         }
         for pending in self.rpcs.drain(..) {
-            let _ = pending.reply.send(Err(error.clone()));
+            pending.fail(error);
         }
         for (_, slot) in self.consumers.drain() {
             let _ = slot.end.set(error.clone());
@@ -356,6 +484,50 @@ impl ChannelState {
         self.out.clear();
         self.assembling = None;
     }
+
+    /// The connection was lost: fail what was in flight (its outcome is
+    /// unknown), keep what recovery re-creates.
+    fn interrupt(&mut self, error: &Error) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        for pending in self.rpcs.drain(..) {
+            pending.fail(error);
+        }
+        self.in_flight = false;
+        if let Some(confirms) = self.confirms.as_mut() {
+            let unknown = Error::PublishOutcomeUnknown(Arc::new(error.clone()));
+            confirms.fail(&unknown);
+            confirms.next_seq = 1;
+            confirms.returned.clear();
+        }
+        for outgoing in self.out.drain(..) {
+            // Never sent: its confirmation (if any) is dropped with it and the
+            // publisher learns the outcome is unknown from the closed sender.
+            drop(outgoing);
+        }
+        self.scheduled = false;
+        self.assembling = None;
+        self.phase = Phase::Lost;
+    }
+}
+
+/// A step of recovery, run one at a time.
+#[derive(Debug)]
+enum Step {
+    Open(u16),
+    Call(u16, Method),
+    /// A queue declaration whose name the broker may change (the old name).
+    Declare(u16, Method, ShortString),
+    Close(u16),
+}
+
+struct RecoveryRun {
+    steps: VecDeque<Step>,
+    /// The channel whose step is on the wire.
+    waiting: Option<u16>,
+    /// Old → new names of server-named queues.
+    renamed: HashMap<ShortString, ShortString>,
+    /// The queue declaration on the wire, with the name it had.
+    declaring: Option<ShortString>,
 }
 
 /// Settings the machine runs with.
@@ -366,6 +538,10 @@ pub(crate) struct Settings {
     pub heartbeat: Duration,
     pub close_timeout: Duration,
     pub max_body_size: u64,
+    /// Whether a lost connection is recovered (else it fails).
+    pub recover: bool,
+    /// Whether topology is re-created on recovery.
+    pub recover_topology: bool,
 }
 
 #[derive(Debug)]
@@ -375,6 +551,10 @@ enum State {
     Closing {
         deadline: Instant,
     },
+    /// The connection was lost; waiting for a new socket.
+    Interrupted,
+    /// A new socket is up; channels, topology and consumers are coming back.
+    Recovering,
     /// Over: only flushing what is left to write.
     Closed,
 }
@@ -397,6 +577,12 @@ pub(crate) struct Machine {
     error: Arc<OnceLock<Error>>,
     blocked: watch::Sender<Option<String>>,
     parked: Option<(u16, mpsc::Sender<RawDelivery>, RawDelivery)>,
+    topology: Topology,
+    recovery: Option<RecoveryRun>,
+    /// `true` while the connection is lost or recovering; handles wait on it.
+    recovering: watch::Sender<bool>,
+    events: broadcast::Sender<RecoveryEvent>,
+    last_loss: Option<Error>,
 }
 
 fn unexpected(what: String) -> Error {
@@ -409,8 +595,15 @@ impl Machine {
         now: Instant,
         error: Arc<OnceLock<Error>>,
         blocked: watch::Sender<Option<String>>,
+        recovering: watch::Sender<bool>,
+        events: broadcast::Sender<RecoveryEvent>,
     ) -> Self {
         Self {
+            topology: Topology::default(),
+            recovery: None,
+            recovering,
+            events,
+            last_loss: None,
             settings,
             state: State::Open,
             channels: HashMap::new(),
@@ -471,7 +664,7 @@ impl Machine {
         if let State::Closing { deadline } = self.state {
             next = Some(deadline);
         }
-        if !self.settings.heartbeat.is_zero() && !self.is_closed() {
+        if !self.settings.heartbeat.is_zero() && self.has_socket() {
             let send_at = self.last_sent + self.settings.heartbeat / 2;
             let dead_at = self.last_received + self.settings.heartbeat * 2;
             let earliest = send_at.min(dead_at);
@@ -489,14 +682,14 @@ impl Machine {
                 return;
             }
         }
-        if self.settings.heartbeat.is_zero() || self.is_closed() {
+        if self.settings.heartbeat.is_zero() || !self.has_socket() {
             return;
         }
         // While a full consumer buffer pauses reading, the broker's frames wait
         // in the socket: silence is ours, not the peer's.
         if self.parked.is_none() && now >= self.last_received + self.settings.heartbeat * 2 {
             tracing::warn!("missed heartbeats: no frame from the broker for two intervals");
-            self.fail(Error::MissedHeartbeats(self.settings.heartbeat * 2));
+            self.connection_lost(Error::MissedHeartbeats(self.settings.heartbeat * 2));
             return;
         }
         if now >= self.last_sent + self.settings.heartbeat / 2 {
@@ -618,14 +811,23 @@ impl Machine {
 
     /// Takes a command from a handle.
     pub(crate) fn command(&mut self, command: Command, now: Instant) {
+        if matches!(self.state, State::Interrupted | State::Recovering) {
+            self.command_while_recovering(command);
+            return;
+        }
         if !self.accepts_commands() {
             self.refuse(command);
             return;
         }
         match command {
-            Command::OpenChannel { closed, reply } => match self.allocate_channel() {
+            Command::OpenChannel {
+                closed,
+                epoch,
+                reply,
+            } => match self.allocate_channel() {
                 Some(id) => {
-                    self.channels.insert(id, ChannelState::new(closed, reply));
+                    self.channels
+                        .insert(id, ChannelState::new(closed, epoch, Some(reply)));
                     self.push_out(id, Outgoing::Method(Method::ChannelOpen(channel::Open {})));
                 }
                 None => {
@@ -645,19 +847,35 @@ impl Machine {
                     let _ = reply.send(Err(error.clone()));
                     return;
                 }
-                state.rpcs.push_back(PendingRpc {
-                    info: method.info(),
-                    method: Some(method),
-                    reply,
-                });
+                state.rpcs.push_back(PendingRpc::user(method, reply));
                 self.pump_rpc(channel);
             }
-            Command::Send { channel, method } => {
+            Command::Send {
+                channel,
+                method,
+                epoch,
+            } => {
+                let current = self
+                    .channels
+                    .get(&channel)
+                    .map(|c| c.epoch.load(Ordering::Acquire));
+                if epoch.is_some() && epoch != current {
+                    tracing::debug!(
+                        channel,
+                        ?method,
+                        "stale delivery tag from before a reconnect dropped"
+                    );
+                    return;
+                }
                 if let Method::BasicCancel(cancel) = &method {
                     // no-wait cancel: the consumer ends now.
                     self.end_consumer(channel, &cancel.consumer_tag, false);
                 }
                 if self.channel_is_usable(channel) {
+                    if records(&method) {
+                        // A no-wait declaration: recorded as sent.
+                        self.topology.observe(&method, None);
+                    }
                     self.push_out(channel, Outgoing::Method(method));
                 }
             }
@@ -717,12 +935,15 @@ impl Machine {
                         deliveries,
                         end,
                         no_ack: consume.no_ack,
+                        consume: consume.clone(),
                     },
                 );
                 state.rpcs.push_back(PendingRpc {
                     info: &basic::Consume::INFO,
                     method: Some(Method::BasicConsume(consume)),
-                    reply,
+                    request: None,
+                    reply: Some(reply),
+                    step: false,
                 });
                 self.pump_rpc(channel);
             }
@@ -750,15 +971,12 @@ impl Machine {
                 });
                 // The slot stays until cancel-ok, so that deliveries still in
                 // flight are requeued rather than lost. Nobody awaits the reply.
-                let (reply, _) = oneshot::channel();
-                state.rpcs.push_back(PendingRpc {
-                    info: &basic::Cancel::INFO,
-                    method: Some(Method::BasicCancel(basic::Cancel {
+                state
+                    .rpcs
+                    .push_back(PendingRpc::unawaited(Method::BasicCancel(basic::Cancel {
                         consumer_tag: tag,
                         no_wait: false,
-                    })),
-                    reply,
-                });
+                    })));
                 self.pump_rpc(channel);
             }
             Command::WaitForConfirms { channel, reply } => {
@@ -856,6 +1074,54 @@ impl Machine {
         }
     }
 
+    /// Control commands that arrive while the connection is being recovered
+    /// (others wait in the command queue until it is back).
+    fn command_while_recovering(&mut self, command: Command) {
+        match command {
+            Command::CloseConnection { code, text } => {
+                let reason = CloseReason {
+                    code,
+                    text,
+                    method: None,
+                    initiator: Initiator::Application,
+                };
+                tracing::info!("connection closed by the application during recovery");
+                self.fail(Error::connection_closed(reason));
+            }
+            Command::CloseChannel { channel, reply } => {
+                if let Some(mut state) = self.channels.remove(&channel) {
+                    let queues: Vec<ShortString> = state
+                        .consumers
+                        .values()
+                        .map(|c| c.consume.queue.clone())
+                        .collect();
+                    state.fail(&Error::channel_closed(
+                        channel,
+                        CloseReason {
+                            code: ReplyCode::REPLY_SUCCESS,
+                            text: "closed by the application".to_owned(),
+                            method: None,
+                            initiator: Initiator::Application,
+                        },
+                    ));
+                    self.consumers_gone(queues);
+                    if let Some(run) = self.recovery.as_mut() {
+                        run.steps.retain(|step| step.channel() != channel);
+                    }
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Command::ForgetConsumer { channel, tag, .. } => {
+                // Tags from before the reconnect mean nothing now; the broker
+                // requeues those messages itself.
+                self.end_consumer(channel, &tag, false);
+            }
+            other => self.refuse(other),
+        }
+    }
+
     fn channel_is_usable(&self, id: u16) -> bool {
         self.channels
             .get(&id)
@@ -918,9 +1184,19 @@ impl Machine {
                     initiator: Initiator::Broker,
                 };
                 tracing::info!(%reason, "connection closed by the broker");
-                self.control
-                    .push_back((0, Method::ConnectionCloseOk(connection::CloseOk {})));
-                self.fail(Error::connection_closed(reason));
+                let error = Error::connection_closed(reason);
+                // A close the application did not ask for is recovered from
+                // (after close-ok is flushed), unless it was closing anyway.
+                let asked = matches!(self.state, State::Closing { .. });
+                if asked {
+                    self.control
+                        .push_back((0, Method::ConnectionCloseOk(connection::CloseOk {})));
+                    self.fail(error);
+                } else {
+                    self.connection_lost(error);
+                    self.control
+                        .push_back((0, Method::ConnectionCloseOk(connection::CloseOk {})));
+                }
                 Ok(())
             }
             Method::ConnectionCloseOk(_) => {
@@ -974,6 +1250,13 @@ impl Machine {
                     let _ = reply.send(Ok(id));
                 }
                 self.pump_rpc(id);
+                if self
+                    .recovery
+                    .as_ref()
+                    .is_some_and(|r| r.waiting == Some(id))
+                {
+                    self.advance_recovery();
+                }
             }
             Method::ChannelClose(close) => {
                 let reason = CloseReason {
@@ -984,6 +1267,12 @@ impl Machine {
                 };
                 tracing::debug!(channel = id, %reason, "channel closed by the broker");
                 let error = Error::channel_closed(id, reason);
+                let queues: Vec<ShortString> = state
+                    .consumers
+                    .values()
+                    .map(|c| c.consume.queue.clone())
+                    .collect();
+                let internal = state.internal;
                 state.fail(&error);
                 for reply in state.close_replies.drain(..) {
                     let _ = reply.send(Ok(()));
@@ -991,6 +1280,14 @@ impl Machine {
                 self.channels.remove(&id);
                 // close-ok is the channel's last frame; the id is free after it.
                 self.control_on_channel(id, Method::ChannelCloseOk(channel::CloseOk {}));
+                self.consumers_gone(queues);
+                if self
+                    .recovery
+                    .as_ref()
+                    .is_some_and(|r| r.waiting == Some(id))
+                {
+                    self.step_failed(id, internal, error);
+                }
             }
             Method::ChannelCloseOk(_) => {
                 if state.phase != Phase::Closing {
@@ -1004,11 +1301,24 @@ impl Machine {
                     .cloned()
                     .unwrap_or_else(|| Self::channel_gone(id));
                 let replies: Vec<_> = state.close_replies.drain(..).collect();
+                let queues: Vec<ShortString> = state
+                    .consumers
+                    .values()
+                    .map(|c| c.consume.queue.clone())
+                    .collect();
                 state.fail(&error);
                 for reply in replies {
                     let _ = reply.send(Ok(()));
                 }
                 self.channels.remove(&id);
+                self.consumers_gone(queues);
+                if self
+                    .recovery
+                    .as_ref()
+                    .is_some_and(|r| r.waiting == Some(id))
+                {
+                    self.advance_recovery();
+                }
             }
             Method::ChannelFlow(flow) => {
                 state
@@ -1112,8 +1422,22 @@ impl Machine {
             return;
         };
         state.in_flight = false;
-        if let Some(pending) = state.rpcs.pop_front() {
-            let _ = pending.reply.send(Ok(reply));
+        let Some(pending) = state.rpcs.pop_front() else {
+            return;
+        };
+        match &pending.request {
+            Some(Method::BasicQos(qos)) => {
+                state.qos.retain(|q| q.global != qos.global);
+                state.qos.push(qos.clone());
+            }
+            Some(Method::TxSelect(_)) => state.tx = true,
+            Some(request) => self.topology.observe(request, Some(&reply.method)),
+            None => {}
+        }
+        if pending.step {
+            self.step_succeeded(&reply.method);
+        } else if let Some(answer) = pending.reply {
+            let _ = answer.send(Ok(reply));
         }
         self.pump_rpc(id);
     }
@@ -1128,6 +1452,19 @@ impl Machine {
                 consumer_tag: tag.to_string(),
                 by_broker,
             });
+            self.consumers_gone(vec![slot.consume.queue]);
+        }
+    }
+
+    /// Consumers on `queues` ended: auto-delete queues with none left are
+    /// forgotten, as the broker deletes them.
+    fn consumers_gone(&mut self, queues: Vec<ShortString>) {
+        for queue in queues {
+            let others = self
+                .channels
+                .values()
+                .any(|c| c.consumers.values().any(|slot| slot.consume.queue == queue));
+            self.topology.consumer_gone(&queue, others);
         }
     }
 
@@ -1207,7 +1544,11 @@ impl Machine {
                     )));
                 };
                 let no_ack = slot.no_ack;
-                let delivery = RawDelivery { deliver, content };
+                let delivery = RawDelivery {
+                    deliver,
+                    content,
+                    epoch: state.epoch.load(Ordering::Acquire),
+                };
                 match slot.deliveries.try_send(delivery) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(delivery)) => {
@@ -1279,20 +1620,324 @@ impl Machine {
             Error::Protocol(e) => e.reply_code(),
             _ => ReplyCode::UNEXPECTED_FRAME,
         };
-        self.control.push_back((
-            0,
-            Method::ConnectionClose(connection::Close {
-                reply_code: code.code(),
-                reply_text: ShortString::new(truncate(&error.to_string(), 255)).unwrap_or_default(),
-                class_id: 0,
-                method_id: 0,
-            }),
-        ));
-        self.fail(error);
+        let close = Method::ConnectionClose(connection::Close {
+            reply_code: code.code(),
+            reply_text: ShortString::new(truncate(&error.to_string(), 255)).unwrap_or_default(),
+            class_id: 0,
+            method_id: 0,
+        });
+        self.connection_lost(error);
+        // Told to the peer (best effort) before the socket is dropped.
+        self.control.push_back((0, close));
+    }
+
+    /// Whether a socket is attached (not lost, not over).
+    fn has_socket(&self) -> bool {
+        matches!(
+            self.state,
+            State::Open | State::Closing { .. } | State::Recovering
+        )
+    }
+
+    /// Whether the connection is lost and waits for a new socket.
+    pub(crate) fn is_interrupted(&self) -> bool {
+        matches!(self.state, State::Interrupted)
+    }
+
+    /// The socket is gone (or must be dropped): recover when configured,
+    /// fail otherwise.
+    pub(crate) fn connection_lost(&mut self, error: Error) {
+        match self.state {
+            State::Closed | State::Interrupted => {}
+            State::Closing { .. } => self.fail(error),
+            State::Open | State::Recovering if !self.settings.recover => self.fail(error),
+            State::Open | State::Recovering => self.interrupt(error),
+        }
+    }
+
+    /// Why the connection was last lost (once), for the error handlers.
+    pub(crate) fn take_loss(&mut self) -> Option<Error> {
+        self.last_loss.take()
+    }
+
+    fn interrupt(&mut self, error: Error) {
+        tracing::warn!(%error, "connection lost; recovering");
+        self.last_loss = Some(error.clone());
+        let gone: Vec<u16> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.internal || c.phase == Phase::Closing || c.open_reply.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some(mut state) = self.channels.remove(&id) {
+                let closing = state.phase == Phase::Closing;
+                let replies: Vec<_> = state.close_replies.drain(..).collect();
+                state.fail(&error);
+                if closing {
+                    // The application's close is as good as done.
+                    for reply in replies {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+            }
+        }
+        for state in self.channels.values_mut() {
+            state.interrupt(&error);
+        }
+        for reply in self.secret_replies.drain(..) {
+            let _ = reply.send(Err(error.clone()));
+        }
+        self.control.clear();
+        self.ready.clear();
+        self.heartbeat_due = false;
+        self.parked = None;
+        self.recovery = None;
+        self.state = State::Interrupted;
+        self.recovering.send_replace(true);
+        let _ = self.events.send(RecoveryEvent::Recovering { cause: error });
+    }
+
+    /// A new socket is up: re-open channels (same ids) with their QoS,
+    /// confirm and tx modes, re-create the topology, then the consumers.
+    pub(crate) fn resume(
+        &mut self,
+        channel_max: u16,
+        frame_max: u32,
+        heartbeat: Duration,
+        now: Instant,
+    ) {
+        self.settings.channel_max = channel_max;
+        self.settings.frame_max = frame_max;
+        self.settings.heartbeat = heartbeat;
+        self.last_received = now;
+        self.last_sent = now;
+        self.state = State::Recovering;
+        let mut ids: Vec<u16> = self.channels.keys().copied().collect();
+        ids.sort_unstable();
+        let mut steps = VecDeque::new();
+        for id in &ids {
+            let Some(state) = self.channels.get(id) else {
+                continue;
+            };
+            steps.push_back(Step::Open(*id));
+            for qos in &state.qos {
+                steps.push_back(Step::Call(*id, Method::BasicQos(qos.clone())));
+            }
+            if state.confirms.is_some() {
+                steps.push_back(Step::Call(
+                    *id,
+                    Method::ConfirmSelect(crate::protocol::methods::confirm::Select {
+                        no_wait: false,
+                    }),
+                ));
+            }
+            if state.tx {
+                steps.push_back(Step::Call(
+                    *id,
+                    Method::TxSelect(crate::protocol::methods::tx::Select {}),
+                ));
+            }
+        }
+        let plan = if self.settings.recover_topology {
+            self.topology.plan()
+        } else {
+            Vec::new()
+        };
+        if !plan.is_empty() {
+            if let Some(t) = self.allocate_channel() {
+                let mut state =
+                    ChannelState::new(Arc::new(OnceLock::new()), Arc::new(AtomicU64::new(0)), None);
+                state.internal = true;
+                state.phase = Phase::Lost;
+                self.channels.insert(t, state);
+                steps.push_back(Step::Open(t));
+                for (method, old_name) in plan {
+                    match old_name {
+                        Some(old) => steps.push_back(Step::Declare(t, method, old)),
+                        None => steps.push_back(Step::Call(t, method)),
+                    }
+                }
+                steps.push_back(Step::Close(t));
+            }
+        }
+        for id in &ids {
+            let Some(state) = self.channels.get(id) else {
+                continue;
+            };
+            let mut consumers: Vec<&ConsumerSlot> = state.consumers.values().collect();
+            consumers.sort_by(|a, b| a.consume.consumer_tag.cmp(&b.consume.consumer_tag));
+            for slot in consumers {
+                steps.push_back(Step::Call(*id, Method::BasicConsume(slot.consume.clone())));
+            }
+        }
+        self.recovery = Some(RecoveryRun {
+            steps,
+            waiting: None,
+            renamed: HashMap::new(),
+            declaring: None,
+        });
+        self.advance_recovery();
+    }
+
+    /// Puts the next recovery step on the wire, or finishes recovery.
+    fn advance_recovery(&mut self) {
+        loop {
+            let Some(run) = self.recovery.as_mut() else {
+                return;
+            };
+            run.waiting = None;
+            run.declaring = None;
+            let Some(step) = run.steps.pop_front() else {
+                self.recovery = None;
+                self.state = State::Open;
+                self.recovering.send_replace(false);
+                tracing::info!("connection recovered");
+                let _ = self.events.send(RecoveryEvent::Recovered);
+                return;
+            };
+            match step {
+                Step::Open(id) => {
+                    let Some(state) = self.channels.get_mut(&id) else {
+                        continue;
+                    };
+                    state.phase = Phase::Opening;
+                    state
+                        .out
+                        .push_back(Outgoing::Method(Method::ChannelOpen(channel::Open {})));
+                    run.waiting = Some(id);
+                    self.schedule(id);
+                    return;
+                }
+                Step::Call(id, method) | Step::Declare(id, method, _)
+                    if !self
+                        .channels
+                        .get(&id)
+                        .is_some_and(|c| c.phase == Phase::Open) =>
+                {
+                    tracing::debug!(
+                        channel = id,
+                        method = method.info().name,
+                        "recovery step skipped: channel gone"
+                    );
+                }
+                Step::Call(id, mut method) => {
+                    rename_queue_in(&mut method, &run.renamed);
+                    if let Method::BasicConsume(consume) = &method {
+                        // The consumer's record follows the rename.
+                        let queue = consume.queue.clone();
+                        let tag = consume.consumer_tag.clone();
+                        if let Some(slot) = self
+                            .channels
+                            .get_mut(&id)
+                            .and_then(|c| c.consumers.get_mut(&tag))
+                        {
+                            slot.consume.queue = queue;
+                        } else {
+                            continue;
+                        }
+                    }
+                    let Some(run) = self.recovery.as_mut() else {
+                        return;
+                    };
+                    run.waiting = Some(id);
+                    if let Some(state) = self.channels.get_mut(&id) {
+                        state.rpcs.push_back(PendingRpc::step(method));
+                    }
+                    self.pump_rpc(id);
+                    return;
+                }
+                Step::Declare(id, method, old) => {
+                    run.waiting = Some(id);
+                    run.declaring = Some(old);
+                    if let Some(state) = self.channels.get_mut(&id) {
+                        state.rpcs.push_back(PendingRpc::step(method));
+                    }
+                    self.pump_rpc(id);
+                    return;
+                }
+                Step::Close(id) => {
+                    let Some(state) = self.channels.get_mut(&id) else {
+                        continue;
+                    };
+                    state.phase = Phase::Closing;
+                    state
+                        .out
+                        .push_back(Outgoing::Method(Method::ChannelClose(channel::Close {
+                            reply_code: ReplyCode::REPLY_SUCCESS.code(),
+                            reply_text: ShortString::from_static("recovery done"),
+                            class_id: 0,
+                            method_id: 0,
+                        })));
+                    run.waiting = Some(id);
+                    self.schedule(id);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn step_succeeded(&mut self, reply: &Method) {
+        let Some(run) = self.recovery.as_mut() else {
+            return;
+        };
+        if let (Some(old), Method::QueueDeclareOk(ok)) = (run.declaring.take(), reply) {
+            if ok.queue != old {
+                tracing::info!(old = %old, new = %ok.queue, "server-named queue renamed by recovery");
+                run.renamed.insert(old.clone(), ok.queue.clone());
+                self.topology.rename_queue(&old, &ok.queue);
+                let _ = self.events.send(RecoveryEvent::QueueRenamed {
+                    old: old.to_string(),
+                    new: ok.queue.to_string(),
+                });
+            }
+        }
+        self.advance_recovery();
+    }
+
+    /// A step closed its channel: report it; recovery's own channel is
+    /// opened again, an application channel stays closed.
+    fn step_failed(&mut self, id: u16, internal: bool, error: Error) {
+        tracing::warn!(channel = id, %error, "recovery step failed");
+        let method = match &error {
+            Error::ChannelClosed { reason, .. } => reason
+                .method
+                .and_then(|m| {
+                    crate::protocol::methods::ALL_METHODS
+                        .iter()
+                        .find(|i| i.id == m)
+                })
+                .map_or("channel", |i| i.name),
+            _ => "channel",
+        };
+        let _ = self
+            .events
+            .send(RecoveryEvent::StepFailed { method, error });
+        if internal {
+            let mut state =
+                ChannelState::new(Arc::new(OnceLock::new()), Arc::new(AtomicU64::new(0)), None);
+            state.internal = true;
+            state.phase = Phase::Lost;
+            // The close-ok for the old incarnation goes out first (control queue).
+            self.channels.insert(id, state);
+            if let Some(run) = self.recovery.as_mut() {
+                run.steps.push_front(Step::Open(id));
+            }
+        } else if let Some(run) = self.recovery.as_mut() {
+            run.steps.retain(|step| step.channel() != id);
+        }
+        self.advance_recovery();
     }
 
     /// Ends the connection with `error`, failing everything that waits.
     pub(crate) fn fail(&mut self, error: Error) {
+        if !self.is_closed() && self.recovery.is_some() || self.is_interrupted() {
+            let _ = self.events.send(RecoveryEvent::Failed {
+                error: error.clone(),
+            });
+        }
+        self.recovery = None;
+        self.recovering.send_replace(false);
         let _ = self.error.set(error);
         let error = self.closed_error();
         for (_, mut state) in self.channels.drain() {
@@ -1314,6 +1959,26 @@ impl Machine {
     /// Why the connection ended, once it has.
     pub(crate) fn error(&self) -> Option<&Error> {
         self.error.get()
+    }
+}
+
+impl Step {
+    fn channel(&self) -> u16 {
+        match self {
+            Step::Open(id) | Step::Call(id, _) | Step::Declare(id, _, _) | Step::Close(id) => *id,
+        }
+    }
+}
+
+/// Points a binding or consume at a server-named queue's new name.
+fn rename_queue_in(method: &mut Method, renamed: &HashMap<ShortString, ShortString>) {
+    let queue = match method {
+        Method::QueueBind(bind) => &mut bind.queue,
+        Method::BasicConsume(consume) => &mut consume.queue,
+        _ => return,
+    };
+    if let Some(new) = renamed.get(queue) {
+        *queue = new.clone();
     }
 }
 
@@ -1375,14 +2040,21 @@ mod tests {
     fn machine(now: Instant) -> (Machine, Arc<OnceLock<Error>>) {
         let error = Arc::new(OnceLock::new());
         let (blocked, _) = watch::channel(None);
+        let (recovering, _) = watch::channel(false);
+        let (events, _) = broadcast::channel(16);
         let settings = Settings {
             channel_max: 8,
             frame_max: 4096,
             heartbeat: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
             max_body_size: 1 << 20,
+            recover: false,
+            recover_topology: true,
         };
-        (Machine::new(settings, now, error.clone(), blocked), error)
+        (
+            Machine::new(settings, now, error.clone(), blocked, recovering, events),
+            error,
+        )
     }
 
     /// Everything the machine wants to write, decoded.
@@ -1405,6 +2077,7 @@ mod tests {
         m.command(
             Command::OpenChannel {
                 closed: Arc::new(OnceLock::new()),
+                epoch: Arc::new(AtomicU64::new(0)),
                 reply,
             },
             now,

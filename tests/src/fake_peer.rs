@@ -228,8 +228,12 @@ impl<T> Script<T> {
     }
 
     /// The client config of [`url`](Self::url), to change before connecting.
+    ///
+    /// Recovery is off: a fake peer accepts one connection, and what it
+    /// tests is how the client fails, not how it reconnects.
     pub fn config(&self) -> Config {
-        self.url().parse().expect("the fake peer's URL is valid")
+        let config: Config = self.url().parse().expect("the fake peer's URL is valid");
+        config.recovery(amqp_client::RecoveryConfig::disabled())
     }
 
     /// Whether the script has ended.

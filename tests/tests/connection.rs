@@ -67,7 +67,13 @@ async fn connection_pid(connection_name: &str) -> String {
 #[tokio::test]
 async fn a_close_from_the_server_fails_pending_work_and_resolves_closed() {
     let connection_name = unique("killed");
-    let connection = connect_with(config().connection_name(connection_name.clone())).await;
+    // Without recovery the close is final (the recovery tests cover the rest).
+    let connection = connect_with(
+        config()
+            .connection_name(connection_name.clone())
+            .recovery(amqp_client::RecoveryConfig::disabled()),
+    )
+    .await;
     let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = errors.clone();
     connection.on_error(move |e| seen.lock().expect("lock").push(e.to_string()));

@@ -80,7 +80,7 @@ async fn after_bad_frame(tuning: Tuning, pending: Pending, bad: Vec<u8>) -> Outc
     .await
     .expect("the fake peer listens");
 
-    let connection = step("the handshake", Connection::open(&peer.url()))
+    let connection = step("the handshake", Connection::connect(peer.config()))
         .await
         .expect("the handshake with the fake peer succeeds");
     assert_eq!(connection.server_info().frame_max, tuning.frame_max);
@@ -332,7 +332,7 @@ async fn answered_with_header(header: &'static [u8]) {
     })
     .await
     .expect("the fake peer listens");
-    let error = step("Connection::open", Connection::open(&peer.url()))
+    let error = step("Connection::open", Connection::connect(peer.config()))
         .await
         .expect_err("a server of another protocol version is refused");
     match &error {
@@ -410,7 +410,7 @@ async fn a_silent_peer_is_declared_dead_after_two_heartbeat_intervals() {
         .await
         .expect("the fake peer listens");
         // The client's default is 60 s: negotiating with 1 s gives 1 s.
-        let connection = step("the handshake", Connection::open(&peer.url()))
+        let connection = step("the handshake", Connection::connect(peer.config()))
             .await
             .expect("the handshake with the fake peer succeeds");
         let started = Instant::now();
