@@ -1,8 +1,10 @@
 //! Support code for the integration tests: the broker URL, connecting,
-//! `rabbitmqctl`, unique names, private broker nodes and a scripted fake peer.
+//! `rabbitmqctl`, unique names, private broker nodes, a scripted fake peer and
+//! a TCP fault proxy.
 
 pub mod fake_peer;
 pub mod node;
+pub mod proxy;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
