@@ -237,7 +237,7 @@ fn nesting_beyond_the_limit_is_an_error_not_a_stack_overflow() {
     // Table → 'F' table → … built from the inside out.
     let mut inner = BytesMut::new();
     inner.put_u32(0);
-    for _ in 0..(MAX_NESTING + 10) {
+    for _ in 0..(MAX_NESTING + 10) as usize {
         let mut outer = BytesMut::new();
         outer.put_u32((inner.len() + 3) as u32);
         outer.put_u8(1);

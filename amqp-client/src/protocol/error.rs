@@ -8,25 +8,63 @@ use thiserror::Error;
 use crate::protocol::constants::ReplyCode;
 use crate::protocol::method_info::MethodId;
 
-/// What was wrong with the bytes of a method, header or table.
+/// The kind of value a decoder was reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ValueKind {
+    /// u8.
+    Octet,
+    /// u16.
+    Short,
+    /// u32.
+    Long,
+    /// u64.
+    LongLong,
+    /// A short string.
+    ShortStr,
+    /// A long string.
+    LongStr,
+    /// A field table.
+    Table,
+    /// A field array.
+    Array,
+}
+
+impl std::fmt::Display for ValueKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ValueKind::Octet => "octet",
+            ValueKind::Short => "short",
+            ValueKind::Long => "long",
+            ValueKind::LongLong => "longlong",
+            ValueKind::ShortStr => "shortstr",
+            ValueKind::LongStr => "longstr",
+            ValueKind::Table => "table",
+            ValueKind::Array => "array",
+        })
+    }
+}
+
+/// What was wrong with the bytes of a method, header or table. Small (12
+/// bytes) on purpose: decoders return it in every `Result`, and a large
+/// error type slows the hot path that never fails.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum DecodeError {
     /// The payload ended inside a value.
     #[error("truncated {what}: {needed} more bytes needed, {available} left")]
     Truncated {
-        /// The value being read (`shortstr`, `table`, …).
-        what: &'static str,
+        /// The value being read.
+        what: ValueKind,
         /// Bytes the value needs.
-        needed: usize,
+        needed: u32,
         /// Bytes that were left.
-        available: usize,
+        available: u32,
     },
     /// Bytes were left over after the last field.
     #[error("{count} unexpected bytes after the last field")]
     TrailingBytes {
         /// How many.
-        count: usize,
+        count: u32,
     },
     /// A class/method pair the spec does not define.
     #[error("unknown method {0}")]
@@ -39,7 +77,7 @@ pub enum DecodeError {
     UnknownPropertyFlags(u16),
     /// Tables or arrays nested deeper than [`crate::protocol::wire::MAX_NESTING`].
     #[error("field tables nested deeper than {0} levels")]
-    NestingTooDeep(usize),
+    NestingTooDeep(u16),
     /// A content header for a class that has no content.
     #[error("content header for class {0}, which has no content")]
     HeaderClass(u16),

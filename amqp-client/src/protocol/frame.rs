@@ -192,7 +192,9 @@ fn parse_in_place(frame_type: u8, channel: u16, mut payload: &[u8]) -> Result<Fr
 
 fn trailing(buf: &[u8]) -> Result<(), DecodeError> {
     if !buf.is_empty() {
-        return Err(DecodeError::TrailingBytes { count: buf.len() });
+        return Err(DecodeError::TrailingBytes {
+            count: buf.len() as u32,
+        });
     }
     Ok(())
 }

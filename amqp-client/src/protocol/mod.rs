@@ -25,7 +25,7 @@ pub mod method_info;
 pub mod rpc;
 pub mod wire;
 
-pub use error::{DecodeError, FrameError};
+pub use error::{DecodeError, FrameError, ValueKind};
 pub use frame::{ContentHeader, Frame, FrameDecoder};
 pub use generated::channel_stubs::ChannelMethods;
 pub use generated::constants::{self, ReplyCode, ReplyError, ReplyKind};

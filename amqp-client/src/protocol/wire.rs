@@ -10,11 +10,11 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
-use crate::protocol::error::DecodeError;
+use crate::protocol::error::{DecodeError, ValueKind};
 
 /// How deeply tables and arrays may nest before a decode fails, so that a
 /// hostile peer cannot exhaust the stack with recursion.
-pub const MAX_NESTING: usize = 64;
+pub const MAX_NESTING: u16 = 64;
 
 /// A string longer than the 255 bytes an AMQP `shortstr` can carry.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -26,7 +26,7 @@ pub struct ShortStringTooLong {
 
 /// An AMQP `shortstr`: UTF-8 text of at most 255 bytes.
 ///
-/// Strings of up to 31 bytes (exchange names, routing keys, this client's
+/// Strings of up to 30 bytes (exchange names, routing keys, this client's
 /// consumer tags) are stored inline: decoding one copies a few bytes instead
 /// of allocating or touching a reference count. Bytes that are not UTF-8 (a
 /// broken peer) are replaced with U+FFFD and the result cut to 255 bytes, as
@@ -35,14 +35,19 @@ pub struct ShortStringTooLong {
 #[derive(Clone)]
 pub struct ShortString(Repr);
 
-/// Inline strings are padded with 0xFF, a byte UTF-8 never contains, so the
-/// length needs no byte of its own and the whole type stays 32 bytes.
-const INLINE: usize = 31;
-const PAD: u8 = 0xFF;
+/// Inline capacity: with the length byte and the enum tag the whole type
+/// stays 32 bytes.
+const INLINE: usize = 30;
 
 #[derive(Clone)]
 enum Repr {
-    Inline([u8; INLINE]),
+    /// `data[..len]` is the text; bytes after it are unspecified (decoding
+    /// copies a fixed-size window of the frame, which is cheaper than an
+    /// exact-length copy followed by wide reads of the same bytes).
+    Inline {
+        len: u8,
+        data: [u8; INLINE],
+    },
     Static(&'static str),
     Heap(Arc<str>),
 }
@@ -82,9 +87,12 @@ impl ShortString {
     /// `text` is known to be at most 255 bytes.
     fn from_valid(text: &str) -> Self {
         if text.len() <= INLINE {
-            let mut data = [PAD; INLINE];
+            let mut data = [0; INLINE];
             data[..text.len()].copy_from_slice(text.as_bytes());
-            Self(Repr::Inline(data))
+            Self(Repr::Inline {
+                len: text.len() as u8,
+                data,
+            })
         } else {
             Self(Repr::Heap(Arc::from(text)))
         }
@@ -94,7 +102,7 @@ impl ShortString {
     pub fn as_str(&self) -> &str {
         match &self.0 {
             // Only UTF-8 is ever stored inline, so this never falls back.
-            Repr::Inline(_) => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
+            Repr::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
             Repr::Static(text) => text,
             Repr::Heap(text) => text,
         }
@@ -103,10 +111,7 @@ impl ShortString {
     /// The bytes of the text.
     pub fn as_bytes(&self) -> &[u8] {
         match &self.0 {
-            Repr::Inline(data) => {
-                let len = data.iter().position(|&b| b == PAD).unwrap_or(INLINE);
-                &data[..len]
-            }
+            Repr::Inline { len, data } => &data[..usize::from(*len).min(INLINE)],
             Repr::Static(text) => text.as_bytes(),
             Repr::Heap(text) => text.as_bytes(),
         }
@@ -122,7 +127,21 @@ impl ShortString {
         self.len() == 0
     }
 
-    fn from_wire(bytes: &[u8]) -> Self {
+    /// The text is `rest[..len]`; `rest` is the unread input from there on.
+    #[inline(always)]
+    fn from_wire(rest: &[u8], len: usize) -> Self {
+        if len <= INLINE && rest.len() >= INLINE {
+            let mut data = [0; INLINE];
+            data.copy_from_slice(&rest[..INLINE]);
+            let text = &data[..len];
+            if text.is_ascii() || std::str::from_utf8(text).is_ok() {
+                return Self(Repr::Inline {
+                    len: len as u8,
+                    data,
+                });
+            }
+        }
+        let bytes = &rest[..len.min(rest.len())];
         if let Ok(text) = std::str::from_utf8(bytes) {
             return Self::from_valid(text);
         }
@@ -453,16 +472,12 @@ impl FromIterator<(ShortString, FieldValue)> for FieldTable {
 pub type Input<'a> = &'a [u8];
 
 #[inline]
-fn take<'a>(
-    buf: &mut Input<'a>,
-    needed: usize,
-    what: &'static str,
-) -> Result<&'a [u8], DecodeError> {
+fn take<'a>(buf: &mut Input<'a>, needed: usize, what: ValueKind) -> Result<&'a [u8], DecodeError> {
     if buf.len() < needed {
         return Err(DecodeError::Truncated {
             what,
-            needed,
-            available: buf.len(),
+            needed: needed as u32,
+            available: buf.len() as u32,
         });
     }
     let (head, rest) = buf.split_at(needed);
@@ -473,7 +488,7 @@ fn take<'a>(
 #[inline]
 fn take_array<const N: usize>(
     buf: &mut Input<'_>,
-    what: &'static str,
+    what: ValueKind,
 ) -> Result<[u8; N], DecodeError> {
     let head = take(buf, N, what)?;
     let mut out = [0u8; N];
@@ -484,36 +499,38 @@ fn take_array<const N: usize>(
 /// Reads an octet.
 #[inline]
 pub fn read_u8(buf: &mut Input<'_>) -> Result<u8, DecodeError> {
-    Ok(take_array::<1>(buf, "octet")?[0])
+    Ok(take_array::<1>(buf, ValueKind::Octet)?[0])
 }
 
 /// Reads a big-endian u16.
 #[inline]
 pub fn read_u16(buf: &mut Input<'_>) -> Result<u16, DecodeError> {
-    Ok(u16::from_be_bytes(take_array(buf, "short")?))
+    Ok(u16::from_be_bytes(take_array(buf, ValueKind::Short)?))
 }
 
 /// Reads a big-endian u32.
 #[inline]
 pub fn read_u32(buf: &mut Input<'_>) -> Result<u32, DecodeError> {
-    Ok(u32::from_be_bytes(take_array(buf, "long")?))
+    Ok(u32::from_be_bytes(take_array(buf, ValueKind::Long)?))
 }
 
 /// Reads a big-endian u64.
 #[inline]
 pub fn read_u64(buf: &mut Input<'_>) -> Result<u64, DecodeError> {
-    Ok(u64::from_be_bytes(take_array(buf, "longlong")?))
+    Ok(u64::from_be_bytes(take_array(buf, ValueKind::LongLong)?))
 }
 
 /// Reads a `shortstr`.
-#[inline]
+#[inline(always)]
 pub fn read_short_string(buf: &mut Input<'_>) -> Result<ShortString, DecodeError> {
     let len = usize::from(read_u8(buf)?);
-    Ok(ShortString::from_wire(take(buf, len, "shortstr")?))
+    let rest = *buf;
+    take(buf, len, ValueKind::ShortStr)?;
+    Ok(ShortString::from_wire(rest, len))
 }
 
 #[inline]
-fn read_long_slice<'a>(buf: &mut Input<'a>, what: &'static str) -> Result<&'a [u8], DecodeError> {
+fn read_long_slice<'a>(buf: &mut Input<'a>, what: ValueKind) -> Result<&'a [u8], DecodeError> {
     let len = read_u32(buf)? as usize;
     take(buf, len, what)
 }
@@ -522,7 +539,10 @@ fn read_long_slice<'a>(buf: &mut Input<'a>, what: &'static str) -> Result<&'a [u
 /// which the frame codec hands out without copying).
 #[inline]
 pub fn read_long_string(buf: &mut Input<'_>) -> Result<Bytes, DecodeError> {
-    Ok(Bytes::copy_from_slice(read_long_slice(buf, "longstr")?))
+    Ok(Bytes::copy_from_slice(read_long_slice(
+        buf,
+        ValueKind::LongStr,
+    )?))
 }
 
 /// Reads a field table.
@@ -530,11 +550,11 @@ pub fn read_table(buf: &mut Input<'_>) -> Result<FieldTable, DecodeError> {
     read_table_at(buf, 0)
 }
 
-fn read_table_at(buf: &mut Input<'_>, depth: usize) -> Result<FieldTable, DecodeError> {
+fn read_table_at(buf: &mut Input<'_>, depth: u16) -> Result<FieldTable, DecodeError> {
     if depth >= MAX_NESTING {
         return Err(DecodeError::NestingTooDeep(MAX_NESTING));
     }
-    let mut body = read_long_slice(buf, "table")?;
+    let mut body = read_long_slice(buf, ValueKind::Table)?;
     let mut entries = Vec::new();
     while !body.is_empty() {
         let key = read_short_string(&mut body)?;
@@ -544,7 +564,7 @@ fn read_table_at(buf: &mut Input<'_>, depth: usize) -> Result<FieldTable, Decode
     Ok(FieldTable(entries))
 }
 
-fn read_value(buf: &mut Input<'_>, depth: usize) -> Result<FieldValue, DecodeError> {
+fn read_value(buf: &mut Input<'_>, depth: u16) -> Result<FieldValue, DecodeError> {
     let letter = read_u8(buf)?;
     Ok(match letter {
         b't' => FieldValue::Bool(read_u8(buf)? != 0),
@@ -567,7 +587,7 @@ fn read_value(buf: &mut Input<'_>, depth: usize) -> Result<FieldValue, DecodeErr
             if depth + 1 >= MAX_NESTING {
                 return Err(DecodeError::NestingTooDeep(MAX_NESTING));
             }
-            let mut body = read_long_slice(buf, "array")?;
+            let mut body = read_long_slice(buf, ValueKind::Array)?;
             let mut items = Vec::new();
             while !body.is_empty() {
                 items.push(read_value(&mut body, depth + 1)?);
