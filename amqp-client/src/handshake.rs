@@ -185,6 +185,16 @@ pub(crate) async fn handshake(stream: &mut Stream, config: &Config) -> Result<Ne
             server_header: io.read[..io.read.len().min(8)].to_vec(),
         });
     }
+    // A TLS record (alert 0x15 or handshake 0x16, version 3.x) instead of AMQP.
+    if config.tls.is_none()
+        && matches!(io.read.first(), Some(0x15 | 0x16))
+        && io.read.get(1) == Some(&3)
+    {
+        return Err(Error::Tls {
+            address: config.address(),
+            reason: "the server speaks TLS on this port: use amqps://".to_owned(),
+        });
+    }
 
     let start = match io.receive().await? {
         Method::ConnectionStart(start) => start,

@@ -167,6 +167,12 @@ fn client_config(tls: &TlsConfig) -> Result<ClientConfig, String> {
                         .add(cert)
                         .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
                 }
+                if roots.is_empty() {
+                    return Err(format!(
+                        "CA file {} holds no PEM certificate",
+                        path.display()
+                    ));
+                }
             }
             None => {
                 let native = rustls_native_certs::load_native_certs();
