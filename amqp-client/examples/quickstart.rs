@@ -33,7 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "",
             &declared.queue,
             false,
-            properties,
+            &properties,
             "hello from amqp-client",
         )
         .await?;

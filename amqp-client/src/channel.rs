@@ -14,11 +14,15 @@ use crate::connection::Inner as ConnectionInner;
 use crate::consumer::{Consumer, Delivery, GetMessage};
 use crate::error::Error;
 use crate::machine::{Command, Confirmation, Reply, ReturnedMessage};
+use crate::protocol::frame;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{BasicProperties, ChannelRpc, FieldTable, ShortString};
 
 pub(crate) struct ChannelInner {
     pub id: u16,
+    /// Where publishers encode method and header frames: one buffer carved
+    /// into `Bytes` per publish, so encoding allocates only when it is used up.
+    scratch: std::sync::Mutex<bytes::BytesMut>,
     pub closed: Arc<OnceLock<Error>>,
     /// Bumped by the connection at each reconnect.
     pub epoch: Arc<AtomicU64>,
@@ -103,6 +107,7 @@ impl Channel {
         Self {
             inner: Arc::new(ChannelInner {
                 id,
+                scratch: std::sync::Mutex::new(bytes::BytesMut::new()),
                 closed,
                 epoch,
                 conn,
@@ -137,12 +142,12 @@ impl Channel {
                 delivery_tag,
             });
         }
-        self.send_command(Command::Send {
+        self.inner.conn.settle(Command::Send {
             channel: self.inner.id,
             method,
             epoch: Some(epoch),
-        })
-        .await
+        });
+        Ok(())
     }
 
     /// The error that closed the channel (or its connection), if it is closed.
@@ -221,7 +226,7 @@ impl Channel {
         exchange: &str,
         routing_key: &str,
         mandatory: bool,
-        properties: BasicProperties,
+        properties: &BasicProperties,
         body: impl Into<Bytes>,
     ) -> Result<PublishConfirm, Error> {
         self.check()?;
@@ -238,7 +243,7 @@ impl Channel {
     pub async fn publish(
         &self,
         publish: basic::Publish,
-        properties: BasicProperties,
+        properties: &BasicProperties,
         body: Bytes,
     ) -> Result<PublishConfirm, Error> {
         self.check()?;
@@ -253,10 +258,10 @@ impl Channel {
         } else {
             (None, None)
         };
+        let head = self.encode_head(&publish, properties, body.len() as u64);
         self.send_command(Command::Publish {
             channel: self.inner.id,
-            publish,
-            properties,
+            head,
             body,
             confirm,
         })
@@ -265,6 +270,27 @@ impl Channel {
             answer,
             conn: self.inner.conn.clone(),
         })
+    }
+
+    /// Encodes the method and header frames of a publish in the caller's
+    /// task, so the I/O task only copies bytes.
+    fn encode_head(
+        &self,
+        publish: &basic::Publish,
+        properties: &BasicProperties,
+        body_size: u64,
+    ) -> Bytes {
+        const CHUNK: usize = 64 * 1024;
+        let mut scratch = match self.inner.scratch.lock() {
+            Ok(scratch) => scratch,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if scratch.capacity() < 1024 {
+            scratch.reserve(CHUNK);
+        }
+        frame::write_publish_method(&mut scratch, self.inner.id, publish);
+        frame::write_header(&mut scratch, self.inner.id, body_size, properties);
+        scratch.split().freeze()
     }
 
     /// Waits until every publish so far is confirmed; `true` if all were acked.

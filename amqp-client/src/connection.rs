@@ -39,6 +39,14 @@ pub(crate) struct Shared {
     pub blocked: watch::Receiver<Option<String>>,
     /// `true` while the connection is lost or being recovered.
     pub recovering: watch::Receiver<bool>,
+    /// The same, readable without a lock.
+    pub recovering_now: crate::machine::Recovering,
+    /// Acks, nacks and rejects waiting for the I/O task, which takes them
+    /// all at once: consumers acking one message at a time do not wake it
+    /// once per message.
+    pub settlements: Mutex<Vec<Command>>,
+    /// Wakes the I/O task when `settlements` stops being empty.
+    pub settlements_ready: tokio::sync::Notify,
     /// Recovery's reports.
     pub events: broadcast::Sender<RecoveryEvent>,
     error_handlers: Mutex<Vec<ErrorHandler>>,
@@ -109,6 +117,20 @@ impl Inner {
         })
     }
 
+    /// Queues an ack, nack or reject for the I/O task.
+    pub(crate) fn settle(&self, command: Command) {
+        let was_empty = match self.shared.settlements.lock() {
+            Ok(mut queue) => {
+                queue.push(command);
+                queue.len() == 1
+            }
+            Err(_) => false,
+        };
+        if was_empty {
+            self.shared.settlements_ready.notify_one();
+        }
+    }
+
     pub(crate) async fn send(&self, command: Command) -> Result<(), Error> {
         self.wait_while_recovering().await?;
         self.commands
@@ -120,7 +142,7 @@ impl Inner {
     /// Calls made while the connection recovers wait for it (bounded by
     /// the recovery call timeout) instead of failing at once.
     pub(crate) async fn wait_while_recovering(&self) -> Result<(), Error> {
-        if *self.shared.recovering.borrow() {
+        if self.shared.recovering_now.get() {
             let timeout = self.config.recovery.call_timeout;
             let mut recovering = self.shared.recovering.clone();
             if tokio::time::timeout(timeout, recovering.wait_for(|r| !*r))
@@ -304,7 +326,7 @@ impl Connection {
 
         let error = Arc::new(OnceLock::new());
         let (blocked_tx, blocked_rx) = watch::channel(None);
-        let (recovering_tx, recovering_rx) = watch::channel(false);
+        let (recovering_tx, recovering_rx) = crate::machine::Recovering::new();
         let (events, _) = broadcast::channel(256);
         let (finished, _) = watch::channel(None);
         let shared = Arc::new(Shared {
@@ -312,6 +334,9 @@ impl Connection {
             finished,
             blocked: blocked_rx,
             recovering: recovering_rx,
+            recovering_now: recovering_tx.clone(),
+            settlements: Mutex::new(Vec::new()),
+            settlements_ready: tokio::sync::Notify::new(),
             events: events.clone(),
             error_handlers: Mutex::new(error_handlers),
         });
@@ -391,7 +416,7 @@ impl Connection {
 
     /// Whether the connection is lost or being recovered right now.
     pub fn is_recovering(&self) -> bool {
-        *self.inner.shared.recovering.borrow()
+        self.inner.shared.recovering_now.get()
     }
 
     pub(crate) fn from_weak(inner: &Weak<Inner>) -> Option<Self> {

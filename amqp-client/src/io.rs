@@ -175,6 +175,8 @@ impl Driver {
                 }
                 command = control.recv(), if !control.is_closed() => {
                     if let Some(command) = command {
+                        // Acks queued before a close go out before it.
+                        self.take_settlements();
                         self.machine.command(command, Instant::now());
                     }
                 }
@@ -209,6 +211,7 @@ impl Driver {
                 }
                 command = commands.recv(), if accepting && !commands.is_closed() => {
                     if let Some(command) = command {
+                        self.take_settlements();
                         let now = Instant::now();
                         self.machine.command(command, now);
                         // Take what else is queued without another trip through select.
@@ -220,8 +223,24 @@ impl Driver {
                         }
                     }
                 },
+                () = self.shared.settlements_ready.notified(), if accepting => self.take_settlements(),
                 () = sleep_until(deadline) => self.machine.handle_timeout(Instant::now()),
             }
+            if self.machine.accepts_commands() {
+                self.take_settlements();
+            }
+        }
+    }
+
+    /// Hands the queued acks, nacks and rejects to the machine.
+    fn take_settlements(&mut self) {
+        let batch = match self.shared.settlements.lock() {
+            Ok(mut queue) if !queue.is_empty() => std::mem::take(&mut *queue),
+            _ => return,
+        };
+        let now = Instant::now();
+        for command in batch {
+            self.machine.command(command, now);
         }
     }
 

@@ -10,7 +10,7 @@
 //! let declared = channel
 //!     .queue_declare(queue::Declare { queue: "hello".try_into()?, ..Default::default() })
 //!     .await?;
-//! channel.basic_publish("", &declared.queue, false, BasicProperties::default(), "hi").await?;
+//! channel.basic_publish("", &declared.queue, false, &BasicProperties::default(), "hi").await?;
 //! let mut consumer = channel.basic_consume("hello", ConsumeOptions::default()).await?;
 //! if let Some(delivery) = consumer.next().await {
 //!     let delivery = delivery?;

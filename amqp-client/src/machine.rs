@@ -119,9 +119,6 @@ pub(crate) type ConsumerEnd = Arc<OnceLock<Error>>;
 pub(crate) type ConfirmSender = oneshot::Sender<Result<Confirmation, Error>>;
 
 /// What handles ask of the connection.
-// A publish carries its properties inline: boxing them would cost an
-// allocation per message to save a copy of a few hundred bytes.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Command {
     OpenChannel {
@@ -141,10 +138,11 @@ pub(crate) enum Command {
         /// one is dropped rather than sent to a channel that never saw it.
         epoch: Option<u64>,
     },
+    /// A publish whose method and header frames the publisher encoded (off
+    /// the I/O task); the body is split into frames when it is written.
     Publish {
         channel: u16,
-        publish: basic::Publish,
-        properties: BasicProperties,
+        head: Bytes,
         body: Bytes,
         confirm: Option<ConfirmSender>,
     },
@@ -185,20 +183,14 @@ pub(crate) enum Command {
     },
 }
 
-enum Stage {
-    Method,
-    Header,
-    Body(usize),
-}
-
-#[allow(clippy::large_enum_variant)] // see `Command`
 enum Outgoing {
     Method(Method),
     Publish {
-        publish: basic::Publish,
-        properties: BasicProperties,
+        /// Method and header frames; `None` once written.
+        head: Option<Bytes>,
         body: Bytes,
-        stage: Stage,
+        /// How much of the body is written.
+        offset: usize,
     },
 }
 
@@ -415,6 +407,30 @@ enum Phase {
     Lost,
 }
 
+/// Hashes channel ids by multiplication (Fibonacci hashing): ids are small
+/// integers chosen by this client, so no flooding defence is needed, and the
+/// default SipHash showed up on the publish path.
+#[derive(Default)]
+struct ChannelIdHasher(u64);
+
+impl std::hash::Hasher for ChannelIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u16(&mut self, id: u16) {
+        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type ChannelMap = HashMap<u16, ChannelState, std::hash::BuildHasherDefault<ChannelIdHasher>>;
+
 struct ChannelState {
     closed: Arc<OnceLock<Error>>,
     phase: Phase,
@@ -510,6 +526,32 @@ impl ChannelState {
     }
 }
 
+/// Whether the connection is recovering: a flag for the handles' fast path
+/// (every call checks it) and a watch for those that must wait.
+#[derive(Debug, Clone)]
+pub(crate) struct Recovering {
+    flag: Arc<std::sync::atomic::AtomicBool>,
+    watch: watch::Sender<bool>,
+}
+
+impl Recovering {
+    pub(crate) fn new() -> (Self, watch::Receiver<bool>) {
+        let (watch, receiver) = watch::channel(false);
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (Self { flag, watch }, receiver)
+    }
+
+    fn set(&self, recovering: bool) {
+        self.flag.store(recovering, Ordering::Release);
+        self.watch.send_replace(recovering);
+    }
+
+    /// Whether the connection is recovering now.
+    pub(crate) fn get(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+}
+
 /// A step of recovery, run one at a time.
 #[derive(Debug)]
 enum Step {
@@ -563,7 +605,7 @@ enum State {
 pub(crate) struct Machine {
     settings: Settings,
     state: State,
-    channels: HashMap<u16, ChannelState>,
+    channels: ChannelMap,
     /// Channels with frames to send, served round-robin.
     ready: VecDeque<u16>,
     /// Connection frames (channel 0) and the close-ok of channels already
@@ -580,7 +622,7 @@ pub(crate) struct Machine {
     topology: Topology,
     recovery: Option<RecoveryRun>,
     /// `true` while the connection is lost or recovering; handles wait on it.
-    recovering: watch::Sender<bool>,
+    recovering: Recovering,
     events: broadcast::Sender<RecoveryEvent>,
     last_loss: Option<Error>,
 }
@@ -595,7 +637,7 @@ impl Machine {
         now: Instant,
         error: Arc<OnceLock<Error>>,
         blocked: watch::Sender<Option<String>>,
-        recovering: watch::Sender<bool>,
+        recovering: Recovering,
         events: broadcast::Sender<RecoveryEvent>,
     ) -> Self {
         Self {
@@ -606,7 +648,7 @@ impl Machine {
             last_loss: None,
             settings,
             state: State::Open,
-            channels: HashMap::new(),
+            channels: ChannelMap::default(),
             ready: VecDeque::new(),
             control: VecDeque::new(),
             heartbeat_due: false,
@@ -881,8 +923,7 @@ impl Machine {
             }
             Command::Publish {
                 channel,
-                publish,
-                properties,
+                head,
                 body,
                 confirm,
             } => {
@@ -906,10 +947,9 @@ impl Machine {
                 self.push_out(
                     channel,
                     Outgoing::Publish {
-                        publish,
-                        properties,
+                        head: Some(head),
                         body,
-                        stage: Stage::Method,
+                        offset: 0,
                     },
                 );
             }
@@ -1694,7 +1734,7 @@ impl Machine {
         self.parked = None;
         self.recovery = None;
         self.state = State::Interrupted;
-        self.recovering.send_replace(true);
+        self.recovering.set(true);
         let _ = self.events.send(RecoveryEvent::Recovering { cause: error });
     }
 
@@ -1791,7 +1831,7 @@ impl Machine {
             let Some(step) = run.steps.pop_front() else {
                 self.recovery = None;
                 self.state = State::Open;
-                self.recovering.send_replace(false);
+                self.recovering.set(false);
                 tracing::info!("connection recovered");
                 let _ = self.events.send(RecoveryEvent::Recovered);
                 return;
@@ -1937,7 +1977,7 @@ impl Machine {
             });
         }
         self.recovery = None;
-        self.recovering.send_replace(false);
+        self.recovering.set(false);
         let _ = self.error.set(error);
         let error = self.closed_error();
         for (_, mut state) in self.channels.drain() {
@@ -2002,28 +2042,16 @@ fn write_one_turn(id: u16, channel: &mut ChannelState, buf: &mut BytesMut, frame
             frame::write_method(buf, id, method);
             channel.out.pop_front();
         }
-        Outgoing::Publish {
-            publish,
-            properties,
-            body,
-            stage,
-        } => {
-            if let Stage::Method = stage {
-                frame::write_publish_method(buf, id, publish);
-                *stage = Stage::Header;
+        Outgoing::Publish { head, body, offset } => {
+            if let Some(head) = head.take() {
+                buf.extend_from_slice(&head);
             }
-            if let Stage::Header = stage {
-                frame::write_header(buf, id, body.len() as u64, properties);
-                *stage = Stage::Body(0);
-            }
-            if let Stage::Body(offset) = stage {
-                let chunk = frame_max as usize - FRAME_OVERHEAD;
-                let end = (*offset + chunk).min(body.len());
-                frame::write_body(buf, id, &body[*offset..end], frame_max);
-                *offset = end;
-                if end >= body.len() {
-                    channel.out.pop_front();
-                }
+            let chunk = frame_max as usize - FRAME_OVERHEAD;
+            let end = (*offset + chunk).min(body.len());
+            frame::write_body(buf, id, &body[*offset..end], frame_max);
+            *offset = end;
+            if end >= body.len() {
+                channel.out.pop_front();
             }
         }
     }
@@ -2040,7 +2068,7 @@ mod tests {
     fn machine(now: Instant) -> (Machine, Arc<OnceLock<Error>>) {
         let error = Arc::new(OnceLock::new());
         let (blocked, _) = watch::channel(None);
-        let (recovering, _) = watch::channel(false);
+        let recovering = Recovering::new().0;
         let (events, _) = broadcast::channel(16);
         let settings = Settings {
             channel_max: 8,
@@ -2099,6 +2127,13 @@ mod tests {
             channel
         );
         channel
+    }
+
+    fn publish_head(channel: u16, body_size: u64) -> Bytes {
+        let mut buf = BytesMut::new();
+        frame::write_publish_method(&mut buf, channel, &basic::Publish::default());
+        frame::write_header(&mut buf, channel, body_size, &BasicProperties::default());
+        buf.freeze()
     }
 
     fn declare(name: &'static str) -> Method {
@@ -2195,8 +2230,7 @@ mod tests {
             m.command(
                 Command::Publish {
                     channel: id,
-                    publish: basic::Publish::default(),
-                    properties: BasicProperties::default(),
+                    head: publish_head(id, 1),
                     body: Bytes::from_static(b"x"),
                     confirm: Some(tx),
                 },
@@ -2343,8 +2377,7 @@ mod tests {
         let b = open_channel(&mut m, now);
         let publish = |channel, body: Bytes| Command::Publish {
             channel,
-            publish: basic::Publish::default(),
-            properties: BasicProperties::default(),
+            head: publish_head(channel, body.len() as u64),
             body,
             confirm: None,
         };

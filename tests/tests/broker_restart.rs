@@ -67,7 +67,13 @@ async fn a_consumer_resumes_after_the_broker_restarts() {
         .await
         .expect("consume");
     channel
-        .basic_publish("", "restart-q", false, BasicProperties::default(), "before")
+        .basic_publish(
+            "",
+            "restart-q",
+            false,
+            &BasicProperties::default(),
+            "before",
+        )
         .await
         .expect("publish");
     assert_eq!(consume_one(&mut consumer).await, "before");
@@ -77,7 +83,7 @@ async fn a_consumer_resumes_after_the_broker_restarts() {
     until_recovered(&mut events).await;
 
     channel
-        .basic_publish("", "restart-q", false, BasicProperties::default(), "after")
+        .basic_publish("", "restart-q", false, &BasicProperties::default(), "after")
         .await
         .expect("publish");
     assert_eq!(consume_one(&mut consumer).await, "after");
@@ -126,7 +132,7 @@ async fn losing_one_node_moves_the_client_to_the_next() {
         "{listing}"
     );
     channel
-        .basic_publish("", "failover-q", false, BasicProperties::default(), "on b")
+        .basic_publish("", "failover-q", false, &BasicProperties::default(), "on b")
         .await
         .expect("publish");
     assert_eq!(consume_one(&mut consumer).await, "on b");

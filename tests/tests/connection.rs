@@ -122,7 +122,7 @@ async fn a_close_from_the_server_fails_pending_work_and_resolves_closed() {
         .expect_err("closed");
     assert_eq!(from_call.reply_error(), Some(ReplyError::ConnectionForced));
     let publish = confirms
-        .basic_publish("", &q, false, BasicProperties::default(), "late")
+        .basic_publish("", &q, false, &BasicProperties::default(), "late")
         .await;
     assert!(publish.is_err(), "a publish after the close fails at once");
     assert_eq!(
@@ -167,7 +167,7 @@ async fn eight_tasks_publishing_ten_thousand_each_on_one_channel_all_arrive_inta
             for i in 0..EACH {
                 let body = format!("{task}:{i}:{}", "x".repeat((i % 50) as usize));
                 channel
-                    .basic_publish("", &q, false, BasicProperties::default(), body)
+                    .basic_publish("", &q, false, &BasicProperties::default(), body)
                     .await
                     .expect("publish");
             }
@@ -223,11 +223,11 @@ async fn a_small_message_is_not_held_behind_a_large_one_on_another_channel() {
     let small_channel = connection.open_channel().await.expect("channel B");
     let large = Bytes::from(vec![b'L'; 40 * 1024 * 1024]);
     large_channel
-        .basic_publish("", &q, false, BasicProperties::default(), large.clone())
+        .basic_publish("", &q, false, &BasicProperties::default(), large.clone())
         .await
         .expect("large publish queued first");
     small_channel
-        .basic_publish("", &q, false, BasicProperties::default(), "small")
+        .basic_publish("", &q, false, &BasicProperties::default(), "small")
         .await
         .expect("small publish queued second");
 
@@ -265,7 +265,7 @@ async fn a_ten_megabyte_message_round_trips_byte_for_byte() {
         .await
         .expect("select");
     channel
-        .basic_publish("", &q, false, BasicProperties::default(), body.clone())
+        .basic_publish("", &q, false, &BasicProperties::default(), body.clone())
         .await
         .expect("publish")
         .await
@@ -338,7 +338,7 @@ async fn every_property_and_every_header_type_round_trips() {
         .with_app_id(name("amqp-client-tests"))
         .with_reserved(name("cluster"));
     channel
-        .basic_publish("", &q, false, properties.clone(), "{}")
+        .basic_publish("", &q, false, &properties, "{}")
         .await
         .expect("publish");
     let mut consumer = channel

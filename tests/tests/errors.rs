@@ -128,7 +128,7 @@ async fn not_found_closes_the_channel_and_every_later_call_fails_with_the_same_e
     );
     assert_eq!(later.to_string(), err.to_string(), "the same error");
     let publish = channel
-        .basic_publish("", "x", false, BasicProperties::default(), "x")
+        .basic_publish("", "x", false, &BasicProperties::default(), "x")
         .await;
     assert!(matches!(
         publish,
@@ -227,7 +227,7 @@ async fn publish_to_a_missing_exchange_in_confirm_mode_fails_with_not_found() {
             &unique("no-exchange"),
             "rk",
             false,
-            BasicProperties::default(),
+            &BasicProperties::default(),
             "x",
         )
         .await

@@ -45,7 +45,7 @@ async fn publish(channel: &Channel, routing_key: &str, body: &str) {
             "",
             routing_key,
             false,
-            BasicProperties::default(),
+            &BasicProperties::default(),
             body.to_owned(),
         )
         .await
@@ -194,7 +194,7 @@ async fn queue_declare_bind_unbind_purge_delete() {
             "amq.direct",
             &q,
             false,
-            BasicProperties::default(),
+            &BasicProperties::default(),
             "via binding",
         )
         .await
@@ -480,14 +480,14 @@ async fn confirm_select_acks_returns_and_waits_for_all() {
         .await
         .expect("select");
     let confirm = channel
-        .basic_publish("", &q, false, BasicProperties::default(), "confirmed")
+        .basic_publish("", &q, false, &BasicProperties::default(), "confirmed")
         .await
         .expect("publish");
     assert_eq!(confirm.await.expect("confirmation"), Confirmation::Ack);
 
     let unroutable = unique("nowhere");
     let returned = channel
-        .basic_publish("", &unroutable, true, BasicProperties::default(), "bounce")
+        .basic_publish("", &unroutable, true, &BasicProperties::default(), "bounce")
         .await
         .expect("publish")
         .await
@@ -505,7 +505,7 @@ async fn confirm_select_acks_returns_and_waits_for_all() {
     for i in 0..100 {
         pending.push(
             channel
-                .basic_publish("", &q, false, BasicProperties::default(), format!("{i}"))
+                .basic_publish("", &q, false, &BasicProperties::default(), format!("{i}"))
                 .await
                 .expect("publish"),
         );
@@ -535,7 +535,7 @@ async fn returns_without_confirm_mode_reach_the_returns_stream() {
     let mut returns = channel.returns(16).await.expect("returns");
     let unroutable = unique("nowhere");
     let confirm = channel
-        .basic_publish("", &unroutable, true, BasicProperties::default(), "lost?")
+        .basic_publish("", &unroutable, true, &BasicProperties::default(), "lost?")
         .await
         .expect("publish");
     assert_eq!(

@@ -131,7 +131,7 @@ async fn survives(fault: Fault, heartbeat: u16) {
         .await
         .expect("consume");
     channel
-        .basic_publish("", &q, false, BasicProperties::default(), "before")
+        .basic_publish("", &q, false, &BasicProperties::default(), "before")
         .await
         .expect("publish");
     assert_eq!(next_body(&mut consumer).await, "before");
@@ -164,7 +164,7 @@ async fn survives(fault: Fault, heartbeat: u16) {
                 "",
                 &q,
                 false,
-                BasicProperties::default(),
+                &BasicProperties::default(),
                 format!("after-{i}"),
             )
             .await
@@ -236,7 +236,7 @@ async fn recovers_from_a_cut_in_the_middle_of_a_frame() {
     // Let 20 bytes of the next delivery through: its method frame is cut.
     proxy.inject(Fault::CutAfter(20));
     channel
-        .basic_publish("", &q, false, BasicProperties::default(), "x".repeat(1000))
+        .basic_publish("", &q, false, &BasicProperties::default(), "x".repeat(1000))
         .await
         .expect("publish");
     recovered(&mut events).await;
@@ -418,7 +418,7 @@ async fn acking_a_delivery_from_before_the_reconnect_is_refused_not_sent() {
         .await
         .expect("consume");
     channel
-        .basic_publish("", &q, false, BasicProperties::default(), "m")
+        .basic_publish("", &q, false, &BasicProperties::default(), "m")
         .await
         .expect("publish");
     let old = tokio::time::timeout(Duration::from_secs(5), consumer.next())
@@ -503,7 +503,13 @@ async fn server_named_and_exclusive_queues_come_back_with_bindings_and_consumers
     recovered(&mut events).await;
 
     channel
-        .basic_publish(&exchange, "rk", false, BasicProperties::default(), "routed")
+        .basic_publish(
+            &exchange,
+            "rk",
+            false,
+            &BasicProperties::default(),
+            "routed",
+        )
         .await
         .expect("publish");
     let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
@@ -604,7 +610,7 @@ async fn fifty_channels_with_two_consumers_each_all_resume() {
     for q in &queues {
         for _ in 0..2 {
             setup
-                .basic_publish("", q, false, BasicProperties::default(), q.clone())
+                .basic_publish("", q, false, &BasicProperties::default(), q.clone())
                 .await
                 .expect("publish");
         }
@@ -630,7 +636,7 @@ async fn a_slow_consumer_receives_all_ten_transactional_messages_across_a_kill()
     pub_channel.tx_select().await.expect("tx");
     for i in 0..10 {
         pub_channel
-            .basic_publish("", &q, false, BasicProperties::default(), format!("m{i}"))
+            .basic_publish("", &q, false, &BasicProperties::default(), format!("m{i}"))
             .await
             .expect("publish");
     }
@@ -706,7 +712,7 @@ async fn confirmed_publishes_survive_five_random_cuts() {
         let mut window = Vec::new();
         for id in pending.drain(..) {
             match channel
-                .basic_publish("", &q, false, BasicProperties::default(), id.to_string())
+                .basic_publish("", &q, false, &BasicProperties::default(), id.to_string())
                 .await
             {
                 Ok(confirm) => window.push((id, Some(confirm))),

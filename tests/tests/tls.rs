@@ -137,7 +137,7 @@ async fn round_trip(connection: &Connection) {
         .expect("queue.declare");
     assert_eq!(declared.queue.as_str(), queue);
     channel
-        .basic_publish("", &queue, false, BasicProperties::default(), "over TLS")
+        .basic_publish("", &queue, false, &BasicProperties::default(), "over TLS")
         .await
         .expect("basic.publish");
     // The publish and the get go out in order on one channel, so the message

@@ -1,0 +1,459 @@
+//! A PerfTest-style bench tool: producers, consumers, message size, confirm
+//! window, prefetch, duration or message count, against any URL or against a
+//! built-in peer that costs almost nothing (`--peer sink` / `--peer flood`,
+//! run as a child process so that its CPU is not counted as the client's).
+//!
+//! ```text
+//! cargo run --release -p amqp-client --example perf -- --peer sink --producers 1 --size 32 --duration 10
+//! cargo run --release -p amqp-client --example perf -- --peer sink --confirm 1000
+//! cargo run --release -p amqp-client --example perf -- --peer flood --consumers 1 --prefetch 1000
+//! cargo run --release -p amqp-client --example perf -- --url amqp://127.0.0.1 --producers 1 --consumers 1
+//! ```
+//!
+//! Prints progress each second, then msgs/s, client CPU per message (user +
+//! system time of this process, from /proc/self/stat), peak RSS, and
+//! publish → deliver latency percentiles when both sides run.
+
+mod peer;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amqp_client::prelude::*;
+use amqp_client::{
+    BasicProperties, Config, Connection, ConsumeOptions, RecoveryConfig, ShortString,
+};
+use bytes::{BufMut, Bytes, BytesMut};
+
+#[derive(Debug, Clone)]
+struct Options {
+    url: String,
+    peer: Option<peer::Kind>,
+    producers: usize,
+    consumers: usize,
+    size: usize,
+    confirm: Option<usize>,
+    prefetch: u16,
+    multi_ack: u64,
+    no_ack: bool,
+    duration: Duration,
+    messages: Option<u64>,
+    queue: String,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: perf [--url URL | --peer sink|flood] [--producers N] [--consumers N] [--size BYTES]\n\
+         \x20           [--confirm WINDOW] [--prefetch N] [--multi-ack N] [--no-ack]\n\
+         \x20           [--duration SECONDS] [--messages N] [--queue NAME]\n\
+         \x20      perf serve sink|flood PORT SIZE"
+    );
+    std::process::exit(2)
+}
+
+fn parse() -> Options {
+    let mut o = Options {
+        url: std::env::var("AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+        peer: None,
+        producers: 1,
+        consumers: 0,
+        size: 32,
+        confirm: None,
+        prefetch: 1000,
+        multi_ack: 1,
+        no_ack: false,
+        duration: Duration::from_secs(10),
+        messages: None,
+        queue: "amqp-client.perf".to_owned(),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    let value = |i: usize| args.get(i + 1).cloned().unwrap_or_else(|| usage());
+    while i < args.len() {
+        let number = |i: usize| value(i).parse::<u64>().unwrap_or_else(|_| usage());
+        match args[i].as_str() {
+            "--url" => o.url = value(i),
+            "--peer" => {
+                o.peer = Some(match value(i).as_str() {
+                    "sink" => peer::Kind::Sink,
+                    "flood" => peer::Kind::Flood,
+                    _ => usage(),
+                })
+            }
+            "--producers" => o.producers = number(i) as usize,
+            "--consumers" => o.consumers = number(i) as usize,
+            "--size" => o.size = number(i) as usize,
+            "--confirm" => o.confirm = Some(number(i).max(1) as usize),
+            "--prefetch" => o.prefetch = number(i).min(65535) as u16,
+            "--multi-ack" => o.multi_ack = number(i).max(1),
+            "--duration" => {
+                o.duration = Duration::from_secs_f64(value(i).parse().unwrap_or_else(|_| usage()))
+            }
+            "--messages" => o.messages = Some(number(i)),
+            "--queue" => o.queue = value(i),
+            "--no-ack" => {
+                o.no_ack = true;
+                i += 1;
+                continue;
+            }
+            _ => usage(),
+        }
+        i += 2;
+    }
+    if o.peer == Some(peer::Kind::Flood) && !args.iter().any(|a| a == "--producers") {
+        // The flood peer is the producer.
+        o.producers = 0;
+        o.consumers = o.consumers.max(1);
+    }
+    o
+}
+
+/// User + system CPU time of this process.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 after ')'.
+    let hz = 100; // USER_HZ is 100 on Linux
+    Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz)
+}
+
+/// Peak resident set size in KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn start_peer(kind: peer::Kind, size: usize) -> (Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let child = Command::new(std::env::current_exe().expect("own path"))
+        .args([
+            "serve",
+            if kind == peer::Kind::Sink {
+                "sink"
+            } else {
+                "flood"
+            },
+            &port.to_string(),
+            &size.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start the peer");
+    let mut child = child;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return (child, port);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the peer did not start");
+}
+
+struct Counters {
+    published: AtomicU64,
+    confirmed: AtomicU64,
+    consumed: AtomicU64,
+    stop: AtomicBool,
+    latencies: std::sync::Mutex<Vec<u64>>,
+}
+
+fn body(size: usize, epoch: Instant) -> Bytes {
+    let mut b = BytesMut::with_capacity(size.max(8));
+    if size >= 8 {
+        b.put_u64(epoch.elapsed().as_nanos() as u64);
+        b.resize(size, b'x');
+    } else {
+        b.resize(size, b'x');
+    }
+    b.freeze()
+}
+
+async fn producer(
+    connection: Connection,
+    o: Options,
+    counters: Arc<Counters>,
+    epoch: Instant,
+) -> Result<(), amqp_client::Error> {
+    let channel = connection.open_channel().await?;
+    if o.confirm.is_some() {
+        channel.confirm_select(confirm::Select::default()).await?;
+    }
+    let mut outstanding = std::collections::VecDeque::new();
+    let properties = BasicProperties::default();
+    // Without a consumer measuring latency, one body is shared by every
+    // publish (as an application sending the same payload would).
+    let stamped = o.consumers > 0 && o.size >= 8;
+    let fixed = body(o.size, epoch);
+    while !counters.stop.load(Ordering::Relaxed) {
+        if o.messages
+            .is_some_and(|m| counters.published.load(Ordering::Relaxed) >= m)
+        {
+            break;
+        }
+        let confirm = channel
+            .basic_publish(
+                "",
+                &o.queue,
+                false,
+                &properties,
+                if stamped {
+                    body(o.size, epoch)
+                } else {
+                    fixed.clone()
+                },
+            )
+            .await?;
+        counters.published.fetch_add(1, Ordering::Relaxed);
+        if let Some(window) = o.confirm {
+            outstanding.push_back(confirm);
+            if outstanding.len() >= window {
+                if let Some(oldest) = outstanding.pop_front() {
+                    oldest.await?;
+                    counters.confirmed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    for confirm in outstanding {
+        confirm.await?;
+        counters.confirmed.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+async fn consumer(
+    connection: Connection,
+    o: Options,
+    counters: Arc<Counters>,
+    epoch: Instant,
+) -> Result<(), amqp_client::Error> {
+    let channel = connection.open_channel().await?;
+    channel
+        .basic_qos(basic::Qos {
+            prefetch_count: o.prefetch,
+            ..Default::default()
+        })
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            &o.queue,
+            ConsumeOptions {
+                no_ack: o.no_ack,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut latencies = Vec::new();
+    let measure_latency = o.producers > 0 && o.size >= 8 && o.peer.is_none();
+    let mut n = 0u64;
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery?;
+        n += 1;
+        if measure_latency && n.is_multiple_of(16) {
+            let sent = u64::from_be_bytes(delivery.body[..8].try_into().unwrap_or_default());
+            latencies.push((epoch.elapsed().as_nanos() as u64).saturating_sub(sent));
+        }
+        if !o.no_ack && n.is_multiple_of(o.multi_ack) {
+            if o.multi_ack == 1 {
+                delivery.ack().await?;
+            } else {
+                delivery.nack(true, true).await.ok();
+            }
+        }
+        counters.consumed.fetch_add(1, Ordering::Relaxed);
+        if counters.stop.load(Ordering::Relaxed) || o.messages.is_some_and(|m| n >= m) {
+            break;
+        }
+    }
+    if let Ok(mut all) = counters.latencies.lock() {
+        all.extend(latencies);
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[index] as f64 / 1000.0
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("serve") {
+        let kind = match args.get(2).map(String::as_str) {
+            Some("sink") => peer::Kind::Sink,
+            Some("flood") => peer::Kind::Flood,
+            _ => usage(),
+        };
+        let port = args
+            .get(3)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| usage());
+        let size = args.get(4).and_then(|p| p.parse().ok()).unwrap_or(32);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        if let Err(e) = runtime.block_on(peer::serve(kind, port, size)) {
+            eprintln!("peer: {e}");
+        }
+        return;
+    }
+    let mut o = parse();
+    let mut child = None;
+    if let Some(kind) = o.peer {
+        let (process, port) = start_peer(kind, o.size);
+        o.url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+        child = Some(process);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = runtime.block_on(run(o.clone()));
+    if let Some(mut child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    if let Err(e) = result {
+        eprintln!("perf: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(o: Options) -> Result<(), amqp_client::Error> {
+    let config: Config = o.url.parse()?;
+    let connection = Connection::connect(config.recovery(RecoveryConfig::disabled())).await?;
+    let setup = connection.open_channel().await?;
+    setup
+        .queue_declare(queue::Declare {
+            queue: ShortString::new(&o.queue)?,
+            ..Default::default()
+        })
+        .await?;
+    setup
+        .queue_purge(queue::Purge {
+            queue: ShortString::new(&o.queue)?,
+            ..Default::default()
+        })
+        .await?;
+    println!(
+        "perf: {} producer(s), {} consumer(s), {} B messages, confirm {:?}, prefetch {}, against {}",
+        o.producers,
+        o.consumers,
+        o.size,
+        o.confirm,
+        o.prefetch,
+        o.peer.map_or(o.url.clone(), |k| format!("the {k:?} peer"))
+    );
+    let counters = Arc::new(Counters {
+        published: AtomicU64::new(0),
+        confirmed: AtomicU64::new(0),
+        consumed: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        latencies: std::sync::Mutex::new(Vec::new()),
+    });
+    let epoch = Instant::now();
+    let cpu_before = cpu_time();
+    let mut tasks = Vec::new();
+    for _ in 0..o.consumers {
+        tasks.push(tokio::spawn(consumer(
+            connection.clone(),
+            o.clone(),
+            counters.clone(),
+            epoch,
+        )));
+    }
+    for _ in 0..o.producers {
+        tasks.push(tokio::spawn(producer(
+            connection.clone(),
+            o.clone(),
+            counters.clone(),
+            epoch,
+        )));
+    }
+    let started = Instant::now();
+    let mut last = (0u64, 0u64);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let published = counters.published.load(Ordering::Relaxed);
+        let consumed = counters.consumed.load(Ordering::Relaxed);
+        println!(
+            "  {:>4.0} s: sent {:>9}/s, received {:>9}/s",
+            started.elapsed().as_secs_f64(),
+            published - last.0,
+            consumed - last.1
+        );
+        last = (published, consumed);
+        let done_by_count = o.messages.is_some_and(|m| {
+            (o.producers == 0 || published >= m) && (o.consumers == 0 || consumed >= m)
+        });
+        if started.elapsed() >= o.duration || done_by_count || tasks.iter().all(|t| t.is_finished())
+        {
+            break;
+        }
+    }
+    counters.stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu_before);
+    // Producers finish their outstanding confirms; consumers stop at the next delivery.
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    let published = counters.published.load(Ordering::Relaxed);
+    let consumed = counters.consumed.load(Ordering::Relaxed);
+    let messages = published.max(consumed).max(1);
+    println!("results over {:.1} s:", elapsed.as_secs_f64());
+    println!(
+        "  published {published} ({:.0} msg/s), confirmed {}",
+        published as f64 / elapsed.as_secs_f64(),
+        counters.confirmed.load(Ordering::Relaxed)
+    );
+    println!(
+        "  consumed  {consumed} ({:.0} msg/s)",
+        consumed as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  client CPU {:.2} s = {:.2} µs per message",
+        cpu.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / messages as f64
+    );
+    println!("  peak RSS {} MiB", peak_rss_kib() / 1024);
+    if let Ok(mut latencies) = counters.latencies.lock() {
+        if !latencies.is_empty() {
+            latencies.sort_unstable();
+            println!(
+                "  latency publish → deliver: p50 {:.0} µs, p95 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+                percentile(&latencies, 0.5),
+                percentile(&latencies, 0.95),
+                percentile(&latencies, 0.99),
+                percentile(&latencies, 1.0)
+            );
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection.close()).await;
+    Ok(())
+}
