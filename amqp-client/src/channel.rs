@@ -74,17 +74,40 @@ pub struct ConsumeOptions {
     pub arguments: FieldTable,
 }
 
-/// The confirmation of one publish; await it (or drop it when not needed).
+/// The confirmation of one publish: `.await` it for the outcome, or drop it
+/// when it does not matter (it is not itself a future, so dropping it
+/// unawaited is not a mistake).
 pub struct PublishConfirm {
     answer: Option<oneshot::Receiver<Result<Confirmation, Error>>>,
     conn: Arc<ConnectionInner>,
 }
 
-impl Future for PublishConfirm {
+impl std::fmt::Debug for PublishConfirm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishConfirm")
+            .field("confirm_mode", &self.answer.is_some())
+            .finish()
+    }
+}
+
+impl std::future::IntoFuture for PublishConfirm {
+    type Output = Result<Confirmation, Error>;
+    type IntoFuture = ConfirmationFuture;
+
+    fn into_future(self) -> ConfirmationFuture {
+        ConfirmationFuture(self)
+    }
+}
+
+/// The future of a [`PublishConfirm`].
+#[derive(Debug)]
+pub struct ConfirmationFuture(PublishConfirm);
+
+impl Future for ConfirmationFuture {
     type Output = Result<Confirmation, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
+        let this = &mut self.0;
         match this.answer.as_mut() {
             // Not in confirm mode: handed to the connection is all there is.
             None => Poll::Ready(Ok(Confirmation::NotRequested)),

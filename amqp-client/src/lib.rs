@@ -37,7 +37,7 @@ pub mod protocol;
 mod topology;
 mod transport;
 
-pub use channel::{Channel, ConsumeOptions, PublishConfirm};
+pub use channel::{Channel, ConfirmationFuture, ConsumeOptions, PublishConfirm};
 pub use config::{AuthMechanism, Config, RecoveryConfig, TlsConfig, UrlError};
 pub use connection::{Connection, ConnectionBuilder, ServerInfo};
 pub use consumer::{Consumer, Delivery, Envelope, GetMessage};

@@ -41,13 +41,15 @@ struct Options {
     duration: Duration,
     messages: Option<u64>,
     queue: String,
+    /// Instead of messages: this many sequential passive `queue.declare` round trips.
+    rpc: Option<u64>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: perf [--url URL | --peer sink|flood] [--producers N] [--consumers N] [--size BYTES]\n\
          \x20           [--confirm WINDOW] [--prefetch N] [--multi-ack N] [--no-ack]\n\
-         \x20           [--duration SECONDS] [--messages N] [--queue NAME]\n\
+         \x20           [--duration SECONDS] [--messages N] [--queue NAME] [--rpc ROUND_TRIPS]\n\
          \x20      perf serve sink|flood PORT SIZE"
     );
     std::process::exit(2)
@@ -68,6 +70,7 @@ fn parse() -> Options {
         duration: Duration::from_secs(10),
         messages: None,
         queue: "amqp-client.perf".to_owned(),
+        rpc: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -94,6 +97,7 @@ fn parse() -> Options {
             }
             "--messages" => o.messages = Some(number(i)),
             "--queue" => o.queue = value(i),
+            "--rpc" => o.rpc = Some(number(i).max(1)),
             "--no-ack" => {
                 o.no_ack = true;
                 i += 1;
@@ -299,6 +303,52 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[index] as f64 / 1000.0
 }
 
+/// Sequential passive declares: the latency of one synchronous call.
+async fn rpc_round_trips(
+    connection: &Connection,
+    o: &Options,
+    round_trips: u64,
+) -> Result<(), amqp_client::Error> {
+    let channel = connection.open_channel().await?;
+    let declare = queue::Declare {
+        queue: ShortString::new(&o.queue)?,
+        passive: true,
+        ..Default::default()
+    };
+    // Warm up the connection and the broker's code paths.
+    for _ in 0..1000 {
+        channel.queue_declare(declare.clone()).await?;
+    }
+    let cpu_before = cpu_time();
+    let started = Instant::now();
+    let mut times = Vec::with_capacity(round_trips as usize);
+    for _ in 0..round_trips {
+        let t = Instant::now();
+        channel.queue_declare(declare.clone()).await?;
+        times.push(t.elapsed().as_nanos() as u64);
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu_before);
+    times.sort_unstable();
+    println!(
+        "results: {round_trips} passive queue.declare round trips in {:.2} s",
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "  round trip: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+        percentile(&times, 0.5),
+        percentile(&times, 0.9),
+        percentile(&times, 0.99),
+        percentile(&times, 1.0)
+    );
+    println!(
+        "  client CPU {:.2} µs per round trip",
+        cpu.as_secs_f64() * 1e6 / round_trips as f64
+    );
+    let _ = connection.close().await;
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("serve") {
@@ -328,11 +378,22 @@ fn main() {
         o.url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
         child = Some(process);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // PERF_THREADS=1 runs everything on one thread (no cross-thread wake-ups).
+    let threads: usize = std::env::var("PERF_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
+    let runtime = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .expect("runtime");
     let result = runtime.block_on(run(o.clone()));
     if let Some(mut child) = child {
         let _ = child.kill();
@@ -369,6 +430,9 @@ async fn run(o: Options) -> Result<(), amqp_client::Error> {
         o.prefetch,
         o.peer.map_or(o.url.clone(), |k| format!("the {k:?} peer"))
     );
+    if let Some(round_trips) = o.rpc {
+        return rpc_round_trips(&connection, &o, round_trips).await;
+    }
     let counters = Arc::new(Counters {
         published: AtomicU64::new(0),
         confirmed: AtomicU64::new(0),
