@@ -881,14 +881,13 @@ impl Machine {
                 method,
                 reply,
             } => {
-                let Some(state) = self.channels.get_mut(&channel) else {
-                    let _ = reply.send(Err(Self::channel_gone(channel)));
-                    return;
+                let state = match self.usable_channel(channel) {
+                    Ok(state) => state,
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                        return;
+                    }
                 };
-                if let Some(error) = state.closed.get() {
-                    let _ = reply.send(Err(error.clone()));
-                    return;
-                }
                 state.rpcs.push_back(PendingRpc::user(method, reply));
                 self.pump_rpc(channel);
             }
@@ -927,18 +926,15 @@ impl Machine {
                 body,
                 confirm,
             } => {
-                let Some(state) = self.channels.get_mut(&channel) else {
-                    if let Some(confirm) = confirm {
-                        let _ = confirm.send(Err(Self::channel_gone(channel)));
+                let state = match self.usable_channel(channel) {
+                    Ok(state) => state,
+                    Err(error) => {
+                        if let Some(confirm) = confirm {
+                            let _ = confirm.send(Err(error));
+                        }
+                        return;
                     }
-                    return;
                 };
-                if let Some(error) = state.closed.get() {
-                    if let Some(confirm) = confirm {
-                        let _ = confirm.send(Err(error.clone()));
-                    }
-                    return;
-                }
                 if let Some(confirms) = state.confirms.as_mut() {
                     let seq = confirms.next_seq;
                     confirms.next_seq += 1;
@@ -960,14 +956,13 @@ impl Machine {
                 end,
                 reply,
             } => {
-                let Some(state) = self.channels.get_mut(&channel) else {
-                    let _ = reply.send(Err(Self::channel_gone(channel)));
-                    return;
+                let state = match self.usable_channel(channel) {
+                    Ok(state) => state,
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                        return;
+                    }
                 };
-                if let Some(error) = state.closed.get() {
-                    let _ = reply.send(Err(error.clone()));
-                    return;
-                }
                 // Registered now: deliveries may follow consume-ok at once.
                 state.consumers.insert(
                     consume.consumer_tag.clone(),
@@ -1020,14 +1015,13 @@ impl Machine {
                 self.pump_rpc(channel);
             }
             Command::WaitForConfirms { channel, reply } => {
-                let Some(state) = self.channels.get_mut(&channel) else {
-                    let _ = reply.send(Err(Self::channel_gone(channel)));
-                    return;
+                let state = match self.usable_channel(channel) {
+                    Ok(state) => state,
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                        return;
+                    }
                 };
-                if let Some(error) = state.closed.get() {
-                    let _ = reply.send(Err(error.clone()));
-                    return;
-                }
                 match state.confirms.as_mut() {
                     None => {
                         let _ = reply.send(Err(Error::NotInConfirmMode(channel)));
@@ -1159,6 +1153,18 @@ impl Machine {
                 self.end_consumer(channel, &tag, false);
             }
             other => self.refuse(other),
+        }
+    }
+
+    /// The channel a command is for, or why it cannot take one: unknown, or
+    /// closed (then with the error that closed it).
+    fn usable_channel(&mut self, id: u16) -> Result<&mut ChannelState, Error> {
+        match self.channels.get_mut(&id) {
+            None => Err(Self::channel_gone(id)),
+            Some(state) => match state.closed.get() {
+                Some(error) => Err(error.clone()),
+                None => Ok(state),
+            },
         }
     }
 

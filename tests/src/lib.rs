@@ -9,7 +9,7 @@ pub mod proxy;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use amqp_client::{Config, Connection};
+use amqp_client::{Config, Connection, ShortString};
 
 /// The broker the tests use: `AMQP_URL`, or the local default.
 pub fn amqp_url() -> String {
@@ -88,4 +88,28 @@ pub fn list_bindings() -> Vec<(String, String, String)> {
         ))
     })
     .collect()
+}
+
+/// A `ShortString` from a name the test chose (always short enough).
+pub fn name(text: &str) -> ShortString {
+    ShortString::new(text).expect("short name")
+}
+
+/// The broker's pid for the connection named `connection_name`, waiting
+/// for it to show up in `rabbitmqctl list_connections`.
+pub async fn connection_pid(connection_name: &str) -> String {
+    for _ in 0..100 {
+        let listing = rabbitmqctl(&[
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ]);
+        if let Some(line) = listing.lines().find(|l| l.contains(connection_name)) {
+            return line.split('\t').next().unwrap_or_default().to_owned();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("connection {connection_name} never appeared in rabbitmqctl list_connections");
 }

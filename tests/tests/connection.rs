@@ -7,14 +7,9 @@ use std::time::Duration;
 use amqp_client::prelude::*;
 use amqp_client::{
     BasicProperties, Channel, ConsumeOptions, Decimal, Error, FieldTable, FieldValue, ReplyError,
-    ShortString,
 };
-use amqp_client_tests::{config, connect, connect_with, rabbitmqctl, unique};
+use amqp_client_tests::{config, connect, connect_with, connection_pid, name, rabbitmqctl, unique};
 use bytes::Bytes;
-
-fn name(text: &str) -> ShortString {
-    ShortString::new(text).expect("short name")
-}
 
 async fn temp_queue(channel: &Channel, prefix: &str) -> String {
     let q = unique(prefix);
@@ -44,24 +39,6 @@ async fn an_idle_connection_with_heartbeat_1_stays_open_for_5_seconds() {
         .await
         .expect("still usable");
     connection.close().await.expect("close");
-}
-
-/// The broker's pid for the connection named `connection_name`.
-async fn connection_pid(connection_name: &str) -> String {
-    for _ in 0..100 {
-        let listing = rabbitmqctl(&[
-            "list_connections",
-            "-q",
-            "--no-table-headers",
-            "pid",
-            "client_properties",
-        ]);
-        if let Some(line) = listing.lines().find(|l| l.contains(connection_name)) {
-            return line.split('\t').next().unwrap_or_default().to_owned();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("connection {connection_name} never appeared in rabbitmqctl list_connections");
 }
 
 #[tokio::test]

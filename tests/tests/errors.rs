@@ -4,12 +4,8 @@
 use std::time::Duration;
 
 use amqp_client::prelude::*;
-use amqp_client::{BasicProperties, Connection, Error, ReplyError, ShortString};
-use amqp_client_tests::{config, connect, unique};
-
-fn name(text: &str) -> ShortString {
-    ShortString::new(text).expect("short name")
-}
+use amqp_client::{BasicProperties, Connection, Error, ReplyError};
+use amqp_client_tests::{config, connect, name, unique};
 
 #[tokio::test]
 async fn wrong_password_is_an_authentication_error() {

@@ -6,13 +6,8 @@ use std::time::Duration;
 use amqp_client::prelude::*;
 use amqp_client::{
     BasicProperties, Channel, Confirmation, ConsumeOptions, Error, FieldTable, ReplyError,
-    ShortString,
 };
-use amqp_client_tests::{connect, list_bindings, unique};
-
-fn name(text: &str) -> ShortString {
-    ShortString::new(text).expect("short name")
-}
+use amqp_client_tests::{connect, list_bindings, name, unique};
 
 async fn message_count(channel: &Channel, queue: &str) -> u32 {
     channel

@@ -11,15 +11,11 @@ use std::time::Duration;
 use amqp_client::prelude::*;
 use amqp_client::{
     BasicProperties, Channel, Config, Confirmation, Connection, ConsumeOptions, Error,
-    RecoveryConfig, RecoveryEvent, ReplyError, ShortString,
+    RecoveryConfig, RecoveryEvent, ReplyError,
 };
 use amqp_client_tests::proxy::{Fault, FaultProxy};
-use amqp_client_tests::{config, connect, rabbitmqctl, unique};
+use amqp_client_tests::{config, connect, connection_pid, name, rabbitmqctl, unique};
 use tokio::sync::broadcast;
-
-fn name(text: &str) -> ShortString {
-    ShortString::new(text).expect("short name")
-}
 
 fn broker_address() -> SocketAddr {
     tokio_addr(&config().address())
@@ -244,24 +240,6 @@ async fn recovers_from_a_cut_in_the_middle_of_a_frame() {
     assert_eq!(next_body(&mut consumer).await, "x".repeat(1000));
     connection.close().await.expect("close");
     delete(&q).await;
-}
-
-/// The broker's pid for the connection named `connection_name`.
-async fn connection_pid(connection_name: &str) -> String {
-    for _ in 0..100 {
-        let listing = rabbitmqctl(&[
-            "list_connections",
-            "-q",
-            "--no-table-headers",
-            "pid",
-            "client_properties",
-        ]);
-        if let Some(line) = listing.lines().find(|l| l.contains(connection_name)) {
-            return line.split('\t').next().unwrap_or_default().to_owned();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("connection {connection_name} never appeared in rabbitmqctl list_connections");
 }
 
 #[tokio::test]
