@@ -1,0 +1,78 @@
+//! connection.blocked / unblocked from a resource alarm, on a private node
+//! (an alarm on the shared broker would block every other test).
+
+use std::time::Duration;
+
+use amqp_client::prelude::*;
+use amqp_client::{BasicProperties, Connection, ShortString};
+use amqp_client_tests::node::{NodeOptions, PrivateNode};
+
+#[tokio::test]
+async fn a_memory_alarm_blocks_publishers_until_it_clears() {
+    let node = PrivateNode::start_async(NodeOptions::default()).await;
+    let connection = Connection::connect(node.config()).await.expect("connect");
+    let channel = connection.open_channel().await.expect("channel");
+    channel
+        .queue_declare(queue::Declare {
+            queue: ShortString::from_static("blocked-q"),
+            ..Default::default()
+        })
+        .await
+        .expect("declare");
+    let mut blocked = connection.blocked();
+    assert!(blocked.borrow().is_none());
+
+    node.rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]);
+    // The broker blocks a connection when it publishes during an alarm.
+    channel
+        .basic_publish(
+            "",
+            "blocked-q",
+            false,
+            &BasicProperties::default(),
+            "trigger",
+        )
+        .await
+        .expect("publish");
+    tokio::time::timeout(Duration::from_secs(20), blocked.wait_for(Option::is_some))
+        .await
+        .expect("connection.blocked arrives")
+        .expect("watch open");
+    let reason = blocked.borrow().clone().expect("blocked");
+    assert!(reason.to_lowercase().contains("memory"), "{reason}");
+
+    // A publish while blocked waits instead of piling up in the client.
+    let waiting = tokio::spawn({
+        let channel = channel.clone();
+        async move {
+            channel
+                .basic_publish("", "blocked-q", false, &BasicProperties::default(), "later")
+                .await
+                .map(drop)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "publishing waits while blocked");
+
+    node.rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]);
+    tokio::time::timeout(Duration::from_secs(20), blocked.wait_for(Option::is_none))
+        .await
+        .expect("connection.unblocked arrives")
+        .expect("watch open");
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("publish resumes")
+        .expect("join")
+        .expect("publish");
+    let count = channel
+        .queue_declare(queue::Declare {
+            queue: ShortString::from_static("blocked-q"),
+            passive: true,
+            ..Default::default()
+        })
+        .await
+        .expect("passive")
+        .message_count;
+    assert_eq!(count, 2, "both messages arrived after the alarm cleared");
+    connection.close().await.expect("close");
+}
