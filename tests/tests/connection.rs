@@ -374,3 +374,51 @@ async fn dropping_every_handle_closes_the_connection_gracefully() {
     }
     panic!("the connection stayed open after its last handle was dropped");
 }
+
+#[tokio::test]
+async fn amqplain_authenticates_too() {
+    let connection =
+        connect_with(config().auth_mechanism(amqp_client::AuthMechanism::AmqPlain)).await;
+    let channel = connection.open_channel().await.expect("channel");
+    channel
+        .basic_qos(basic::Qos::default())
+        .await
+        .expect("usable");
+    connection.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn a_small_frame_max_from_the_url_splits_bodies_and_still_round_trips() {
+    let url = format!(
+        "{}?frame_max=4096&channel_max=16&heartbeat=30",
+        amqp_client_tests::amqp_url()
+    );
+    let connection = connect_with(url.parse().expect("valid URL")).await;
+    let info = connection.server_info();
+    assert_eq!(
+        (info.frame_max, info.channel_max, info.heartbeat),
+        (4096, 16, 30)
+    );
+    let channel = connection.open_channel().await.expect("channel");
+    let q = temp_queue(&channel, "small-frames").await;
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    channel
+        .basic_publish("", &q, false, &BasicProperties::default(), body.clone())
+        .await
+        .expect("publish");
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(message) = channel.basic_get(&q, true).await.expect("get") {
+                return message;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the message arrives");
+    assert!(
+        got.delivery.body[..] == body[..],
+        "25 body frames reassembled in order"
+    );
+    connection.close().await.expect("close");
+}
