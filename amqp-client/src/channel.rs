@@ -233,10 +233,12 @@ impl Channel {
             };
         }
         let (reply, answer) = oneshot::channel();
-        let _ = self.inner.conn.control.send(Command::CloseChannel {
+        // Through the command queue: behind what was published on the channel.
+        self.send_command(Command::CloseChannel {
             channel: self.inner.id,
             reply: Some(reply),
-        });
+        })
+        .await?;
         self.answer(answer).await
     }
 
@@ -282,11 +284,22 @@ impl Channel {
             (None, None)
         };
         let head = self.encode_head(&publish, properties, body.len() as u64);
+        let units = ((head.len() + body.len()) / 4096 + 1)
+            .min(crate::connection::PUBLISH_BUFFER_UNITS as usize);
+        let credit = self
+            .inner
+            .conn
+            .publish_credit
+            .clone()
+            .acquire_many_owned(units as u32)
+            .await
+            .ok();
         self.send_command(Command::Publish {
             channel: self.inner.id,
             head,
             body,
             confirm,
+            credit,
         })
         .await?;
         Ok(PublishConfirm {

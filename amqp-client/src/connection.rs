@@ -21,6 +21,12 @@ use crate::transport::{self, Stream};
 /// How many commands may wait for the I/O task before senders wait in turn.
 const COMMAND_QUEUE: usize = 4096;
 
+/// Publishes queued in the client (not yet written to the socket) may hold
+/// at most this many 4 KiB units (64 MiB); beyond it `basic_publish` waits,
+/// so a broker that reads slower than the application publishes slows the
+/// application down instead of filling its memory.
+pub(crate) const PUBLISH_BUFFER_UNITS: u32 = 16 * 1024;
+
 type ErrorHandler = Box<dyn Fn(&Error) + Send + Sync>;
 
 /// The on-connect hook: runs after the first connect and after every
@@ -104,6 +110,9 @@ pub(crate) struct Inner {
     pub info: ServerInfo,
     pub config: Config,
     pub next_consumer: std::sync::atomic::AtomicU64,
+    /// Bounds what publishers may queue in the client (bodies included):
+    /// one permit per started 4 KiB, given back as messages are written.
+    pub publish_credit: Arc<tokio::sync::Semaphore>,
 }
 
 impl Inner {
@@ -372,6 +381,7 @@ impl Connection {
             },
             config: config.clone(),
             next_consumer: std::sync::atomic::AtomicU64::new(1),
+            publish_credit: Arc::new(tokio::sync::Semaphore::new(PUBLISH_BUFFER_UNITS as usize)),
         });
         let (reader, writer) = stream.into_split();
         let driver = Driver {
@@ -488,10 +498,17 @@ impl Connection {
     /// by the connection timeout, at most 10 s).
     pub async fn close(&self) -> Result<(), Error> {
         if !self.is_closed() {
-            let _ = self.inner.control.send(Command::CloseConnection {
+            let close = Command::CloseConnection {
                 code: ReplyCode::REPLY_SUCCESS,
                 text: "closed by the application".to_owned(),
-            });
+            };
+            if self.is_recovering() {
+                // Nothing to flush: stop recovering now.
+                let _ = self.inner.control.send(close);
+            } else {
+                // Behind everything already published, which goes out first.
+                let _ = self.inner.commands.send(close).await;
+            }
         }
         self.closed().await
     }

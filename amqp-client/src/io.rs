@@ -175,8 +175,14 @@ impl Driver {
                 }
                 command = control.recv(), if !control.is_closed() => {
                     if let Some(command) = command {
-                        // Acks queued before a close go out before it.
+                        // A handle dropped after it published or acked: what it
+                        // queued before the drop goes out before the close.
                         self.take_settlements();
+                        if self.machine.accepts_commands() {
+                            while let Ok(earlier) = self.commands.try_recv() {
+                                self.machine.command(earlier, Instant::now());
+                            }
+                        }
                         self.machine.command(command, Instant::now());
                     }
                 }

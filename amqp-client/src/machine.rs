@@ -145,6 +145,9 @@ pub(crate) enum Command {
         head: Bytes,
         body: Bytes,
         confirm: Option<ConfirmSender>,
+        /// The publisher's share of the connection's publish buffer, given
+        /// back (by drop) once the message is written or discarded.
+        credit: Option<tokio::sync::OwnedSemaphorePermit>,
     },
     Consume {
         channel: u16,
@@ -191,6 +194,8 @@ enum Outgoing {
         body: Bytes,
         /// How much of the body is written.
         offset: usize,
+        /// Held until the message is written (see `Command::Publish`).
+        _credit: Option<tokio::sync::OwnedSemaphorePermit>,
     },
 }
 
@@ -625,6 +630,9 @@ pub(crate) struct Machine {
     recovering: Recovering,
     events: broadcast::Sender<RecoveryEvent>,
     last_loss: Option<Error>,
+    /// The application's connection.close, held until the channels' queues
+    /// are written.
+    closing_frame: Option<Method>,
 }
 
 fn unexpected(what: String) -> Error {
@@ -646,6 +654,7 @@ impl Machine {
             recovering,
             events,
             last_loss: None,
+            closing_frame: None,
             settings,
             state: State::Open,
             channels: ChannelMap::default(),
@@ -751,7 +760,10 @@ impl Machine {
 
     /// Whether there is anything to write.
     pub(crate) fn wants_to_write(&self) -> bool {
-        self.heartbeat_due || !self.control.is_empty() || !self.ready.is_empty()
+        self.heartbeat_due
+            || !self.control.is_empty()
+            || !self.ready.is_empty()
+            || self.closing_frame.is_some()
     }
 
     /// Writes frames into `buf` until it holds `budget` bytes or nothing is
@@ -779,6 +791,12 @@ impl Machine {
                 channel.scheduled = false;
             } else {
                 self.ready.push_back(id);
+            }
+        }
+        if self.ready.is_empty() {
+            if let Some(close) = self.closing_frame.take() {
+                tracing::trace!(channel = 0, method = ?close, "frame sent");
+                frame::write_method(buf, 0, &close);
             }
         }
     }
@@ -925,6 +943,7 @@ impl Machine {
                 head,
                 body,
                 confirm,
+                credit,
             } => {
                 let state = match self.usable_channel(channel) {
                     Ok(state) => state,
@@ -946,6 +965,7 @@ impl Machine {
                         head: Some(head),
                         body,
                         offset: 0,
+                        _credit: credit,
                     },
                 );
             }
@@ -1092,15 +1112,14 @@ impl Machine {
                     initiator: Initiator::Application,
                 };
                 let _ = self.error.set(Error::connection_closed(reason));
-                self.control.push_back((
-                    0,
-                    Method::ConnectionClose(connection::Close {
-                        reply_code: code.code(),
-                        reply_text: ShortString::new(&text).unwrap_or_default(),
-                        class_id: 0,
-                        method_id: 0,
-                    }),
-                ));
+                // Sent once every channel's queue is written: what was
+                // published before close() goes out before the close.
+                self.closing_frame = Some(Method::ConnectionClose(connection::Close {
+                    reply_code: code.code(),
+                    reply_text: ShortString::new(&text).unwrap_or_default(),
+                    class_id: 0,
+                    method_id: 0,
+                }));
                 self.state = State::Closing {
                     deadline: now + self.settings.close_timeout,
                 };
@@ -2048,7 +2067,9 @@ fn write_one_turn(id: u16, channel: &mut ChannelState, buf: &mut BytesMut, frame
             frame::write_method(buf, id, method);
             channel.out.pop_front();
         }
-        Outgoing::Publish { head, body, offset } => {
+        Outgoing::Publish {
+            head, body, offset, ..
+        } => {
             if let Some(head) = head.take() {
                 buf.extend_from_slice(&head);
             }
@@ -2239,6 +2260,7 @@ mod tests {
                     head: publish_head(id, 1),
                     body: Bytes::from_static(b"x"),
                     confirm: Some(tx),
+                    credit: None,
                 },
                 now,
             );
@@ -2386,6 +2408,7 @@ mod tests {
             head: publish_head(channel, body.len() as u64),
             body,
             confirm: None,
+            credit: None,
         };
         m.command(publish(a, Bytes::from(vec![0u8; 100_000])), now);
         m.command(publish(b, Bytes::from_static(b"small")), now);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use amqp_client::protocol::methods::{basic, Method};
 use amqp_client::protocol::BasicProperties;
-use amqp_client::{Connection, ConsumeOptions};
+use amqp_client::{BasicProperties as Properties, Connection, ConsumeOptions};
 use amqp_client_tests::fake_peer::{header_frame, method_frame, raw_frame, FakePeer, Tuning};
 
 const BODY: usize = 1024;
@@ -109,4 +109,43 @@ async fn a_slow_consumer_stops_the_socket_instead_of_buffering_without_bound() {
         assert_eq!(delivery.envelope.delivery_tag, expected);
         assert_eq!(delivery.body.len(), BODY);
     }
+}
+
+#[tokio::test]
+async fn a_publisher_faster_than_the_peer_reads_waits_instead_of_buffering_without_bound() {
+    let script = FakePeer::start(|mut peer| async move {
+        peer.handshake(&Tuning::default()).await?;
+        peer.accept_channel_open().await?;
+        // Then never read again: the socket's buffers fill up.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok(())
+    })
+    .await
+    .expect("fake peer");
+    let connection = Connection::connect(script.config()).await.expect("connect");
+    let channel = connection.open_channel().await.expect("channel");
+    let body = bytes::Bytes::from(vec![b'p'; 4000]);
+    let properties = Properties::default();
+    let mut accepted = 0usize;
+    loop {
+        let publish = channel.basic_publish("", "q", false, &properties, body.clone());
+        match tokio::time::timeout(Duration::from_secs(1), publish).await {
+            Ok(result) => {
+                result.expect("publish");
+                accepted += 1;
+                assert!(
+                    accepted < 100_000,
+                    "400 MB accepted: the client buffers without bound"
+                );
+            }
+            Err(_) => break,
+        }
+    }
+    let mib = accepted * 4000 / (1024 * 1024);
+    println!("{mib} MiB accepted before basic_publish waited");
+    assert!(
+        mib <= 64 + 16,
+        "{mib} MiB queued: more than the 64 MiB publish buffer and socket buffers"
+    );
+    script.abort();
 }

@@ -64,15 +64,26 @@ async fn a_memory_alarm_blocks_publishers_until_it_clears() {
         .expect("publish resumes")
         .expect("join")
         .expect("publish");
-    let count = channel
-        .queue_declare(queue::Declare {
-            queue: ShortString::from_static("blocked-q"),
-            passive: true,
-            ..Default::default()
-        })
-        .await
-        .expect("passive")
-        .message_count;
-    assert_eq!(count, 2, "both messages arrived after the alarm cleared");
+    // Routing is asynchronous in the broker: wait for both to be counted.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let count = channel
+            .queue_declare(queue::Declare {
+                queue: ShortString::from_static("blocked-q"),
+                passive: true,
+                ..Default::default()
+            })
+            .await
+            .expect("passive")
+            .message_count;
+        if count == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{count} of 2 messages arrived after the alarm cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     connection.close().await.expect("close");
 }

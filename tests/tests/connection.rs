@@ -422,3 +422,66 @@ async fn a_small_frame_max_from_the_url_splits_bodies_and_still_round_trips() {
     );
     connection.close().await.expect("close");
 }
+
+#[tokio::test]
+async fn everything_published_before_a_close_or_a_drop_reaches_the_broker() {
+    let q = unique("flushed");
+    let setup = connect().await;
+    let setup_channel = setup.open_channel().await.expect("channel");
+    setup_channel
+        .queue_declare(queue::Declare {
+            queue: name(&q),
+            ..Default::default()
+        })
+        .await
+        .expect("declare");
+
+    // Published without confirms, then the channel handle dropped and the
+    // connection closed at once: nothing queued in the client may be lost.
+    let connection = connect().await;
+    let channel = connection.open_channel().await.expect("channel");
+    for i in 0..10_000 {
+        channel
+            .basic_publish("", &q, false, &BasicProperties::default(), format!("{i}"))
+            .await
+            .expect("publish");
+    }
+    drop(channel);
+    let second = connection.open_channel().await.expect("channel");
+    for i in 0..5_000 {
+        second
+            .basic_publish("", &q, false, &BasicProperties::default(), format!("b{i}"))
+            .await
+            .expect("publish");
+    }
+    connection.close().await.expect("close");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let count = setup_channel
+            .queue_declare(queue::Declare {
+                queue: name(&q),
+                passive: true,
+                ..Default::default()
+            })
+            .await
+            .expect("passive")
+            .message_count;
+        if count == 15_000 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {count} of 15000 messages arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    setup_channel
+        .queue_delete(queue::Delete {
+            queue: name(&q),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    setup.close().await.expect("close");
+}
