@@ -284,16 +284,13 @@ impl Channel {
             (None, None)
         };
         let head = self.encode_head(&publish, properties, body.len() as u64);
-        let units = ((head.len() + body.len()) / 4096 + 1)
-            .min(crate::connection::PUBLISH_BUFFER_UNITS as usize);
-        let credit = self
-            .inner
-            .conn
-            .publish_credit
-            .clone()
-            .acquire_many_owned(units as u32)
-            .await
-            .ok();
+        let credit = Some(
+            self.inner
+                .conn
+                .publish_budget
+                .take((head.len() + body.len()) as u64)
+                .await,
+        );
         self.send_command(Command::Publish {
             channel: self.inner.id,
             head,

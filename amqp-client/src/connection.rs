@@ -22,10 +22,8 @@ use crate::transport::{self, Stream};
 const COMMAND_QUEUE: usize = 4096;
 
 /// Publishes queued in the client (not yet written to the socket) may hold
-/// at most this many 4 KiB units (64 MiB); beyond it `basic_publish` waits,
-/// so a broker that reads slower than the application publishes slows the
-/// application down instead of filling its memory.
-pub(crate) const PUBLISH_BUFFER_UNITS: u32 = 16 * 1024;
+/// at most this many bytes; beyond it `basic_publish` waits.
+pub(crate) const PUBLISH_BUFFER_BYTES: u64 = 64 * 1024 * 1024;
 
 type ErrorHandler = Box<dyn Fn(&Error) + Send + Sync>;
 
@@ -110,9 +108,8 @@ pub(crate) struct Inner {
     pub info: ServerInfo,
     pub config: Config,
     pub next_consumer: std::sync::atomic::AtomicU64,
-    /// Bounds what publishers may queue in the client (bodies included):
-    /// one permit per started 4 KiB, given back as messages are written.
-    pub publish_credit: Arc<tokio::sync::Semaphore>,
+    /// Bounds what publishers may queue in the client (bodies included).
+    pub publish_budget: Arc<crate::credit::PublishBudget>,
 }
 
 impl Inner {
@@ -381,7 +378,7 @@ impl Connection {
             },
             config: config.clone(),
             next_consumer: std::sync::atomic::AtomicU64::new(1),
-            publish_credit: Arc::new(tokio::sync::Semaphore::new(PUBLISH_BUFFER_UNITS as usize)),
+            publish_budget: crate::credit::PublishBudget::new(PUBLISH_BUFFER_BYTES),
         });
         let (reader, writer) = stream.into_split();
         let driver = Driver {

@@ -29,6 +29,7 @@ pub mod channel;
 pub mod config;
 pub mod connection;
 pub mod consumer;
+mod credit;
 pub mod error;
 mod handshake;
 mod io;

@@ -147,7 +147,7 @@ pub(crate) enum Command {
         confirm: Option<ConfirmSender>,
         /// The publisher's share of the connection's publish buffer, given
         /// back (by drop) once the message is written or discarded.
-        credit: Option<tokio::sync::OwnedSemaphorePermit>,
+        credit: Option<crate::credit::Credit>,
     },
     Consume {
         channel: u16,
@@ -195,7 +195,7 @@ enum Outgoing {
         /// How much of the body is written.
         offset: usize,
         /// Held until the message is written (see `Command::Publish`).
-        _credit: Option<tokio::sync::OwnedSemaphorePermit>,
+        _credit: Option<crate::credit::Credit>,
     },
 }
 
