@@ -18,6 +18,11 @@ use crate::protocol::frame;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{BasicProperties, ChannelRpc, FieldTable, ShortString};
 
+/// What a queued publish costs in memory beyond its frames (command, queue
+/// entry, handles), charged to the publish budget with its bytes so that the
+/// budget bounds memory for small messages too.
+const QUEUED_MESSAGE_OVERHEAD: usize = 256;
+
 pub(crate) struct ChannelInner {
     pub id: u16,
     /// Where publishers encode method and header frames: one buffer carved
@@ -288,7 +293,7 @@ impl Channel {
             self.inner
                 .conn
                 .publish_budget
-                .take((head.len() + body.len()) as u64)
+                .take((head.len() + body.len() + QUEUED_MESSAGE_OVERHEAD) as u64)
                 .await,
         );
         self.send_command(Command::Publish {

@@ -577,6 +577,10 @@ struct RecoveryRun {
     declaring: Option<ShortString>,
 }
 
+/// How many close timeouts `close()` may spend writing what is still queued
+/// before it gives up on it (a broker that stopped reading).
+const FLUSH_TIMEOUT_FACTOR: u32 = 6;
+
 /// Settings the machine runs with.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -633,6 +637,8 @@ pub(crate) struct Machine {
     /// The application's connection.close, held until the channels' queues
     /// are written.
     closing_frame: Option<Method>,
+    /// The close was put in the write buffer; its timeout starts when written.
+    close_written: bool,
 }
 
 fn unexpected(what: String) -> Error {
@@ -655,6 +661,7 @@ impl Machine {
             events,
             last_loss: None,
             closing_frame: None,
+            close_written: false,
             settings,
             state: State::Open,
             channels: ChannelMap::default(),
@@ -756,6 +763,12 @@ impl Machine {
     /// Bytes were written.
     pub(crate) fn on_sent(&mut self, now: Instant) {
         self.last_sent = now;
+        if self.close_written {
+            self.close_written = false;
+            if let State::Closing { deadline } = &mut self.state {
+                *deadline = now + self.settings.close_timeout;
+            }
+        }
     }
 
     /// Whether there is anything to write.
@@ -797,6 +810,7 @@ impl Machine {
             if let Some(close) = self.closing_frame.take() {
                 tracing::trace!(channel = 0, method = ?close, "frame sent");
                 frame::write_method(buf, 0, &close);
+                self.close_written = true;
             }
         }
     }
@@ -1120,8 +1134,10 @@ impl Machine {
                     class_id: 0,
                     method_id: 0,
                 }));
+                // What is queued may take a while to write to a slow broker:
+                // the close-ok timeout starts once the close itself is sent.
                 self.state = State::Closing {
-                    deadline: now + self.settings.close_timeout,
+                    deadline: now + self.settings.close_timeout * FLUSH_TIMEOUT_FACTOR,
                 };
             }
         }

@@ -518,6 +518,12 @@ async fn run(o: Options) -> Result<(), amqp_client::Error> {
             );
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), connection.close()).await;
+    // close() flushes what is still queued in the client before the close.
+    let closing = Instant::now();
+    match tokio::time::timeout(Duration::from_secs(30), connection.close()).await {
+        Ok(Ok(())) => println!("  closed in {:.2} s", closing.elapsed().as_secs_f64()),
+        Ok(Err(e)) => println!("  close failed: {e}"),
+        Err(_) => println!("  close timed out"),
+    }
     Ok(())
 }
