@@ -415,14 +415,12 @@ impl Channel {
                 no_ack,
             }))
             .await?;
+        let epoch = reply.epoch;
         match (reply.method, reply.content) {
             (Method::BasicGetEmpty(_), _) => Ok(None),
-            (Method::BasicGetOk(get_ok), Some(content)) => Ok(Some(GetMessage::new(
-                get_ok,
-                content,
-                self.epoch(),
-                self.clone(),
-            ))),
+            (Method::BasicGetOk(get_ok), Some(content)) => {
+                Ok(Some(GetMessage::new(get_ok, content, epoch, self.clone())))
+            }
             (other, _) => Err(crate::protocol::UnexpectedReply {
                 request: &basic::Get::INFO,
                 reply: other.info(),

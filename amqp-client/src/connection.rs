@@ -394,6 +394,8 @@ impl Connection {
             handle: Arc::downgrade(&inner),
             hook: hook.clone(),
             address_index,
+            commands_done: false,
+            control_done: false,
         };
         tokio::spawn(driver.run());
         let connection = Connection { inner };
@@ -499,13 +501,9 @@ impl Connection {
                 code: ReplyCode::REPLY_SUCCESS,
                 text: "closed by the application".to_owned(),
             };
-            if self.is_recovering() {
-                // Nothing to flush: stop recovering now.
-                let _ = self.inner.control.send(close);
-            } else {
-                // Behind everything already published, which goes out first.
-                let _ = self.inner.commands.send(close).await;
-            }
+            // The control queue is never full; its branch in the I/O task
+            // takes everything already queued (publishes included) first.
+            let _ = self.inner.control.send(close);
         }
         self.closed().await
     }

@@ -41,6 +41,11 @@ pub(crate) struct Driver {
     pub hook: Option<OnConnect>,
     /// The address the current socket is connected to.
     pub address_index: usize,
+    /// `recv()` returned `None`: every sender is gone and the queue is empty.
+    /// (`is_closed()` is true as soon as the senders are gone, even with
+    /// commands still queued, so it cannot say when to stop reading.)
+    pub commands_done: bool,
+    pub control_done: bool,
 }
 
 async fn reserve(
@@ -173,7 +178,10 @@ impl Driver {
                         }
                     }
                 }
-                command = control.recv(), if !control.is_closed() => {
+                command = control.recv(), if !self.control_done => {
+                    if command.is_none() {
+                        self.control_done = true;
+                    }
                     if let Some(command) = command {
                         // A handle dropped after it published or acked: what it
                         // queued before the drop goes out before the close.
@@ -215,7 +223,10 @@ impl Driver {
                         }
                     }
                 }
-                command = commands.recv(), if accepting && !commands.is_closed() => {
+                command = commands.recv(), if accepting && !self.commands_done => {
+                    if command.is_none() {
+                        self.commands_done = true;
+                    }
                     if let Some(command) = command {
                         self.take_settlements();
                         let now = Instant::now();
@@ -252,10 +263,7 @@ impl Driver {
 
     /// Whether every handle is gone.
     fn commands_gone(&self) -> bool {
-        self.commands.is_closed()
-            && self.control.is_closed()
-            && self.commands.is_empty()
-            && self.control.is_empty()
+        self.commands_done && self.control_done
     }
 
     /// Reconnects with backoff, trying each address in turn, and hands the
@@ -276,7 +284,7 @@ impl Driver {
                         .cloned()
                         .unwrap_or_else(|| lost(std::io::ErrorKind::NotConnected.into())));
                 }
-                if self.commands_gone() {
+                if self.commands.is_closed() && self.control_done {
                     return Err(Error::connection_closed(crate::error::CloseReason {
                         code: ReplyCode::REPLY_SUCCESS,
                         text: "connection dropped by the application during recovery".to_owned(),
@@ -286,7 +294,10 @@ impl Driver {
                 }
                 tokio::select! {
                     () = tokio::time::sleep_until(wake) => break,
-                    command = self.control.recv(), if !self.control.is_closed() => {
+                    command = self.control.recv(), if !self.control_done => {
+                        if command.is_none() {
+                            self.control_done = true;
+                        }
                         if let Some(command) = command {
                             self.machine.command(command, Instant::now());
                         }

@@ -32,6 +32,9 @@ pub(crate) struct Reply {
     pub method: Method,
     /// The content of a `basic.get-ok`.
     pub content: Option<Content>,
+    /// The channel's epoch when the reply arrived (a get-ok's tag is only
+    /// meaningful in it).
+    pub epoch: u64,
 }
 
 /// A delivery as the machine hands it to a consumer's buffer.
@@ -510,6 +513,10 @@ impl ChannelState {
     /// unknown), keep what recovery re-creates.
     fn interrupt(&mut self, error: &Error) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        // Consumers nobody holds any more (dropped, or whose consume failed)
+        // are not re-created.
+        self.consumers
+            .retain(|_, slot| slot.end.get().is_none() && !slot.deliveries.is_closed());
         for pending in self.rpcs.drain(..) {
             pending.fail(error);
         }
@@ -724,8 +731,13 @@ impl Machine {
         }
         if !self.settings.heartbeat.is_zero() && self.has_socket() {
             let send_at = self.last_sent + self.settings.heartbeat / 2;
-            let dead_at = self.last_received + self.settings.heartbeat * 2;
-            let earliest = send_at.min(dead_at);
+            // While reading is paused for a full consumer buffer, silence is
+            // not the peer's (see handle_timeout): no deadline for it.
+            let earliest = if self.parked.is_some() {
+                send_at
+            } else {
+                send_at.min(self.last_received + self.settings.heartbeat * 2)
+            };
             next = Some(next.map_or(earliest, |n: Instant| n.min(earliest)));
         }
         next
@@ -1486,6 +1498,7 @@ impl Machine {
                     Reply {
                         method: reply,
                         content: None,
+                        epoch: 0,
                     },
                 );
             }
@@ -1498,10 +1511,11 @@ impl Machine {
         self.control.push_back((id, method));
     }
 
-    fn complete_rpc(&mut self, id: u16, reply: Reply) {
+    fn complete_rpc(&mut self, id: u16, mut reply: Reply) {
         let Some(state) = self.channels.get_mut(&id) else {
             return;
         };
+        reply.epoch = state.epoch.load(Ordering::Acquire);
         state.in_flight = false;
         let Some(pending) = state.rpcs.pop_front() else {
             return;
@@ -1619,10 +1633,13 @@ impl Machine {
         match assembly.target {
             AssemblyTarget::Deliver(deliver) => {
                 let Some(slot) = state.consumers.get(&deliver.consumer_tag) else {
-                    return Err(unexpected(format!(
-                        "basic.deliver on channel {id} for unknown consumer {}",
-                        deliver.consumer_tag
-                    )));
+                    // A consumer cancelled with no-wait (or forgotten during
+                    // recovery) can still receive what was in flight: back to
+                    // the queue with it.
+                    tracing::debug!(channel = id, tag = %deliver.consumer_tag, "delivery for a cancelled consumer requeued");
+                    let tag = deliver.delivery_tag;
+                    self.requeue(id, tag);
+                    return Ok(());
                 };
                 let no_ack = slot.no_ack;
                 let delivery = RawDelivery {
@@ -1673,6 +1690,7 @@ impl Machine {
                     Reply {
                         method: Method::BasicGetOk(get_ok),
                         content: Some(content),
+                        epoch: 0,
                     },
                 );
             }

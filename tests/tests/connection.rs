@@ -487,3 +487,126 @@ async fn everything_published_before_a_close_or_a_drop_reaches_the_broker() {
         .expect("delete");
     setup.close().await.expect("close");
 }
+
+#[tokio::test]
+async fn dropping_every_handle_right_after_publishing_still_delivers_and_closes() {
+    let q = unique("drop-all");
+    let connection_name = unique("drop-all");
+    let setup = connect().await;
+    let setup_channel = setup.open_channel().await.expect("channel");
+    setup_channel
+        .queue_declare(queue::Declare {
+            queue: name(&q),
+            ..Default::default()
+        })
+        .await
+        .expect("declare");
+    {
+        let connection = connect_with(config().connection_name(connection_name.clone())).await;
+        let channel = connection.open_channel().await.expect("channel");
+        for i in 0..2_000 {
+            channel
+                .basic_publish("", &q, false, &BasicProperties::default(), format!("{i}"))
+                .await
+                .expect("publish");
+        }
+        // The connection handle first, then the channel: commands are still queued.
+        drop(connection);
+        drop(channel);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let count = setup_channel
+            .queue_declare(queue::Declare {
+                queue: name(&q),
+                passive: true,
+                ..Default::default()
+            })
+            .await
+            .expect("passive")
+            .message_count;
+        let listed = rabbitmqctl(&[
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "client_properties",
+        ]);
+        if count == 2_000 && !listed.contains(&connection_name) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{count} of 2000 arrived; connection still open: {}",
+            listed.contains(&connection_name)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    setup_channel
+        .queue_delete(queue::Delete {
+            queue: name(&q),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    setup.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn a_no_wait_cancel_while_messages_flow_requeues_them_and_keeps_the_connection() {
+    let connection = connect().await;
+    let channel = connection.open_channel().await.expect("channel");
+    // Not auto-delete: cancelling its only consumer must not delete it.
+    let q = unique("nowait-cancel");
+    channel
+        .queue_declare(queue::Declare {
+            queue: name(&q),
+            ..Default::default()
+        })
+        .await
+        .expect("declare");
+    for i in 0..500 {
+        channel
+            .basic_publish("", &q, false, &BasicProperties::default(), format!("{i}"))
+            .await
+            .expect("publish");
+    }
+    let consumer = channel
+        .basic_consume(&q, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let tag = consumer.tag().clone();
+    channel
+        .basic_cancel_no_wait(basic::Cancel {
+            consumer_tag: tag,
+            ..Default::default()
+        })
+        .await
+        .expect("cancel");
+    drop(consumer);
+    // Whatever was in flight went back to the queue; the connection lives on.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let declared = channel
+            .queue_declare(queue::Declare {
+                queue: name(&q),
+                passive: true,
+                ..Default::default()
+            })
+            .await
+            .expect("the channel and connection still work");
+        if declared.message_count == 500 && declared.consumer_count == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{declared:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!connection.is_closed());
+    channel
+        .queue_delete(queue::Delete {
+            queue: name(&q),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    connection.close().await.expect("close");
+}
