@@ -1170,6 +1170,34 @@ impl Machine {
                 self.fail(Error::connection_closed(reason));
             }
             Command::CloseChannel { channel, reply } => {
+                let reopened = self
+                    .channels
+                    .get(&channel)
+                    .is_some_and(|state| matches!(state.phase, Phase::Opening | Phase::Open));
+                if reopened {
+                    // Already open on the new connection: the broker must be
+                    // told, after the step now on the wire for it.
+                    let Some(state) = self.channels.get_mut(&channel) else {
+                        return;
+                    };
+                    let _ = state.closed.set(Error::channel_closed(
+                        channel,
+                        CloseReason {
+                            code: ReplyCode::REPLY_SUCCESS,
+                            text: "closed by the application".to_owned(),
+                            method: None,
+                            initiator: Initiator::Application,
+                        },
+                    ));
+                    if let Some(reply) = reply {
+                        state.close_replies.push(reply);
+                    }
+                    if let Some(run) = self.recovery.as_mut() {
+                        run.steps.retain(|step| step.channel() != channel);
+                        run.steps.push_front(Step::Close(channel));
+                    }
+                    return;
+                }
                 if let Some(mut state) = self.channels.remove(&channel) {
                     let queues: Vec<ShortString> = state
                         .consumers
@@ -1197,7 +1225,42 @@ impl Machine {
             Command::ForgetConsumer { channel, tag, .. } => {
                 // Tags from before the reconnect mean nothing now; the broker
                 // requeues those messages itself.
-                self.end_consumer(channel, &tag, false);
+                let not_yet_consumed = self.recovery.as_ref().is_some_and(|run| {
+                    run.steps.iter().any(|step| {
+                        matches!(step, Step::Call(id, Method::BasicConsume(c)) if *id == channel && c.consumer_tag == tag)
+                    })
+                });
+                if not_yet_consumed {
+                    if let Some(run) = self.recovery.as_mut() {
+                        run.steps.retain(|step| {
+                            !matches!(step, Step::Call(id, Method::BasicConsume(c)) if *id == channel && c.consumer_tag == tag)
+                        });
+                    }
+                    self.end_consumer(channel, &tag, false);
+                    return;
+                }
+                // Consuming again on the new connection: cancel it there (the
+                // slot stays until cancel-ok; what arrives meanwhile is requeued).
+                let Some(state) = self.channels.get_mut(&channel) else {
+                    return;
+                };
+                let Some(slot) = state.consumers.get(&tag) else {
+                    return;
+                };
+                let _ = slot.end.set(Error::ConsumerCancelled {
+                    channel,
+                    consumer_tag: tag.to_string(),
+                    by_broker: false,
+                });
+                if state.phase == Phase::Open {
+                    state
+                        .rpcs
+                        .push_back(PendingRpc::unawaited(Method::BasicCancel(basic::Cancel {
+                            consumer_tag: tag,
+                            no_wait: false,
+                        })));
+                    self.pump_rpc(channel);
+                }
             }
             other => self.refuse(other),
         }
