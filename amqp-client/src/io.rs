@@ -72,7 +72,7 @@ impl Driver {
     /// Decodes and handles the frames in the read buffer, stopping early when
     /// a consumer's buffer is full.
     fn handle_input(&mut self) {
-        while self.machine.parked_sender().is_none()
+        while !self.machine.is_paused()
             && !self.machine.is_closed()
             && !self.machine.is_interrupted()
         {
@@ -150,7 +150,7 @@ impl Driver {
             }
             let accepting = self.machine.accepts_commands();
             let parked = self.machine.parked_sender();
-            let paused = parked.is_some();
+            let paused = self.machine.is_paused();
             let deadline = self.machine.next_timeout();
             let Driver {
                 reader,

@@ -584,6 +584,13 @@ struct RecoveryRun {
     declaring: Option<ShortString>,
 }
 
+/// Bytes of deliveries waiting for slow consumers beyond which the socket is
+/// no longer read.
+const OVERFLOW_LIMIT: usize = 16 * 1024 * 1024;
+
+/// What a waiting delivery costs beyond its body (frames' fields, queue entry).
+const QUEUED_DELIVERY_OVERHEAD: usize = 256;
+
 /// How many close timeouts `close()` may spend writing what is still queued
 /// before it gives up on it (a broker that stopped reading).
 const FLUSH_TIMEOUT_FACTOR: u32 = 6;
@@ -634,7 +641,13 @@ pub(crate) struct Machine {
     /// Why the connection ended; shared with every handle.
     error: Arc<OnceLock<Error>>,
     blocked: watch::Sender<Option<String>>,
-    parked: Option<(u16, mpsc::Sender<RawDelivery>, RawDelivery)>,
+    /// Deliveries waiting for room in their consumer's buffer, in arrival
+    /// order. While there are any, the socket is still read (RPC replies and
+    /// confirms keep flowing, so a consumer that awaits a call while its
+    /// buffer is full does not deadlock); once they hold more than
+    /// `OVERFLOW_LIMIT` bytes, reading stops and TCP pushes back.
+    overflow: VecDeque<(u16, mpsc::Sender<RawDelivery>, RawDelivery)>,
+    overflow_bytes: usize,
     topology: Topology,
     recovery: Option<RecoveryRun>,
     /// `true` while the connection is lost or recovering; handles wait on it.
@@ -680,7 +693,8 @@ impl Machine {
             last_sent: now,
             error,
             blocked,
-            parked: None,
+            overflow: VecDeque::new(),
+            overflow_bytes: 0,
         }
     }
 
@@ -694,24 +708,58 @@ impl Machine {
         matches!(self.state, State::Open)
     }
 
-    /// A delivery waiting for room in its consumer's buffer: while there is
-    /// one, the I/O task stops reading the socket.
+    /// The buffer the oldest waiting delivery needs room in.
     pub(crate) fn parked_sender(&self) -> Option<mpsc::Sender<RawDelivery>> {
-        self.parked.as_ref().map(|(_, sender, _)| sender.clone())
+        self.overflow.front().map(|(_, sender, _)| sender.clone())
     }
 
-    /// Room was made for the parked delivery.
+    /// Whether reading the socket must pause: too much is waiting for
+    /// consumers that do not keep up.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.overflow_bytes > OVERFLOW_LIMIT
+    }
+
+    fn delivery_cost(delivery: &RawDelivery) -> usize {
+        delivery.content.body.len() + QUEUED_DELIVERY_OVERHEAD
+    }
+
+    /// Room was made for the oldest waiting delivery; the ones after it go
+    /// too while their buffers take them.
     pub(crate) fn unpark(&mut self, permit: mpsc::OwnedPermit<RawDelivery>, now: Instant) {
-        if let Some((_, _, delivery)) = self.parked.take() {
+        let was_paused = self.is_paused();
+        if let Some((_, _, delivery)) = self.overflow.pop_front() {
+            self.overflow_bytes -= Self::delivery_cost(&delivery);
             permit.send(delivery);
         }
-        // Reading resumes now; the pause does not count as the peer's silence.
-        self.last_received = now;
+        while let Some((_, sender, _)) = self.overflow.front() {
+            let Ok(permit) = sender.clone().try_reserve_owned() else {
+                break;
+            };
+            if let Some((_, _, delivery)) = self.overflow.pop_front() {
+                self.overflow_bytes -= Self::delivery_cost(&delivery);
+                permit.send(delivery);
+            }
+        }
+        if was_paused {
+            // Reading resumes now; the pause does not count as the peer's silence.
+            self.last_received = now;
+        }
     }
 
-    /// The consumer of the parked delivery went away.
+    /// The consumer of the oldest waiting delivery went away: its waiting
+    /// deliveries go back to the queue.
     pub(crate) fn drop_parked(&mut self) {
-        if let Some((id, _, delivery)) = self.parked.take() {
+        let Some((_, gone, _)) = self.overflow.front() else {
+            return;
+        };
+        let gone = gone.clone();
+        let mut kept = VecDeque::new();
+        for (id, sender, delivery) in std::mem::take(&mut self.overflow) {
+            if !sender.same_channel(&gone) {
+                kept.push_back((id, sender, delivery));
+                continue;
+            }
+            self.overflow_bytes -= Self::delivery_cost(&delivery);
             let no_ack = self
                 .channels
                 .get(&id)
@@ -721,6 +769,7 @@ impl Machine {
                 self.requeue(id, delivery.deliver.delivery_tag);
             }
         }
+        self.overflow = kept;
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) next needs calling.
@@ -733,7 +782,7 @@ impl Machine {
             let send_at = self.last_sent + self.settings.heartbeat / 2;
             // While reading is paused for a full consumer buffer, silence is
             // not the peer's (see handle_timeout): no deadline for it.
-            let earliest = if self.parked.is_some() {
+            let earliest = if self.is_paused() {
                 send_at
             } else {
                 send_at.min(self.last_received + self.settings.heartbeat * 2)
@@ -757,7 +806,7 @@ impl Machine {
         }
         // While a full consumer buffer pauses reading, the broker's frames wait
         // in the socket: silence is ours, not the peer's.
-        if self.parked.is_none() && now >= self.last_received + self.settings.heartbeat * 2 {
+        if !self.is_paused() && now >= self.last_received + self.settings.heartbeat * 2 {
             tracing::warn!("missed heartbeats: no frame from the broker for two intervals");
             self.connection_lost(Error::MissedHeartbeats(self.settings.heartbeat * 2));
             return;
@@ -1710,10 +1759,22 @@ impl Machine {
                     content,
                     epoch: state.epoch.load(Ordering::Acquire),
                 };
-                match slot.deliveries.try_send(delivery) {
+                // Behind this consumer's deliveries that already wait, if any.
+                let waiting = self
+                    .overflow
+                    .iter()
+                    .any(|(_, sender, _)| sender.same_channel(&slot.deliveries));
+                let sent = if waiting {
+                    Err(mpsc::error::TrySendError::Full(delivery))
+                } else {
+                    slot.deliveries.try_send(delivery)
+                };
+                match sent {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(delivery)) => {
-                        self.parked = Some((id, slot.deliveries.clone(), delivery));
+                        self.overflow_bytes += Self::delivery_cost(&delivery);
+                        self.overflow
+                            .push_back((id, slot.deliveries.clone(), delivery));
                     }
                     Err(mpsc::error::TrySendError::Closed(delivery)) => {
                         if !no_ack {
@@ -1853,7 +1914,8 @@ impl Machine {
         self.control.clear();
         self.ready.clear();
         self.heartbeat_due = false;
-        self.parked = None;
+        self.overflow.clear();
+        self.overflow_bytes = 0;
         self.recovery = None;
         self.state = State::Interrupted;
         self.recovering.set(true);
@@ -2109,7 +2171,8 @@ impl Machine {
             let _ = reply.send(Err(error.clone()));
         }
         self.ready.clear();
-        self.parked = None;
+        self.overflow.clear();
+        self.overflow_bytes = 0;
         self.state = State::Closed;
     }
 

@@ -610,3 +610,40 @@ async fn a_no_wait_cancel_while_messages_flow_requeues_them_and_keeps_the_connec
         .expect("delete");
     connection.close().await.expect("close");
 }
+
+#[tokio::test]
+async fn a_consumer_whose_buffer_is_full_can_still_make_calls() {
+    // Buffer of 4 and no prefetch limit: the buffer is full at once, yet
+    // each handler's RPC reply must still be read.
+    let connection = connect_with(config().consumer_buffer(4)).await;
+    let channel = connection.open_channel().await.expect("channel");
+    let q = temp_queue(&channel, "full-buffer-rpc").await;
+    for i in 0..200 {
+        channel
+            .basic_publish("", &q, false, &BasicProperties::default(), format!("{i}"))
+            .await
+            .expect("publish");
+    }
+    let mut consumer = channel
+        .basic_consume(&q, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let other = connection.open_channel().await.expect("channel");
+    tokio::time::timeout(Duration::from_secs(20), async {
+        for _ in 0..200 {
+            let delivery = consumer.next().await.expect("open").expect("delivery");
+            other
+                .queue_declare(queue::Declare {
+                    queue: name(&q),
+                    passive: true,
+                    ..Default::default()
+                })
+                .await
+                .expect("an RPC while deliveries wait");
+            delivery.ack().await.expect("ack");
+        }
+    })
+    .await
+    .expect("no deadlock between a full consumer buffer and an RPC");
+    connection.close().await.expect("close");
+}
