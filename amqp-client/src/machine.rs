@@ -586,10 +586,11 @@ struct RecoveryRun {
 
 /// Bytes of deliveries waiting for slow consumers beyond which the socket is
 /// no longer read.
-const OVERFLOW_LIMIT: usize = 16 * 1024 * 1024;
+const OVERFLOW_LIMIT: usize = 8 * 1024 * 1024;
 
-/// What a waiting delivery costs beyond its body (frames' fields, queue entry).
-const QUEUED_DELIVERY_OVERHEAD: usize = 256;
+/// What a waiting delivery costs beyond its body: boxed properties (368
+/// bytes), the method, the queue entry.
+const QUEUED_DELIVERY_OVERHEAD: usize = 640;
 
 /// How many close timeouts `close()` may spend writing what is still queued
 /// before it gives up on it (a broker that stopped reading).
