@@ -256,6 +256,14 @@ async fn a_ten_megabyte_message_round_trips_byte_for_byte() {
         .expect("message");
     assert_eq!(got.delivery.body.len(), body.len());
     assert!(got.delivery.body[..] == body[..], "byte for byte");
+    // Auto-delete only applies once a consumer came and went: delete it.
+    channel
+        .queue_delete(queue::Delete {
+            queue: name(&q),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
     connection.close().await.expect("close");
 }
 
@@ -422,6 +430,13 @@ async fn a_small_frame_max_from_the_url_splits_bodies_and_still_round_trips() {
         got.delivery.body[..] == body[..],
         "25 body frames reassembled in order"
     );
+    channel
+        .queue_delete(queue::Delete {
+            queue: name(&q),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
     connection.close().await.expect("close");
 }
 

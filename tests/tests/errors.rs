@@ -287,6 +287,12 @@ async fn scoped_channels_close_when_the_scope_ends() {
     // The id is free again at once: the scope waited for close-ok.
     let next = connection.open_channel().await.expect("channel");
     assert_eq!(next.id(), id);
+    next.queue_delete(queue::Delete {
+        queue: name(&q),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
     connection.close().await.expect("close");
 }
 
