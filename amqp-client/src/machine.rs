@@ -487,6 +487,14 @@ impl ChannelState {
         }
     }
 
+    /// The queues its consumers consume from.
+    fn consumer_queues(&self) -> Vec<ShortString> {
+        self.consumers
+            .values()
+            .map(|c| c.consume.queue.clone())
+            .collect()
+    }
+
     /// Fails everything waiting on the channel and records why it closed.
     fn fail(&mut self, error: &Error) {
         let _ = self.closed.set(error.clone());
@@ -1249,11 +1257,7 @@ impl Machine {
                     return;
                 }
                 if let Some(mut state) = self.channels.remove(&channel) {
-                    let queues: Vec<ShortString> = state
-                        .consumers
-                        .values()
-                        .map(|c| c.consume.queue.clone())
-                        .collect();
+                    let queues: Vec<ShortString> = state.consumer_queues();
                     state.fail(&Error::channel_closed(
                         channel,
                         CloseReason {
@@ -1473,11 +1477,7 @@ impl Machine {
                 };
                 tracing::debug!(channel = id, %reason, "channel closed by the broker");
                 let error = Error::channel_closed(id, reason);
-                let queues: Vec<ShortString> = state
-                    .consumers
-                    .values()
-                    .map(|c| c.consume.queue.clone())
-                    .collect();
+                let queues: Vec<ShortString> = state.consumer_queues();
                 let internal = state.internal;
                 state.fail(&error);
                 for reply in state.close_replies.drain(..) {
@@ -1507,11 +1507,7 @@ impl Machine {
                     .cloned()
                     .unwrap_or_else(|| Self::channel_gone(id));
                 let replies: Vec<_> = state.close_replies.drain(..).collect();
-                let queues: Vec<ShortString> = state
-                    .consumers
-                    .values()
-                    .map(|c| c.consume.queue.clone())
-                    .collect();
+                let queues: Vec<ShortString> = state.consumer_queues();
                 state.fail(&error);
                 for reply in replies {
                     let _ = reply.send(Ok(()));

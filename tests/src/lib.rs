@@ -9,7 +9,8 @@ pub mod proxy;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use amqp_client::{Config, Connection, ShortString};
+use amqp_client::prelude::*;
+use amqp_client::{Channel, Config, Connection, ShortString};
 
 /// The broker the tests use: `AMQP_URL`, or the local default.
 pub fn amqp_url() -> String {
@@ -112,4 +113,34 @@ pub async fn connection_pid(connection_name: &str) -> String {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!("connection {connection_name} never appeared in rabbitmqctl list_connections");
+}
+
+/// Waits until `queue` holds `expected` messages (the broker routes
+/// asynchronously), failing after `within` with the count it last saw.
+pub async fn wait_for_message_count(
+    channel: &Channel,
+    queue: &str,
+    expected: u32,
+    within: std::time::Duration,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let count = channel
+            .queue_declare(queue::Declare {
+                queue: name(queue),
+                passive: true,
+                ..Default::default()
+            })
+            .await
+            .expect("passive declare")
+            .message_count;
+        if count == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{count} of {expected} messages in {queue}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

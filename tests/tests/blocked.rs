@@ -6,6 +6,7 @@ use std::time::Duration;
 use amqp_client::prelude::*;
 use amqp_client::{BasicProperties, Connection, ShortString};
 use amqp_client_tests::node::{NodeOptions, PrivateNode};
+use amqp_client_tests::wait_for_message_count;
 
 #[tokio::test]
 async fn a_memory_alarm_blocks_publishers_until_it_clears() {
@@ -65,25 +66,6 @@ async fn a_memory_alarm_blocks_publishers_until_it_clears() {
         .expect("join")
         .expect("publish");
     // Routing is asynchronous in the broker: wait for both to be counted.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let count = channel
-            .queue_declare(queue::Declare {
-                queue: ShortString::from_static("blocked-q"),
-                passive: true,
-                ..Default::default()
-            })
-            .await
-            .expect("passive")
-            .message_count;
-        if count == 2 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{count} of 2 messages arrived after the alarm cleared"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_message_count(&channel, "blocked-q", 2, Duration::from_secs(10)).await;
     connection.close().await.expect("close");
 }

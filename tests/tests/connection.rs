@@ -8,7 +8,10 @@ use amqp_client::prelude::*;
 use amqp_client::{
     BasicProperties, Channel, ConsumeOptions, Decimal, Error, FieldTable, FieldValue, ReplyError,
 };
-use amqp_client_tests::{config, connect, connect_with, connection_pid, name, rabbitmqctl, unique};
+use amqp_client_tests::{
+    config, connect, connect_with, connection_pid, name, rabbitmqctl, unique,
+    wait_for_message_count,
+};
 use bytes::Bytes;
 
 async fn temp_queue(channel: &Channel, prefix: &str) -> String {
@@ -473,26 +476,7 @@ async fn everything_published_before_a_close_or_a_drop_reaches_the_broker() {
     }
     connection.close().await.expect("close");
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let count = setup_channel
-            .queue_declare(queue::Declare {
-                queue: name(&q),
-                passive: true,
-                ..Default::default()
-            })
-            .await
-            .expect("passive")
-            .message_count;
-        if count == 15_000 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {count} of 15000 messages arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_message_count(&setup_channel, &q, 15_000, Duration::from_secs(10)).await;
     setup_channel
         .queue_delete(queue::Delete {
             queue: name(&q),

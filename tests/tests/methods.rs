@@ -7,7 +7,7 @@ use amqp_client::prelude::*;
 use amqp_client::{
     BasicProperties, Channel, Confirmation, ConsumeOptions, Error, FieldTable, ReplyError,
 };
-use amqp_client_tests::{connect, list_bindings, name, unique};
+use amqp_client_tests::{connect, list_bindings, name, unique, wait_for_message_count};
 
 async fn message_count(channel: &Channel, queue: &str) -> u32 {
     channel
@@ -50,13 +50,7 @@ async fn publish(channel: &Channel, routing_key: &str, body: &str) {
 /// Waits until the broker has routed what was published (publishes are
 /// asynchronous; a synchronous call on the same channel orders after them).
 async fn settle(channel: &Channel, queue: &str, expected: u32) {
-    for _ in 0..100 {
-        if message_count(channel, queue).await == expected {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("queue {queue} never held {expected} messages");
+    wait_for_message_count(channel, queue, expected, Duration::from_secs(2)).await;
 }
 
 #[tokio::test]

@@ -246,11 +246,23 @@ fn write_frame(buf: &mut BytesMut, frame_type: u8, channel: u16, body: impl FnOn
 /// Writes a method frame.
 #[inline]
 pub fn write_method(buf: &mut BytesMut, channel: u16, method: &Method) {
+    write_method_frame(buf, channel, method.info().id, |buf| {
+        method.encode_args(buf)
+    });
+}
+
+/// Writes a method frame: the ids, then the arguments `args` writes.
+#[inline]
+fn write_method_frame(
+    buf: &mut BytesMut,
+    channel: u16,
+    id: MethodId,
+    args: impl FnOnce(&mut BytesMut),
+) {
     write_frame(buf, FRAME_METHOD, channel, |buf| {
-        let id = method.info().id;
         buf.put_u16(id.class_id);
         buf.put_u16(id.method_id);
-        method.encode_args(buf);
+        args(buf);
     });
 }
 
@@ -288,11 +300,8 @@ pub fn write_body(buf: &mut BytesMut, channel: u16, body: &[u8], frame_max: u32)
 /// Writes the method frame of a `basic.publish` (without building a [`Method`]).
 #[inline]
 pub fn write_publish_method(buf: &mut BytesMut, channel: u16, publish: &basic::Publish) {
-    write_frame(buf, FRAME_METHOD, channel, |buf| {
-        let id = basic::Publish::INFO.id;
-        buf.put_u16(id.class_id);
-        buf.put_u16(id.method_id);
-        publish.encode_args(buf);
+    write_method_frame(buf, channel, basic::Publish::INFO.id, |buf| {
+        publish.encode_args(buf)
     });
 }
 
