@@ -10,7 +10,7 @@ use crate::channel::Channel;
 use crate::error::Error;
 use crate::machine::{Command, ConsumerEnd, Content, RawDelivery};
 use crate::protocol::methods::{basic, Method};
-use crate::protocol::{BasicProperties, ChannelRpc, ShortString};
+use crate::protocol::{ChannelRpc, ReceivedProperties, ShortString};
 
 /// Where a message came from and how to acknowledge it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +33,7 @@ pub struct Delivery {
     /// Where it came from.
     pub envelope: Envelope,
     /// Its properties.
-    pub properties: Box<BasicProperties>,
+    pub properties: ReceivedProperties,
     /// Its body, a slice of the connection's read buffer when it fit one frame.
     pub body: Bytes,
     channel: Channel,

@@ -17,12 +17,12 @@ use crate::topology::Topology;
 use crate::error::{CloseReason, Error, Initiator};
 use crate::protocol::frame::{self, ContentHeader, Frame, FRAME_OVERHEAD};
 use crate::protocol::methods::{basic, channel, connection, Method};
-use crate::protocol::{BasicProperties, MethodId, MethodInfo, ReplyCode, ShortString};
+use crate::protocol::{MethodId, MethodInfo, ReceivedProperties, ReplyCode, ShortString};
 
 /// Message content: properties and body.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Content {
-    pub properties: Box<BasicProperties>,
+    pub properties: ReceivedProperties,
     pub body: Bytes,
 }
 
@@ -96,7 +96,7 @@ pub struct ReturnedMessage {
     /// Its routing key.
     pub routing_key: ShortString,
     /// Its properties.
-    pub properties: Box<BasicProperties>,
+    pub properties: ReceivedProperties,
     /// Its body.
     pub body: Bytes,
 }
@@ -279,7 +279,7 @@ enum AssemblyTarget {
 
 struct Assembly {
     target: AssemblyTarget,
-    header: Option<(Box<BasicProperties>, u64)>,
+    header: Option<(ReceivedProperties, u64)>,
     body: BodyBuffer,
 }
 
@@ -596,8 +596,8 @@ struct RecoveryRun {
 /// no longer read.
 const OVERFLOW_LIMIT: usize = 8 * 1024 * 1024;
 
-/// What a waiting delivery costs beyond its body: boxed properties (368
-/// bytes), the method, the queue entry.
+/// What a waiting delivery costs beyond its body and the property bytes it
+/// keeps: the method, the properties once read (368 bytes), the queue entry.
 const QUEUED_DELIVERY_OVERHEAD: usize = 640;
 
 /// How many close timeouts `close()` may spend writing what is still queued
@@ -729,7 +729,9 @@ impl Machine {
     }
 
     fn delivery_cost(delivery: &RawDelivery) -> usize {
-        delivery.content.body.len() + QUEUED_DELIVERY_OVERHEAD
+        delivery.content.body.len()
+            + delivery.content.properties.shared_len()
+            + QUEUED_DELIVERY_OVERHEAD
     }
 
     /// Room was made for the oldest waiting delivery; the ones after it go
@@ -2316,7 +2318,12 @@ mod tests {
     fn publish_head(channel: u16, body_size: u64) -> Bytes {
         let mut buf = BytesMut::new();
         frame::write_publish_method(&mut buf, channel, &basic::Publish::default());
-        frame::write_header(&mut buf, channel, body_size, &BasicProperties::default());
+        frame::write_header(
+            &mut buf,
+            channel,
+            body_size,
+            &crate::protocol::BasicProperties::default(),
+        );
         buf.freeze()
     }
 
@@ -2511,7 +2518,7 @@ mod tests {
             header: ContentHeader {
                 class_id: 60,
                 body_size: 6,
-                properties: Box::default(),
+                properties: ReceivedProperties::default(),
             },
         })
         .expect("header");
@@ -2547,7 +2554,7 @@ mod tests {
                 header: ContentHeader {
                     class_id: 60,
                     body_size: 1,
-                    properties: Box::default(),
+                    properties: ReceivedProperties::default(),
                 },
             })
             .expect_err("header without method");

@@ -203,7 +203,48 @@ proptest! {
             panic!("not a header: {decoded:?}");
         };
         prop_assert_eq!(header.body_size, body_size);
-        prop_assert_eq!(*header.properties, properties);
+        prop_assert_eq!(header.properties, properties);
+    }
+
+    #[test]
+    fn checking_a_property_list_fails_exactly_where_decoding_fails(
+        flags in any::<u16>(),
+        tail in proptest::collection::vec(any::<u8>(), 0..96),
+        content_type in proptest::option::of(short_string()),
+        headers in proptest::option::of(field_table()),
+        message_id in proptest::option::of(short_string()),
+        timestamp in proptest::option::of(any::<u64>()),
+        cut in any::<prop::sample::Index>(),
+        flip in any::<(prop::sample::Index, u8)>(),
+    ) {
+        // Random flags (the two unused bits cleared half of the time) over
+        // random bytes, and a valid list cut short or with one byte changed.
+        let flags = if tail.first().is_some_and(|b| b & 1 == 0) { flags & !3 } else { flags };
+        let mut random = flags.to_be_bytes().to_vec();
+        random.extend_from_slice(&tail);
+        let properties = BasicProperties {
+            content_type, headers, message_id, timestamp, ..BasicProperties::default()
+        };
+        let mut valid = BytesMut::new();
+        properties.encode(&mut valid);
+        let cut_short = valid[..cut.index(valid.len() + 1)].to_vec();
+        let mut changed = valid.to_vec();
+        let at = flip.0.index(changed.len());
+        changed[at] ^= flip.1;
+        for input in [&random[..], &valid[..], &cut_short[..], &changed[..]] {
+            let mut skipped = input;
+            let mut decoded = input;
+            let skip = BasicProperties::skip(&mut skipped);
+            let decode = BasicProperties::decode(&mut decoded);
+            prop_assert_eq!(skip.as_ref().err(), decode.as_ref().err());
+            if skip.is_ok() {
+                prop_assert_eq!(skipped.len(), decoded.len());
+                // What the frame decoder keeps encoded decodes to the same.
+                let kept = &input[..input.len() - skipped.len()];
+                let received = amqp_client::protocol::ReceivedProperties::decode(kept).expect("checked");
+                prop_assert_eq!(&*received, decode.as_ref().expect("decoded"));
+            }
+        }
     }
 
     #[test]

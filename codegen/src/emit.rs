@@ -126,6 +126,20 @@ fn decode_value(wire: WireType) -> TokenStream {
     }
 }
 
+/// Steps over a value of `wire` type, checking it as [`decode_value`] would.
+fn skip_value(wire: WireType) -> TokenStream {
+    match wire {
+        WireType::Octet => quote!(wire::read_u8(buf)?;),
+        WireType::Short => quote!(wire::read_u16(buf)?;),
+        WireType::Long => quote!(wire::read_u32(buf)?;),
+        WireType::LongLong | WireType::Timestamp => quote!(wire::read_u64(buf)?;),
+        WireType::ShortStr => quote!(wire::skip_short_string(buf)?;),
+        WireType::LongStr => quote!(wire::skip_long_string(buf)?;),
+        WireType::Table => quote!(wire::skip_table(buf)?;),
+        WireType::Bit => unreachable_bit(),
+    }
+}
+
 fn unreachable_bit() -> TokenStream {
     // Bits are always grouped; a lone bit never reaches the value emitters.
     quote!(compile_error!("bit outside a bit group");)
@@ -585,6 +599,18 @@ pub fn properties(model: &Model) -> TokenStream {
             let read = decode_value(f.wire);
             quote!(let #ident = if flags & #mask != 0 { Some(#read) } else { None };)
         });
+        let skips = class.properties.iter().enumerate().map(|(i, f)| {
+            let mask = Literal::u16_suffixed(1u16 << (15 - i));
+            let skip = skip_value(f.wire);
+            quote!(if flags & #mask != 0 { #skip })
+        });
+        let table_mask = class
+            .properties
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.wire == WireType::Table)
+            .fold(0u16, |acc, (i, _)| acc | (1u16 << (15 - i)));
+        let table_mask = Literal::u16_suffixed(table_mask);
         let idents = class.properties.iter().map(|f| format_ident!("{}", f.ident));
         let known_mask = class
             .properties
@@ -598,6 +624,9 @@ pub fn properties(model: &Model) -> TokenStream {
             pub struct #name { #(#fields)* }
 
             impl #name {
+                /// The property flags of the properties that are field tables.
+                pub const TABLE_FLAGS: u16 = #table_mask;
+
                 #(#setters)*
 
                 /// Writes the property flags and the present properties.
@@ -618,6 +647,19 @@ pub fn properties(model: &Model) -> TokenStream {
                     }
                     #(#decodes)*
                     Ok(Self { #(#idents),* })
+                }
+
+                /// Checks the property flags and the properties they announce
+                /// and steps over them without building them: it fails exactly
+                /// where [`Self::decode`] fails.
+                #[inline]
+                pub fn skip(buf: &mut wire::Input<'_>) -> Result<(), DecodeError> {
+                    let flags = wire::read_u16(buf)?;
+                    if flags & !#known_mask != 0 {
+                        return Err(DecodeError::UnknownPropertyFlags(flags));
+                    }
+                    #(#skips)*
+                    Ok(())
                 }
             }
         }

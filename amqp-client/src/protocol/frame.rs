@@ -14,6 +14,7 @@ use crate::protocol::error::{DecodeError, FrameError};
 use crate::protocol::method_info::MethodId;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::properties::BasicProperties;
+use crate::protocol::received_properties::{Checked, ReceivedProperties};
 use crate::protocol::wire;
 
 /// Bytes of framing around a payload: type, channel, size, and the end octet.
@@ -29,9 +30,8 @@ pub struct ContentHeader {
     pub class_id: u16,
     /// Total size of the body frames that follow.
     pub body_size: u64,
-    /// The message properties, boxed: they are large (14 optional fields) and
-    /// frames move through several hands before a delivery is assembled.
-    pub properties: Box<BasicProperties>,
+    /// The message properties: checked, built on first access.
+    pub properties: ReceivedProperties,
 }
 
 /// One decoded frame.
@@ -152,8 +152,42 @@ impl FrameDecoder {
                 payload.truncate(size as usize);
                 Frame::Body { channel, payload }
             }
-            // Methods and headers are parsed in place: their strings are
-            // small and copied out, so the buffer is never shared for them.
+            FRAME_HEADER => {
+                let parsed = parse_header_in_place(&buf[7..total - 1])
+                    .map_err(|source| FrameError::Header { channel, source })?;
+                let (class_id, body_size, checked) = parsed;
+                let list_start = 7 + HEADER_PREFIX;
+                let properties = match checked {
+                    Checked::Decoded(properties) => {
+                        buf.advance(total);
+                        ReceivedProperties::from_decoded(properties)
+                    }
+                    Checked::Encoded { len } if ReceivedProperties::fits_inline(len) => {
+                        let properties = ReceivedProperties::from_checked_inline(
+                            &buf[list_start..list_start + len],
+                        );
+                        buf.advance(total);
+                        properties
+                    }
+                    // A long list stays in the read buffer, like a body.
+                    Checked::Encoded { len } => {
+                        let frame = buf.split_to(total).freeze();
+                        ReceivedProperties::from_checked_shared(
+                            frame.slice(list_start..list_start + len),
+                        )
+                    }
+                };
+                Frame::Header {
+                    channel,
+                    header: ContentHeader {
+                        class_id,
+                        body_size,
+                        properties,
+                    },
+                }
+            }
+            // Methods are parsed in place: their strings are small and
+            // copied out, so the buffer is never shared for them.
             _ => {
                 let frame = parse_in_place(frame_type, channel, &buf[7..total - 1]);
                 buf.advance(total);
@@ -175,11 +209,6 @@ fn parse_in_place(frame_type: u8, channel: u16, mut payload: &[u8]) -> Result<Fr
                     source,
                 })?;
             Ok(Frame::Method { channel, method })
-        }
-        FRAME_HEADER => {
-            let header = decode_header(&mut payload)
-                .map_err(|source| FrameError::Header { channel, source })?;
-            Ok(Frame::Header { channel, header })
         }
         _ => {
             if channel != 0 {
@@ -212,17 +241,34 @@ pub fn decode_method(
     Ok(method)
 }
 
-/// Decodes a content header frame's payload.
+/// Class id, weight and body size before a header's property list.
+const HEADER_PREFIX: usize = 12;
+
+/// Checks a content header frame's payload: the class, the body size and the
+/// property list, which is only built when it holds a table.
 #[inline]
-pub fn decode_header(payload: &mut wire::Input<'_>) -> Result<ContentHeader, DecodeError> {
-    let class_id = wire::read_u16(payload)?;
+fn parse_header_in_place(mut payload: &[u8]) -> Result<(u16, u64, Checked), DecodeError> {
+    let class_id = wire::read_u16(&mut payload)?;
     if class_id != BASIC_CLASS_ID {
         return Err(DecodeError::HeaderClass(class_id));
     }
-    let _weight = wire::read_u16(payload)?;
-    let body_size = wire::read_u64(payload)?;
-    let properties = Box::new(BasicProperties::decode(payload)?);
+    let _weight = wire::read_u16(&mut payload)?;
+    let body_size = wire::read_u64(&mut payload)?;
+    let checked = ReceivedProperties::check(&mut payload)?;
     trailing(payload)?;
+    Ok((class_id, body_size, checked))
+}
+
+/// Decodes a content header frame's payload (outside the frame decoder, which
+/// keeps long property lists in its read buffer instead of copying them).
+pub fn decode_header(payload: &mut wire::Input<'_>) -> Result<ContentHeader, DecodeError> {
+    let whole = *payload;
+    let (class_id, body_size, checked) = parse_header_in_place(whole)?;
+    *payload = &[];
+    let properties = match checked {
+        Checked::Decoded(properties) => ReceivedProperties::from_decoded(properties),
+        Checked::Encoded { .. } => ReceivedProperties::decode(&whole[HEADER_PREFIX..])?,
+    };
     Ok(ContentHeader {
         class_id,
         body_size,

@@ -2,8 +2,9 @@
 //!
 //! The modules under `generated/` are written by `cargo xtask regen` from
 //! `spec/`; the rest is hand-written: wire primitives ([`wire`]), the frame
-//! codec ([`frame`]), errors ([`error`]), method metadata ([`method_info`]) and
-//! the RPC primitives the generated stubs call ([`rpc`]).
+//! codec ([`frame`]), content properties kept encoded until read
+//! ([`received_properties`]), errors ([`error`]), method metadata
+//! ([`method_info`]) and the RPC primitives the generated stubs call ([`rpc`]).
 
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic, unused_imports)]
@@ -22,6 +23,7 @@ mod generated {
 pub mod error;
 pub mod frame;
 pub mod method_info;
+pub mod received_properties;
 pub mod rpc;
 pub mod wire;
 
@@ -32,5 +34,6 @@ pub use generated::constants::{self, ReplyCode, ReplyError, ReplyKind};
 pub use generated::methods::{self, *};
 pub use generated::properties::{self, BasicProperties};
 pub use method_info::{Direction, FieldInfo, MethodId, MethodInfo, WireKind};
+pub use received_properties::ReceivedProperties;
 pub use rpc::{ChannelRpc, UnexpectedReply};
 pub use wire::{Decimal, FieldTable, FieldValue, ShortString, ShortStringTooLong};

@@ -130,11 +130,15 @@ impl ShortString {
     /// The text is `rest[..len]`; `rest` is the unread input from there on.
     #[inline(always)]
     fn from_wire(rest: &[u8], len: usize) -> Self {
-        if len <= INLINE && rest.len() >= INLINE {
+        if len <= INLINE {
             let mut data = [0; INLINE];
-            data.copy_from_slice(&rest[..INLINE]);
-            let text = &data[..len];
-            if text.is_ascii() || std::str::from_utf8(text).is_ok() {
+            if rest.len() >= INLINE {
+                // A fixed-size window is cheaper than an exact-length copy.
+                data.copy_from_slice(&rest[..INLINE]);
+            } else if let Some(text) = rest.get(..len) {
+                data[..len].copy_from_slice(text);
+            }
+            if is_ascii_prefix(&data, len) || std::str::from_utf8(&data[..len]).is_ok() {
                 return Self(Repr::Inline {
                     len: len as u8,
                     data,
@@ -152,6 +156,28 @@ impl ShortString {
         }
         Self::from_valid(&text[..end])
     }
+}
+
+/// Whether `data[..len]` is ASCII, tested as two overlapping 16-byte words
+/// with the bytes past `len` masked off (no per-byte loop).
+#[inline(always)]
+fn is_ascii_prefix(data: &[u8; INLINE], len: usize) -> bool {
+    const HIGH_BITS: u128 = u128::from_ne_bytes([0x80; 16]);
+    const TAIL: usize = INLINE - 16;
+    fn first_bytes(n: usize) -> u128 {
+        match n {
+            0 => 0,
+            1..=15 => (1u128 << (n * 8)) - 1,
+            _ => u128::MAX,
+        }
+    }
+    let mut head = [0; 16];
+    head.copy_from_slice(&data[..16]);
+    let mut tail = [0; 16];
+    tail.copy_from_slice(&data[TAIL..]);
+    let head = u128::from_le_bytes(head) & first_bytes(len);
+    let tail = u128::from_le_bytes(tail) & first_bytes(len.saturating_sub(TAIL));
+    (head | tail) & HIGH_BITS == 0
 }
 
 impl PartialEq for ShortString {
@@ -543,6 +569,28 @@ pub fn read_long_string(buf: &mut Input<'_>) -> Result<Bytes, DecodeError> {
         buf,
         ValueKind::LongStr,
     )?))
+}
+
+/// Checks a `shortstr` and steps over it without building it. Bytes that are
+/// not UTF-8 are not an error here either: [`read_short_string`] replaces them.
+#[inline]
+pub fn skip_short_string(buf: &mut Input<'_>) -> Result<(), DecodeError> {
+    let len = usize::from(read_u8(buf)?);
+    take(buf, len, ValueKind::ShortStr).map(drop)
+}
+
+/// Checks a `longstr` and steps over it without copying it.
+#[inline]
+pub fn skip_long_string(buf: &mut Input<'_>) -> Result<(), DecodeError> {
+    read_long_slice(buf, ValueKind::LongStr).map(drop)
+}
+
+/// Checks a field table and steps over it. Tables are checked by decoding
+/// them, so that a table is never accepted here and refused by [`read_table`];
+/// callers that keep the table decode it once instead (see
+/// `BasicProperties::TABLE_FLAGS`).
+pub fn skip_table(buf: &mut Input<'_>) -> Result<(), DecodeError> {
+    read_table(buf).map(drop)
 }
 
 /// Reads a field table.

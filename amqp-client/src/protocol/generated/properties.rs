@@ -38,6 +38,8 @@ pub struct BasicProperties {
     pub reserved: Option<ShortString>,
 }
 impl BasicProperties {
+    /// The property flags of the properties that are field tables.
+    pub const TABLE_FLAGS: u16 = 8192u16;
     /// Sets `content-type`.
     #[must_use]
     pub fn with_content_type(mut self, value: ShortString) -> Self {
@@ -278,5 +280,58 @@ impl BasicProperties {
             app_id,
             reserved,
         })
+    }
+    /// Checks the property flags and the properties they announce
+    /// and steps over them without building them: it fails exactly
+    /// where [`Self::decode`] fails.
+    #[inline]
+    pub fn skip(buf: &mut wire::Input<'_>) -> Result<(), DecodeError> {
+        let flags = wire::read_u16(buf)?;
+        if flags & !65532u16 != 0 {
+            return Err(DecodeError::UnknownPropertyFlags(flags));
+        }
+        if flags & 32768u16 != 0 {
+            wire::skip_short_string(buf)?;
+        }
+        if flags & 16384u16 != 0 {
+            wire::skip_short_string(buf)?;
+        }
+        if flags & 8192u16 != 0 {
+            wire::skip_table(buf)?;
+        }
+        if flags & 4096u16 != 0 {
+            wire::read_u8(buf)?;
+        }
+        if flags & 2048u16 != 0 {
+            wire::read_u8(buf)?;
+        }
+        if flags & 1024u16 != 0 {
+            wire::skip_short_string(buf)?;
+        }
+        if flags & 512u16 != 0 {
+            wire::skip_short_string(buf)?;
+        }
+        if flags & 256u16 != 0 {
+            wire::skip_short_string(buf)?;
+        }
+        if flags & 128u16 != 0 {
+            wire::skip_short_string(buf)?;
+        }
+        if flags & 64u16 != 0 {
+            wire::read_u64(buf)?;
+        }
+        if flags & 32u16 != 0 {
+            wire::skip_short_string(buf)?;
+        }
+        if flags & 16u16 != 0 {
+            wire::skip_short_string(buf)?;
+        }
+        if flags & 8u16 != 0 {
+            wire::skip_short_string(buf)?;
+        }
+        if flags & 4u16 != 0 {
+            wire::skip_short_string(buf)?;
+        }
+        Ok(())
     }
 }
