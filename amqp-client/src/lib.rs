@@ -37,6 +37,7 @@ mod machine;
 pub mod protocol;
 mod topology;
 mod transport;
+mod unsettled;
 
 pub use channel::{Channel, ConfirmationFuture, ConsumeOptions, PublishConfirm};
 pub use config::{AuthMechanism, Config, RecoveryConfig, TlsConfig, UrlError};

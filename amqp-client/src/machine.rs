@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::topology::Topology;
+use crate::unsettled::{Settled, Unsettled};
 
 use crate::error::{CloseReason, Error, Initiator};
 use crate::protocol::frame::{self, ContentHeader, Frame, FRAME_OVERHEAD};
@@ -191,6 +192,9 @@ pub(crate) enum Command {
 
 enum Outgoing {
     Method(Method),
+    /// An ack the application sent whose tag the channel tracks: a later ack
+    /// that completes a settled prefix may widen it (see `unsettled`).
+    Ack(basic::Ack),
     Publish {
         /// Method and header frames; `None` once written.
         head: Option<Bytes>,
@@ -459,6 +463,10 @@ struct ChannelState {
     tx: bool,
     /// Recovery's own channel for topology, invisible to the application.
     internal: bool,
+    /// Delivery tags the broker holds unacknowledged, for coalescing acks.
+    unsettled: Unsettled,
+    /// Whether the `basic.get` on the wire asked for no ack.
+    get_no_ack: bool,
 }
 
 impl ChannelState {
@@ -484,6 +492,8 @@ impl ChannelState {
             consumers: HashMap::new(),
             confirms: None,
             returns: None,
+            unsettled: Unsettled::default(),
+            get_no_ack: false,
         }
     }
 
@@ -514,6 +524,7 @@ impl ChannelState {
             let _ = reply.send(Err(error.clone()));
         }
         self.out.clear();
+        self.unsettled.clear();
         self.assembling = None;
     }
 
@@ -541,6 +552,7 @@ impl ChannelState {
             drop(outgoing);
         }
         self.scheduled = false;
+        self.unsettled.clear();
         self.assembling = None;
         self.phase = Phase::Lost;
     }
@@ -918,9 +930,13 @@ impl Machine {
             return;
         };
         channel.in_flight = true;
-        if let Method::ConfirmSelect(_) = method {
+        match &method {
             // The broker numbers publishes from the select on.
-            channel.confirms.get_or_insert_with(Confirms::new);
+            Method::ConfirmSelect(_) => {
+                channel.confirms.get_or_insert_with(Confirms::new);
+            }
+            Method::BasicGet(get) => channel.get_no_ack = get.no_ack,
+            _ => {}
         }
         channel.out.push_back(Outgoing::Method(method));
         self.schedule(id);
@@ -1021,7 +1037,7 @@ impl Machine {
                         // A no-wait declaration: recorded as sent.
                         self.topology.observe(&method, None);
                     }
-                    self.push_out(channel, Outgoing::Method(method));
+                    self.push_settlement_or_method(channel, method);
                 }
             }
             Command::Publish {
@@ -1554,6 +1570,8 @@ impl Machine {
                         "basic.get-ok on channel {id} without a basic.get"
                     )));
                 }
+                let outstanding = !state.get_no_ack;
+                state.unsettled.delivered(get_ok.delivery_tag, outstanding);
                 state.assembling = Some(Assembly {
                     target: AssemblyTarget::Get(get_ok),
                     header: None,
@@ -1743,7 +1761,12 @@ impl Machine {
         };
         match assembly.target {
             AssemblyTarget::Deliver(deliver) => {
-                let Some(slot) = state.consumers.get(&deliver.consumer_tag) else {
+                let slot = state.consumers.get(&deliver.consumer_tag);
+                // Assemblies complete in the order their methods arrived, so
+                // tags are recorded in the broker's order.
+                let outstanding = slot.is_none_or(|slot| !slot.no_ack);
+                state.unsettled.delivered(deliver.delivery_tag, outstanding);
+                let Some(slot) = slot else {
                     // A consumer cancelled with no-wait (or forgotten during
                     // recovery) can still receive what was in flight: back to
                     // the queue with it.
@@ -1823,14 +1846,61 @@ impl Machine {
 
     /// A delivery for a consumer that is gone goes back to the queue.
     fn requeue(&mut self, id: u16, delivery_tag: u64) {
-        self.push_out(
+        self.push_settlement_or_method(
             id,
-            Outgoing::Method(Method::BasicNack(basic::Nack {
+            Method::BasicNack(basic::Nack {
                 delivery_tag,
                 multiple: false,
                 requeue: true,
-            })),
+            }),
         );
+    }
+
+    /// Queues `method`; an ack, nack or reject is first recorded against the
+    /// channel's unsettled tags, and an ack that completes a settled prefix
+    /// widens the ack still waiting at the end of the queue, if there is one,
+    /// into a `multiple` ack instead of adding a frame.
+    fn push_settlement_or_method(&mut self, id: u16, method: Method) {
+        let Some(channel) = self.channels.get_mut(&id) else {
+            return;
+        };
+        let outgoing = match method {
+            Method::BasicAck(ack) if ack.multiple => {
+                channel.unsettled.settle_up_to(ack.delivery_tag);
+                Outgoing::Method(Method::BasicAck(ack))
+            }
+            Method::BasicAck(ack) => match channel.unsettled.settle_one(ack.delivery_tag, true) {
+                Settled::Prefix(last) => {
+                    if let Some(Outgoing::Ack(waiting)) = channel.out.back_mut() {
+                        if waiting.delivery_tag <= last {
+                            waiting.delivery_tag = last;
+                            waiting.multiple = true;
+                            return;
+                        }
+                    }
+                    Outgoing::Ack(basic::Ack {
+                        delivery_tag: last,
+                        multiple: last > ack.delivery_tag,
+                    })
+                }
+                Settled::Recorded => Outgoing::Ack(ack),
+                Settled::Unknown => Outgoing::Method(Method::BasicAck(ack)),
+            },
+            Method::BasicNack(nack) => {
+                if nack.multiple {
+                    channel.unsettled.settle_up_to(nack.delivery_tag);
+                } else {
+                    channel.unsettled.settle_one(nack.delivery_tag, false);
+                }
+                Outgoing::Method(Method::BasicNack(nack))
+            }
+            Method::BasicReject(reject) => {
+                channel.unsettled.settle_one(reject.delivery_tag, false);
+                Outgoing::Method(Method::BasicReject(reject))
+            }
+            other => Outgoing::Method(other),
+        };
+        self.push_out(id, outgoing);
     }
 
     /// The peer broke the protocol: tell it why (best effort) and fail everything.
@@ -2226,6 +2296,11 @@ fn write_one_turn(id: u16, channel: &mut ChannelState, buf: &mut BytesMut, frame
             frame::write_method(buf, id, method);
             channel.out.pop_front();
         }
+        Outgoing::Ack(ack) => {
+            tracing::trace!(channel = id, ?ack, "frame sent");
+            frame::write_ack(buf, id, ack);
+            channel.out.pop_front();
+        }
         Outgoing::Publish {
             head, body, offset, ..
         } => {
@@ -2559,6 +2634,175 @@ mod tests {
             })
             .expect_err("header without method");
         assert!(matches!(err, Error::UnexpectedFrame(_)));
+    }
+
+    /// Opens a consumer with tag "t" and delivers `tags` (empty bodies) to it.
+    fn consume_and_deliver(
+        m: &mut Machine,
+        now: Instant,
+        id: u16,
+        no_ack: bool,
+        tags: impl IntoIterator<Item = u64>,
+    ) -> mpsc::Receiver<RawDelivery> {
+        let (deliveries, receiver) = mpsc::channel(64);
+        let (reply, _answer) = oneshot::channel();
+        m.command(
+            Command::Consume {
+                channel: id,
+                consume: basic::Consume {
+                    consumer_tag: ShortString::from_static("t"),
+                    no_ack,
+                    ..Default::default()
+                },
+                deliveries,
+                end: Arc::new(OnceLock::new()),
+                reply,
+            },
+            now,
+        );
+        written(m);
+        for delivery_tag in tags {
+            m.handle_frame(Frame::Method {
+                channel: id,
+                method: Method::BasicDeliver(basic::Deliver {
+                    consumer_tag: ShortString::from_static("t"),
+                    delivery_tag,
+                    ..Default::default()
+                }),
+            })
+            .expect("deliver");
+            m.handle_frame(Frame::Header {
+                channel: id,
+                header: ContentHeader {
+                    class_id: 60,
+                    body_size: 0,
+                    properties: ReceivedProperties::default(),
+                },
+            })
+            .expect("header");
+        }
+        receiver
+    }
+
+    fn settle(m: &mut Machine, now: Instant, id: u16, method: Method) {
+        m.command(
+            Command::Send {
+                channel: id,
+                method,
+                epoch: Some(0),
+            },
+            now,
+        );
+    }
+
+    fn ack(delivery_tag: u64) -> Method {
+        Method::BasicAck(basic::Ack {
+            delivery_tag,
+            multiple: false,
+        })
+    }
+
+    fn written_methods(m: &mut Machine) -> Vec<Method> {
+        written(m)
+            .into_iter()
+            .map(|frame| match frame {
+                Frame::Method { method, .. } => method,
+                other => panic!("not a method frame: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn acks_sent_one_by_one_go_out_as_one_multiple_ack_when_they_settle_a_prefix() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let _deliveries = consume_and_deliver(&mut m, now, id, false, 1..=6);
+        for tag in 1..=4 {
+            settle(&mut m, now, id, ack(tag));
+        }
+        assert_eq!(
+            written_methods(&mut m),
+            [Method::BasicAck(basic::Ack {
+                delivery_tag: 4,
+                multiple: true
+            })]
+        );
+        // 6 before 5 is sent alone; 5 then completes the prefix through 6
+        // (acking 6 again within a multiple ack changes nothing).
+        settle(&mut m, now, id, ack(6));
+        assert_eq!(written_methods(&mut m), [ack(6)]);
+        settle(&mut m, now, id, ack(5));
+        assert_eq!(
+            written_methods(&mut m),
+            [Method::BasicAck(basic::Ack {
+                delivery_tag: 6,
+                multiple: true
+            })]
+        );
+    }
+
+    #[test]
+    fn an_unacked_delivery_is_never_covered_by_a_multiple_ack() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let _deliveries = consume_and_deliver(&mut m, now, id, false, 1..=4);
+        // 1 stays unacked: 2..4 go out one by one.
+        for tag in 2..=4 {
+            settle(&mut m, now, id, ack(tag));
+        }
+        assert_eq!(written_methods(&mut m), [ack(2), ack(3), ack(4)]);
+        // A reject of 1 settles it but is not an ack.
+        let reject = Method::BasicReject(basic::Reject {
+            delivery_tag: 1,
+            requeue: true,
+        });
+        settle(&mut m, now, id, reject.clone());
+        assert_eq!(written_methods(&mut m), [reject]);
+        // A second ack of a settled tag is left to the broker to refuse.
+        settle(&mut m, now, id, ack(3));
+        assert_eq!(written_methods(&mut m), [ack(3)]);
+    }
+
+    #[test]
+    fn a_reject_between_acks_stays_in_order_and_the_widened_ack_follows_it() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let _deliveries = consume_and_deliver(&mut m, now, id, false, 1..=4);
+        let nack = Method::BasicNack(basic::Nack {
+            delivery_tag: 2,
+            multiple: false,
+            requeue: false,
+        });
+        settle(&mut m, now, id, ack(1));
+        settle(&mut m, now, id, nack.clone());
+        settle(&mut m, now, id, ack(3));
+        settle(&mut m, now, id, ack(4));
+        assert_eq!(
+            written_methods(&mut m),
+            [
+                ack(1),
+                nack,
+                Method::BasicAck(basic::Ack {
+                    delivery_tag: 4,
+                    multiple: true
+                })
+            ]
+        );
+    }
+
+    #[test]
+    fn acks_of_no_ack_deliveries_are_passed_through_for_the_broker_to_refuse() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        // A no-ack consumer: its tags are not outstanding; an ack of one is
+        // passed through for the broker to refuse.
+        let _deliveries = consume_and_deliver(&mut m, now, id, true, 1..=3);
+        settle(&mut m, now, id, ack(2));
+        assert_eq!(written_methods(&mut m), [ack(2)]);
     }
 
     #[test]

@@ -52,12 +52,15 @@ pub struct Options {
     pub queue: String,
     /// Message source for the consume workload.
     pub feed: Feed,
+    /// Instead of a workload: this many sequential passive `queue.declare`
+    /// round trips (after 1000 to warm up), as `perf --rpc N`.
+    pub rpc: Option<u64>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: {} --url URL --workload publish|confirm|consume [--duration SECONDS] [--size BYTES]\n\
-         \x20      [--window N] [--prefetch N] [--queue NAME] [--feed none|parallel|prefill:N]",
+         \x20      [--window N] [--prefetch N] [--queue NAME] [--feed none|parallel|prefill:N] [--rpc N]",
         std::env::args().next().unwrap_or_default()
     );
     std::process::exit(2)
@@ -75,6 +78,7 @@ pub fn parse() -> Options {
         prefetch: 1000,
         queue: "amqp-client.perf".to_owned(),
         feed: Feed::Parallel,
+        rpc: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -98,6 +102,7 @@ pub fn parse() -> Options {
             "--window" => o.window = number().max(1) as usize,
             "--prefetch" => o.prefetch = number().min(65535) as u16,
             "--queue" => o.queue = value.clone(),
+            "--rpc" => o.rpc = Some(number().max(1)),
             "--feed" => {
                 o.feed = match value.as_str() {
                     "none" => Feed::None,
@@ -208,7 +213,9 @@ pub fn url_parts(url: &str) -> Result<UrlParts, String> {
         .strip_prefix("amqp://")
         .ok_or_else(|| format!("only amqp:// URLs are supported: {url}"))?;
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or(("guest:guest", authority));
+    let (userinfo, hostport) = authority
+        .rsplit_once('@')
+        .unwrap_or(("guest:guest", authority));
     let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
     let (host, port) = match hostport.rsplit_once(':') {
         Some((h, p)) => (h, p.parse().map_err(|_| format!("bad port in {url}"))?),
@@ -220,7 +227,11 @@ pub fn url_parts(url: &str) -> Result<UrlParts, String> {
         port,
         user: percent_decode(user),
         password: percent_decode(password),
-        vhost: if path.is_empty() { "/".to_owned() } else { percent_decode(path) },
+        vhost: if path.is_empty() {
+            "/".to_owned()
+        } else {
+            percent_decode(path)
+        },
     })
 }
 
@@ -229,7 +240,12 @@ pub fn cpu_time() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     let hz = 100; // USER_HZ
     Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz)
 }
@@ -336,13 +352,19 @@ pub async fn measure(
         "  published {published} ({:.0} msg/s), confirmed {confirmed}, nacked {nacked}",
         published as f64 / secs
     );
-    println!("  consumed  {consumed} ({:.0} msg/s)", consumed as f64 / secs);
+    println!(
+        "  consumed  {consumed} ({:.0} msg/s)",
+        consumed as f64 / secs
+    );
     println!(
         "  client CPU {:.2} s = {:.2} µs per message",
         cpu.as_secs_f64(),
         cpu.as_secs_f64() * 1e6 / messages as f64
     );
-    println!("  peak RSS {:.1} MiB ({rss_kib} KiB)", rss_kib as f64 / 1024.0);
+    println!(
+        "  peak RSS {:.1} MiB ({rss_kib} KiB)",
+        rss_kib as f64 / 1024.0
+    );
     if let Ok(mut latencies) = counters.latencies.lock() {
         if !latencies.is_empty() {
             latencies.sort_unstable();
@@ -361,7 +383,12 @@ pub async fn measure(
     for f in &failures {
         println!("  FAILURE: {f}");
     }
-    let rate = if o.workload == Workload::Consume { consumed } else { published } as f64 / secs;
+    let rate = if o.workload == Workload::Consume {
+        consumed
+    } else {
+        published
+    } as f64
+        / secs;
     println!(
         "RESULT client={client} workload={:?} msgs_per_s={rate:.0} cpu_us_per_msg={:.2} peak_rss_mib={:.1} published={published} consumed={consumed} confirmed={confirmed} failures={}",
         o.workload,
@@ -379,4 +406,48 @@ pub fn run<F: Future<Output = ()>>(f: F) {
         .build()
         .expect("runtime");
     runtime.block_on(f);
+}
+
+/// Times `round_trips` sequential calls of `call` (after 1000 unmeasured
+/// ones) and prints the percentiles and CPU per call as `perf --rpc` does.
+pub async fn rpc_round_trips<F, Fut>(
+    client: &str,
+    round_trips: u64,
+    mut call: F,
+) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    for _ in 0..1000 {
+        call().await?;
+    }
+    let cpu_before = cpu_time();
+    let started = Instant::now();
+    let mut times = Vec::with_capacity(round_trips as usize);
+    for _ in 0..round_trips {
+        let t = Instant::now();
+        call().await?;
+        times.push(t.elapsed().as_nanos() as u64);
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu_before);
+    times.sort_unstable();
+    let at = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+    println!(
+        "{client}: {round_trips} passive queue.declare round trips in {:.2} s",
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "  round trip: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        at(1.0)
+    );
+    println!(
+        "  client CPU {:.2} µs per round trip",
+        cpu.as_secs_f64() * 1e6 / round_trips as f64
+    );
+    Ok(())
 }

@@ -760,3 +760,80 @@ async fn arguments_tables_reach_the_broker() {
         .expect("delete");
     connection.close().await.expect("close");
 }
+
+/// Acks sent one by one may leave as `multiple` acks (the client coalesces
+/// those that settle a prefix of the channel's delivery tags): every message
+/// acked is gone, and the one held back is the only one the broker requeues.
+#[tokio::test]
+async fn acks_one_by_one_settle_exactly_the_acked_deliveries() {
+    let connection = connect().await;
+    let channel = connection.open_channel().await.expect("channel");
+    let q = declare_queue(&channel, "ack-coalescing").await;
+    channel
+        .basic_qos(basic::Qos {
+            prefetch_count: 50,
+            ..Default::default()
+        })
+        .await
+        .expect("qos");
+    const COUNT: usize = 400;
+    for i in 0..COUNT {
+        publish(&channel, &q, &i.to_string()).await;
+    }
+    settle(&channel, &q, COUNT as u32).await;
+
+    let consuming = connection.open_channel().await.expect("channel");
+    consuming
+        .basic_qos(basic::Qos {
+            prefetch_count: 50,
+            ..Default::default()
+        })
+        .await
+        .expect("qos");
+    let mut consumer = consuming
+        .basic_consume(&q, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    // Message 0 stays unacked and 200 is rejected back to the queue; every
+    // other one is acked on its own, in order, as it arrives.
+    let mut held = None;
+    for i in 0..COUNT {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("delivery in time")
+            .expect("some")
+            .expect("ok");
+        assert_eq!(delivery.body, i.to_string().as_bytes(), "in order");
+        match i {
+            0 => held = Some(delivery),
+            200 => delivery.reject(false).await.expect("reject"),
+            _ => delivery.ack().await.expect("ack"),
+        }
+    }
+    // The queue holds nothing ready: 0 is unacked, 200 was dropped, the rest
+    // were acked (a multiple ack covering 0 would have removed it too).
+    assert_eq!(message_count(&channel, &q).await, 0);
+    drop(held);
+    consuming
+        .close()
+        .await
+        .expect("close the consuming channel");
+    // Closing the channel requeues exactly what was never acked: message 0.
+    settle(&channel, &q, 1).await;
+    let again = channel
+        .basic_get(&q, true)
+        .await
+        .expect("get")
+        .expect("a message")
+        .delivery;
+    assert_eq!(&again.body[..], b"0");
+    assert!(again.envelope.redelivered);
+    channel
+        .queue_delete(queue::Delete {
+            queue: name(&q),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    connection.close().await.expect("close");
+}

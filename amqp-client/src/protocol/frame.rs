@@ -343,6 +343,14 @@ pub fn write_body(buf: &mut BytesMut, channel: u16, body: &[u8], frame_max: u32)
     }
 }
 
+/// Writes a `basic.ack` method frame (without building a [`Method`]).
+#[inline]
+pub fn write_ack(buf: &mut BytesMut, channel: u16, ack: &basic::Ack) {
+    write_method_frame(buf, channel, basic::Ack::INFO.id, |buf| {
+        ack.encode_args(buf)
+    });
+}
+
 /// Writes the method frame of a `basic.publish` (without building a [`Method`]).
 #[inline]
 pub fn write_publish_method(buf: &mut BytesMut, channel: u16, publish: &basic::Publish) {

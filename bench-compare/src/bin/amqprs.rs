@@ -39,7 +39,9 @@ struct Confirms {
 
 impl Confirms {
     fn settle(&self, tag: u64, multiple: bool, nack: bool) {
-        let Ok(mut state) = self.state.lock() else { return };
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
         let (contiguous, singles) = &mut *state;
         let newly = if multiple {
             if tag <= *contiguous {
@@ -64,7 +66,11 @@ impl Confirms {
         let now = *contiguous;
         drop(state);
         if self.count && newly > 0 {
-            let counter = if nack { &self.counters.nacked } else { &self.counters.confirmed };
+            let counter = if nack {
+                &self.counters.nacked
+            } else {
+                &self.counters.confirmed
+            };
             counter.fetch_add(newly, Ordering::Relaxed);
         }
         self.settled.send_if_modified(|v| {
@@ -89,11 +95,19 @@ impl ChannelCallback for Callback {
         eprintln!("{CLIENT}: the server closed a channel: {close}");
         Ok(())
     }
-    async fn cancel(&mut self, _channel: &Channel, _cancel: Cancel) -> Result<(), amqprs::error::Error> {
+    async fn cancel(
+        &mut self,
+        _channel: &Channel,
+        _cancel: Cancel,
+    ) -> Result<(), amqprs::error::Error> {
         eprintln!("{CLIENT}: the server cancelled the consumer");
         Ok(())
     }
-    async fn flow(&mut self, _channel: &Channel, _active: bool) -> Result<bool, amqprs::error::Error> {
+    async fn flow(
+        &mut self,
+        _channel: &Channel,
+        _active: bool,
+    ) -> Result<bool, amqprs::error::Error> {
         Ok(true)
     }
     async fn publish_ack(&mut self, _channel: &Channel, ack: Ack) {
@@ -259,19 +273,45 @@ async fn run(o: Options) -> Result<(), String> {
         .queue_purge(QueuePurgeArguments::new(&o.queue))
         .await
         .map_err(err)?;
+    if let Some(round_trips) = o.rpc {
+        let declare = QueueDeclareArguments::new(&o.queue).passive(true).finish();
+        return bench_compare::rpc_round_trips(CLIENT, round_trips, || async {
+            setup
+                .queue_declare(declare.clone())
+                .await
+                .map(drop)
+                .map_err(err)
+        })
+        .await;
+    }
     println!("{}", o.describe(CLIENT));
     let counters = Arc::new(Counters::default());
     let epoch = Instant::now();
     if let (Workload::Consume, Feed::Prefill(n)) = (o.workload, o.feed) {
         let t = Instant::now();
-        producer(connection.clone(), o.clone(), Some(1000), Some(n), counters.clone(), epoch)
-            .await?;
-        println!("  pre-filled {n} messages in {:.1} s (not counted)", t.elapsed().as_secs_f64());
+        producer(
+            connection.clone(),
+            o.clone(),
+            Some(1000),
+            Some(n),
+            counters.clone(),
+            epoch,
+        )
+        .await?;
+        println!(
+            "  pre-filled {n} messages in {:.1} s (not counted)",
+            t.elapsed().as_secs_f64()
+        );
     }
     let cpu_before = bench_compare::cpu_time();
     let mut tasks = Vec::new();
     for _ in 0..o.consumers() {
-        tasks.push(tokio::spawn(consumer(connection.clone(), o.clone(), counters.clone(), epoch)));
+        tasks.push(tokio::spawn(consumer(
+            connection.clone(),
+            o.clone(),
+            counters.clone(),
+            epoch,
+        )));
     }
     for _ in 0..o.producers() {
         tasks.push(tokio::spawn(producer(

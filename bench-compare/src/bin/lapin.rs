@@ -147,19 +147,48 @@ async fn run(o: Options) -> Result<(), String> {
         .queue_purge(o.queue.as_str().into(), QueuePurgeOptions::default())
         .await
         .map_err(err)?;
+    if let Some(round_trips) = o.rpc {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        return bench_compare::rpc_round_trips(CLIENT, round_trips, || async {
+            setup
+                .queue_declare(o.queue.as_str().into(), passive, FieldTable::default())
+                .await
+                .map(drop)
+                .map_err(err)
+        })
+        .await;
+    }
     println!("{}", o.describe(CLIENT));
     let counters = Arc::new(Counters::default());
     let epoch = Instant::now();
     if let (Workload::Consume, Feed::Prefill(n)) = (o.workload, o.feed) {
         let t = Instant::now();
-        producer(connection.clone(), o.clone(), Some(1000), Some(n), counters.clone(), epoch)
-            .await?;
-        println!("  pre-filled {n} messages in {:.1} s (not counted)", t.elapsed().as_secs_f64());
+        producer(
+            connection.clone(),
+            o.clone(),
+            Some(1000),
+            Some(n),
+            counters.clone(),
+            epoch,
+        )
+        .await?;
+        println!(
+            "  pre-filled {n} messages in {:.1} s (not counted)",
+            t.elapsed().as_secs_f64()
+        );
     }
     let cpu_before = bench_compare::cpu_time();
     let mut tasks = Vec::new();
     for _ in 0..o.consumers() {
-        tasks.push(tokio::spawn(consumer(connection.clone(), o.clone(), counters.clone(), epoch)));
+        tasks.push(tokio::spawn(consumer(
+            connection.clone(),
+            o.clone(),
+            counters.clone(),
+            epoch,
+        )));
     }
     for _ in 0..o.producers() {
         tasks.push(tokio::spawn(producer(

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqp_client::prelude::*;
-use amqp_client::{BasicProperties, Config, Connection, ConsumeOptions, RecoveryConfig, ShortString};
+use amqp_client::{
+    BasicProperties, Config, Connection, ConsumeOptions, RecoveryConfig, ShortString,
+};
 use bench_compare::{Counters, Feed, Options, Workload};
 use bytes::Bytes;
 
@@ -142,14 +144,29 @@ async fn run(o: Options) -> Result<(), String> {
     let epoch = Instant::now();
     if let (Workload::Consume, Feed::Prefill(n)) = (o.workload, o.feed) {
         let t = Instant::now();
-        producer(connection.clone(), o.clone(), Some(1000), Some(n), counters.clone(), epoch)
-            .await?;
-        println!("  pre-filled {n} messages in {:.1} s (not counted)", t.elapsed().as_secs_f64());
+        producer(
+            connection.clone(),
+            o.clone(),
+            Some(1000),
+            Some(n),
+            counters.clone(),
+            epoch,
+        )
+        .await?;
+        println!(
+            "  pre-filled {n} messages in {:.1} s (not counted)",
+            t.elapsed().as_secs_f64()
+        );
     }
     let cpu_before = bench_compare::cpu_time();
     let mut tasks = Vec::new();
     for _ in 0..o.consumers() {
-        tasks.push(tokio::spawn(consumer(connection.clone(), o.clone(), counters.clone(), epoch)));
+        tasks.push(tokio::spawn(consumer(
+            connection.clone(),
+            o.clone(),
+            counters.clone(),
+            epoch,
+        )));
     }
     for _ in 0..o.producers() {
         tasks.push(tokio::spawn(producer(
