@@ -1,4 +1,4 @@
-//! The channel handle: RPCs (through the generated [`ChannelMethods`]),
+//! The channel handle: RPCs (through the generated [`ChannelMethods`](crate::protocol::ChannelMethods)),
 //! publishing with optional confirms, consuming, `basic.get`, returns.
 
 use std::future::Future;
