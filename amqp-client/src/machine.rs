@@ -936,6 +936,8 @@ impl Machine {
                 channel.confirms.get_or_insert_with(Confirms::new);
             }
             Method::BasicGet(get) => channel.get_no_ack = get.no_ack,
+            // See `unsettled`: acks may be rolled back, recovered tags die.
+            Method::TxSelect(_) | Method::BasicRecover(_) => channel.unsettled.stop_tracking(),
             _ => {}
         }
         channel.out.push_back(Outgoing::Method(method));
@@ -1864,24 +1866,28 @@ impl Machine {
         let Some(channel) = self.channels.get_mut(&id) else {
             return;
         };
+        if channel.tx {
+            // Recorded across reconnects, unlike the tracking.
+            channel.unsettled.stop_tracking();
+        }
         let outgoing = match method {
             Method::BasicAck(ack) if ack.multiple => {
                 channel.unsettled.settle_up_to(ack.delivery_tag);
                 Outgoing::Method(Method::BasicAck(ack))
             }
             Method::BasicAck(ack) => match channel.unsettled.settle_one(ack.delivery_tag, true) {
+                // Everything up to `last` is settled; the broker still holds
+                // only the tags whose acks are unwritten, and the widened ack
+                // must name one of those (this one, or the waiting one).
                 Settled::Prefix(last) => {
                     if let Some(Outgoing::Ack(waiting)) = channel.out.back_mut() {
                         if waiting.delivery_tag <= last {
-                            waiting.delivery_tag = last;
+                            waiting.delivery_tag = waiting.delivery_tag.max(ack.delivery_tag);
                             waiting.multiple = true;
                             return;
                         }
                     }
-                    Outgoing::Ack(basic::Ack {
-                        delivery_tag: last,
-                        multiple: last > ack.delivery_tag,
-                    })
+                    Outgoing::Ack(ack)
                 }
                 Settled::Recorded => Outgoing::Ack(ack),
                 Settled::Unknown => Outgoing::Method(Method::BasicAck(ack)),
@@ -1897,6 +1903,10 @@ impl Machine {
             Method::BasicReject(reject) => {
                 channel.unsettled.settle_one(reject.delivery_tag, false);
                 Outgoing::Method(Method::BasicReject(reject))
+            }
+            Method::BasicRecoverAsync(recover) => {
+                channel.unsettled.stop_tracking();
+                Outgoing::Method(Method::BasicRecoverAsync(recover))
             }
             other => Outgoing::Method(other),
         };
@@ -2728,18 +2738,13 @@ mod tests {
                 multiple: true
             })]
         );
-        // 6 before 5 is sent alone; 5 then completes the prefix through 6
-        // (acking 6 again within a multiple ack changes nothing).
+        // 6 before 5 is sent alone; 5 then completes the prefix through 6,
+        // but 6 is no longer the broker's to ack (RabbitMQ refuses a
+        // multiple ack of a tag it does not hold): 5 goes alone.
         settle(&mut m, now, id, ack(6));
         assert_eq!(written_methods(&mut m), [ack(6)]);
         settle(&mut m, now, id, ack(5));
-        assert_eq!(
-            written_methods(&mut m),
-            [Method::BasicAck(basic::Ack {
-                delivery_tag: 6,
-                multiple: true
-            })]
-        );
+        assert_eq!(written_methods(&mut m), [ack(5)]);
     }
 
     #[test]
@@ -2791,6 +2796,60 @@ mod tests {
                 })
             ]
         );
+    }
+
+    #[test]
+    fn the_widened_ack_names_a_tag_whose_ack_is_still_waiting() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let _deliveries = consume_and_deliver(&mut m, now, id, false, 1..=5);
+        // 3 is rejected, 2 and 4 acked: waiting, not a prefix yet.
+        settle(
+            &mut m,
+            now,
+            id,
+            Method::BasicReject(basic::Reject {
+                delivery_tag: 3,
+                requeue: false,
+            }),
+        );
+        settle(&mut m, now, id, ack(2));
+        settle(&mut m, now, id, ack(4));
+        written(&mut m);
+        // 1 settles the prefix through 4, whose acks are written already.
+        settle(&mut m, now, id, ack(1));
+        assert_eq!(written_methods(&mut m), [ack(1)]);
+        settle(&mut m, now, id, ack(5));
+        assert_eq!(written_methods(&mut m), [ack(5)]);
+    }
+
+    #[test]
+    fn a_transaction_channel_sends_every_settlement_as_it_is() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let (reply, _answer) = oneshot::channel();
+        m.command(
+            Command::Rpc {
+                channel: id,
+                method: Method::TxSelect(crate::protocol::methods::tx::Select {}),
+                reply,
+            },
+            now,
+        );
+        written(&mut m);
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::TxSelectOk(crate::protocol::methods::tx::SelectOk {}),
+        })
+        .expect("select-ok");
+        let _deliveries = consume_and_deliver(&mut m, now, id, false, 1..=3);
+        for tag in 1..=3 {
+            settle(&mut m, now, id, ack(tag));
+        }
+        // A rollback would make them unacknowledged again: no widening.
+        assert_eq!(written_methods(&mut m), [ack(1), ack(2), ack(3)]);
     }
 
     #[test]

@@ -2,15 +2,27 @@
 //! application sends one by one can go out as one `multiple` ack.
 //!
 //! A consumer that acks every delivery makes the broker handle one ack per
-//! message; RabbitMQ spends more on that than on the delivery itself. When
-//! every tag up to X has been settled by the application (acked, or nacked
-//! and rejected earlier on the wire), one `basic.ack(X, multiple)` stands for
-//! the single acks among them that have not been written yet: the broker ends
-//! up in the same state. Nothing is held back to make this happen: an ack
-//! that does not complete a settled prefix goes out as it is, so a slow
-//! consumer never delays a fast one's acks. Sans-IO, like the machine.
+//! message. When every tag up to X has been settled by the application
+//! (acked, or nacked and rejected earlier on the wire), the single acks among
+//! them that are still waiting to be written can go out as one
+//! `basic.ack(T, multiple)`, T being the highest of those waiting tags: the
+//! broker ends up in the same state. T must itself still be unacknowledged at
+//! the broker (RabbitMQ refuses a `multiple` ack of a tag it does not hold
+//! with 406), which is why it is a waiting tag and never simply X. Nothing is
+//! held back to make this happen: an ack that does not complete a settled
+//! prefix goes out as it is, so a slow consumer never delays a fast one's
+//! acks.
+//!
+//! Not tracked (every settlement passes through unchanged): channels in
+//! transaction mode (a rollback makes acked tags unacknowledged again), after
+//! `basic.recover` (the old tags can no longer be acked), and beyond
+//! `MAX_TRACKED` outstanding tags. Sans-IO, like the machine.
 
 use std::collections::VecDeque;
+
+/// Outstanding tags tracked at most per channel (prefetch counts go up to
+/// 65535); beyond that the channel stops coalescing and forgets them.
+const MAX_TRACKED: usize = 1 << 16;
 
 /// Delivery tags of one channel in the order the broker assigned them, each
 /// with whether it is settled, up to the first one that is not.
@@ -19,17 +31,18 @@ pub(crate) struct Unsettled {
     /// Increasing tags; the front one is never settled (settled fronts are
     /// popped at once).
     tags: VecDeque<(u64, bool)>,
-    /// Tags cannot be trusted to be all known (a tag arrived out of order):
-    /// nothing is coalesced on this channel any more.
+    /// Tags cannot be trusted to be all known or acked as recorded (a tag
+    /// arrived out of order, transactions, `basic.recover`, too many):
+    /// nothing is coalesced on this channel until the next connection.
     untracked: bool,
 }
 
 /// What a settlement did to the tracked tags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Settled {
-    /// Every tag up to this one is settled now, and so is the tag of the
-    /// single ack that was passed: an ack of this tag with `multiple` may
-    /// replace it and any unwritten ack at or below this tag.
+    /// Every tag up to this one is settled now, the acked tag among them:
+    /// the acked tag, or a higher unwritten ack at or below this one, may go
+    /// out with `multiple` in place of the unwritten acks below it.
     Prefix(u64),
     /// Recorded; send the settlement as it is.
     Recorded,
@@ -45,11 +58,11 @@ impl Unsettled {
         if self.untracked {
             return;
         }
-        if self.tags.back().is_some_and(|&(last, _)| last >= tag) {
+        if self.tags.back().is_some_and(|&(last, _)| last >= tag) || self.tags.len() >= MAX_TRACKED
+        {
             // The broker numbers each channel's deliveries in order; if it
             // did not, a later `multiple` could cover a tag never acked.
-            self.untracked = true;
-            self.tags.clear();
+            self.stop_tracking();
             return;
         }
         if outstanding || !self.tags.is_empty() {
@@ -80,12 +93,26 @@ impl Unsettled {
         }
     }
 
-    /// A `multiple` settlement: every tag up to `tag` is settled.
+    /// A `multiple` settlement: every tag up to `tag` is settled (tag 0:
+    /// every outstanding one).
     pub(crate) fn settle_up_to(&mut self, tag: u64) {
+        let tag = if tag == 0 { u64::MAX } else { tag };
         for entry in self.tags.iter_mut().take_while(|(t, _)| *t <= tag) {
             entry.1 = true;
         }
         self.pop_settled_prefix();
+    }
+
+    /// Nothing on this channel is coalesced any more (see the module doc).
+    pub(crate) fn stop_tracking(&mut self) {
+        self.untracked = true;
+        self.tags.clear();
+    }
+
+    /// Whether settlements are recorded (else they all pass through).
+    #[cfg(test)]
+    fn is_tracking(&self) -> bool {
+        !self.untracked
     }
 
     /// A new connection (or channel): the old tags mean nothing.
@@ -186,6 +213,25 @@ mod tests {
         u.settle_up_to(4);
         assert_eq!(u.len(), 1);
         assert_eq!(u.settle_one(5, true), Settled::Prefix(5));
+    }
+
+    #[test]
+    fn multiple_with_tag_zero_settles_everything_outstanding() {
+        let mut u = delivered(1..=3);
+        u.settle_up_to(0);
+        assert_eq!(u.len(), 0);
+        u.delivered(4, true);
+        assert_eq!(u.settle_one(4, true), Settled::Prefix(4));
+    }
+
+    #[test]
+    fn too_many_outstanding_tags_stop_tracking() {
+        let mut u = delivered(1..=MAX_TRACKED as u64);
+        assert!(u.is_tracking());
+        u.delivered(MAX_TRACKED as u64 + 1, true);
+        assert!(!u.is_tracking());
+        assert_eq!(u.len(), 0);
+        assert_eq!(u.settle_one(1, true), Settled::Unknown);
     }
 
     #[test]

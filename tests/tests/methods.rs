@@ -837,3 +837,62 @@ async fn acks_one_by_one_settle_exactly_the_acked_deliveries() {
         .expect("delete");
     connection.close().await.expect("close");
 }
+
+/// Acks made in a burst leave coalesced, and every coalesced ack names a tag
+/// the broker still holds: RabbitMQ closes the channel (406) on a `multiple`
+/// ack of a tag it no longer holds when no later tag is outstanding, so the
+/// ack that completes the prefix must not name the tag acked earlier.
+#[tokio::test]
+async fn coalesced_acks_are_accepted_by_the_broker_and_settle_everything() {
+    let connection = connect().await;
+    let channel = connection.open_channel().await.expect("channel");
+    let q = declare_queue(&channel, "ack-burst").await;
+    const COUNT: usize = 300;
+    for i in 0..COUNT {
+        publish(&channel, &q, &i.to_string()).await;
+    }
+    settle(&channel, &q, COUNT as u32).await;
+    let consuming = connection.open_channel().await.expect("channel");
+    let mut consumer = consuming
+        .basic_consume(&q, ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let mut deliveries = Vec::new();
+    for _ in 0..COUNT {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("delivery in time")
+            .expect("some")
+            .expect("ok");
+        deliveries.push(delivery);
+    }
+    // The last delivery's ack is on the wire (a call on the same channel is
+    // answered after it) before the others are made, in one burst: the one
+    // that completes the prefix must not name the last tag.
+    deliveries[COUNT - 1].ack().await.expect("ack");
+    message_count(&consuming, &q).await;
+    for delivery in &deliveries[..COUNT - 1] {
+        delivery.ack().await.expect("ack");
+    }
+    assert_eq!(
+        message_count(&consuming, &q).await,
+        0,
+        "the channel is still open and nothing is ready"
+    );
+    assert!(consuming.closed_error().is_none(), "no 406 from the broker");
+    consuming
+        .close()
+        .await
+        .expect("close the consuming channel");
+    // Nothing was left unacknowledged to be requeued.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(message_count(&channel, &q).await, 0);
+    channel
+        .queue_delete(queue::Delete {
+            queue: name(&q),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    connection.close().await.expect("close");
+}
