@@ -158,23 +158,18 @@ impl FrameDecoder {
                 let (class_id, body_size, checked) = parsed;
                 let list_start = 7 + HEADER_PREFIX;
                 let properties = match checked {
-                    Checked::Decoded(properties) => {
-                        buf.advance(total);
-                        ReceivedProperties::from_decoded(properties)
-                    }
-                    Checked::Encoded { len } if ReceivedProperties::fits_inline(len) => {
-                        let properties = ReceivedProperties::from_checked_inline(
-                            &buf[list_start..list_start + len],
-                        );
-                        buf.advance(total);
-                        properties
-                    }
                     // A long list stays in the read buffer, like a body.
-                    Checked::Encoded { len } => {
+                    Checked::Encoded { len } if !ReceivedProperties::fits_inline(len) => {
                         let frame = buf.split_to(total).freeze();
                         ReceivedProperties::from_checked_shared(
                             frame.slice(list_start..list_start + len),
                         )
+                    }
+                    checked => {
+                        let properties =
+                            ReceivedProperties::from_checked(checked, &buf[list_start..total]);
+                        buf.advance(total);
+                        properties
                     }
                 };
                 Frame::Header {
@@ -244,16 +239,23 @@ pub fn decode_method(
 /// Class id, weight and body size before a header's property list.
 const HEADER_PREFIX: usize = 12;
 
+/// Reads a content header's class, weight and body size.
+#[inline]
+fn parse_header_prefix(payload: &mut wire::Input<'_>) -> Result<(u16, u64), DecodeError> {
+    let class_id = wire::read_u16(payload)?;
+    if class_id != BASIC_CLASS_ID {
+        return Err(DecodeError::HeaderClass(class_id));
+    }
+    let _weight = wire::read_u16(payload)?;
+    let body_size = wire::read_u64(payload)?;
+    Ok((class_id, body_size))
+}
+
 /// Checks a content header frame's payload: the class, the body size and the
 /// property list, which is only built when it holds a table.
 #[inline]
 fn parse_header_in_place(mut payload: &[u8]) -> Result<(u16, u64, Checked), DecodeError> {
-    let class_id = wire::read_u16(&mut payload)?;
-    if class_id != BASIC_CLASS_ID {
-        return Err(DecodeError::HeaderClass(class_id));
-    }
-    let _weight = wire::read_u16(&mut payload)?;
-    let body_size = wire::read_u64(&mut payload)?;
+    let (class_id, body_size) = parse_header_prefix(&mut payload)?;
     let checked = ReceivedProperties::check(&mut payload)?;
     trailing(payload)?;
     Ok((class_id, body_size, checked))
@@ -262,13 +264,9 @@ fn parse_header_in_place(mut payload: &[u8]) -> Result<(u16, u64, Checked), Deco
 /// Decodes a content header frame's payload (outside the frame decoder, which
 /// keeps long property lists in its read buffer instead of copying them).
 pub fn decode_header(payload: &mut wire::Input<'_>) -> Result<ContentHeader, DecodeError> {
-    let whole = *payload;
-    let (class_id, body_size, checked) = parse_header_in_place(whole)?;
+    let (class_id, body_size) = parse_header_prefix(payload)?;
+    let properties = ReceivedProperties::decode(payload)?;
     *payload = &[];
-    let properties = match checked {
-        Checked::Decoded(properties) => ReceivedProperties::from_decoded(properties),
-        Checked::Encoded { .. } => ReceivedProperties::decode(&whole[HEADER_PREFIX..])?,
-    };
     Ok(ContentHeader {
         class_id,
         body_size,

@@ -75,17 +75,32 @@ impl ReceivedProperties {
         })
     }
 
-    /// Whether a checked list of `len` bytes is kept inline (else the caller
-    /// hands a shared slice to [`Self::from_shared`]).
+    /// Whether a checked list of `len` bytes is kept inline; a longer one is
+    /// better handed over as a shared slice ([`Self::from_checked_shared`]).
     #[inline]
     pub(crate) fn fits_inline(len: usize) -> bool {
         len <= INLINE
     }
 
+    /// Properties from what [`Self::check`] found in `list` (the bytes it
+    /// checked first): kept inline when short, else copied.
+    #[inline]
+    pub(crate) fn from_checked(checked: Checked, list: &[u8]) -> Self {
+        match checked {
+            Checked::Decoded(properties) => Self::from_decoded(properties),
+            Checked::Encoded { len } if Self::fits_inline(len) => {
+                Self::from_checked_inline(&list[..len])
+            }
+            Checked::Encoded { len } => {
+                Self::from_checked_shared(Bytes::copy_from_slice(&list[..len]))
+            }
+        }
+    }
+
     /// Properties from a list [`Self::check`] accepted, copied inline;
     /// `list.len()` must be at most `INLINE`.
     #[inline]
-    pub(crate) fn from_checked_inline(list: &[u8]) -> Self {
+    fn from_checked_inline(list: &[u8]) -> Self {
         let mut bytes = [0; INLINE];
         let len = list.len().min(INLINE);
         bytes[..len].copy_from_slice(&list[..len]);
@@ -108,7 +123,7 @@ impl ReceivedProperties {
     }
 
     /// Properties that are already built.
-    pub(crate) fn from_decoded(properties: Box<BasicProperties>) -> Self {
+    fn from_decoded(properties: Box<BasicProperties>) -> Self {
         Self {
             encoded: Encoded::None,
             decoded: OnceLock::from(properties),
@@ -125,15 +140,7 @@ impl ReceivedProperties {
                 count: input.len() as u32,
             });
         }
-        Ok(match checked {
-            Checked::Decoded(properties) => Self::from_decoded(properties),
-            Checked::Encoded { len } if Self::fits_inline(len) => {
-                Self::from_checked_inline(&list[..len])
-            }
-            Checked::Encoded { len } => {
-                Self::from_checked_shared(Bytes::copy_from_slice(&list[..len]))
-            }
-        })
+        Ok(Self::from_checked(checked, list))
     }
 
     /// The properties, built on first call.
