@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::connection::Inner as ConnectionInner;
 use crate::consumer::{Consumer, Delivery, GetMessage};
 use crate::error::Error;
-use crate::machine::{Command, Confirmation, Reply, ReturnedMessage};
+use crate::machine::{Command, Confirmation, Reply, ReturnedMessage, Settlement};
 use crate::protocol::frame;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{BasicProperties, ChannelRpc, FieldTable, ShortString};
@@ -159,7 +159,7 @@ impl Channel {
     /// a reconnect happens while it waits to be sent.
     pub(crate) async fn send_settlement(
         &self,
-        method: Method,
+        settlement: Settlement,
         epoch: u64,
         delivery_tag: u64,
     ) -> Result<(), Error> {
@@ -170,10 +170,10 @@ impl Channel {
                 delivery_tag,
             });
         }
-        self.inner.conn.settle(Command::Send {
+        self.inner.conn.settle(Command::Settle {
             channel: self.inner.id,
-            method,
-            epoch: Some(epoch),
+            settlement,
+            epoch,
         });
         Ok(())
     }
@@ -213,7 +213,7 @@ impl Channel {
         let (reply, answer) = oneshot::channel();
         self.send_command(Command::Rpc {
             channel: self.inner.id,
-            method,
+            method: Box::new(method),
             reply,
         })
         .await?;
@@ -277,9 +277,9 @@ impl Channel {
         body: Bytes,
     ) -> Result<PublishConfirm, Error> {
         self.check()?;
-        let blocked = &self.inner.conn.shared.blocked;
-        if blocked.borrow().is_some() {
-            let mut blocked = blocked.clone();
+        let conn = &self.inner.conn;
+        if conn.shared.blocked.borrow().is_some() {
+            let mut blocked = conn.shared.blocked.clone();
             let _ = blocked.wait_for(Option::is_none).await;
         }
         let (confirm, answer) = if self.inner.confirm_mode.load(Ordering::Acquire) {
@@ -289,21 +289,45 @@ impl Channel {
             (None, None)
         };
         let head = self.encode_head(&publish, properties, body.len() as u64);
-        let credit = Some(
-            self.inner
-                .conn
-                .publish_budget
-                .take((head.len() + body.len() + QUEUED_MESSAGE_OVERHEAD) as u64)
-                .await,
-        );
-        self.send_command(Command::Publish {
+        let bytes = (head.len() + body.len() + QUEUED_MESSAGE_OVERHEAD) as u64;
+        // Most publishes find credit and room in the queue: they are queued
+        // without awaiting anything. The waiting path is boxed so that its
+        // state (a semaphore waiter, a recovery timer) does not make every
+        // publish's future large: a future is copied where it is awaited.
+        let credit = conn.publish_budget.try_credit(bytes);
+        let fast = credit.is_some();
+        let command = Command::Publish {
             channel: self.inner.id,
             head,
             body,
             confirm,
             credit,
+        };
+        if !fast {
+            return Box::pin(self.publish_after_credit(command, bytes, answer)).await;
+        }
+        if let Err(command) = conn.try_send(command) {
+            Box::pin(self.send_command(command)).await?;
+        }
+        Ok(PublishConfirm {
+            answer,
+            conn: conn.clone(),
         })
-        .await?;
+    }
+
+    /// The rest of a publish that found the publish buffer full: waits for
+    /// `bytes` of credit, then for room in the command queue.
+    async fn publish_after_credit(
+        &self,
+        mut command: Command,
+        bytes: u64,
+        answer: Option<oneshot::Receiver<Result<Confirmation, Error>>>,
+    ) -> Result<PublishConfirm, Error> {
+        let credit = self.inner.conn.publish_budget.take(bytes).await;
+        if let Command::Publish { credit: slot, .. } = &mut command {
+            *slot = Some(credit);
+        }
+        self.send_command(command).await?;
         Ok(PublishConfirm {
             answer,
             conn: self.inner.conn.clone(),
@@ -375,7 +399,7 @@ impl Channel {
         let (reply, answer) = oneshot::channel();
         self.send_command(Command::Consume {
             channel: self.inner.id,
-            consume,
+            consume: Box::new(consume),
             deliveries,
             end: end.clone(),
             reply,
@@ -454,8 +478,7 @@ impl ChannelRpc for Channel {
         self.check()?;
         self.send_command(Command::Send {
             channel: self.inner.id,
-            method,
-            epoch: None,
+            method: Box::new(method),
         })
         .await
     }

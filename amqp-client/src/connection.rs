@@ -137,6 +137,19 @@ impl Inner {
         }
     }
 
+    /// Queues `command` if that needs no waiting: the connection is not
+    /// recovering or closed and the queue has room. Otherwise hands it back
+    /// for [`send`](Self::send), which waits (and reports a closed connection).
+    pub(crate) fn try_send(&self, command: Command) -> Result<(), Command> {
+        if self.shared.recovering_now.get() || self.shared.error.get().is_some() {
+            return Err(command);
+        }
+        self.commands.try_send(command).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(command)
+            | mpsc::error::TrySendError::Closed(command) => command,
+        })
+    }
+
     pub(crate) async fn send(&self, command: Command) -> Result<(), Error> {
         self.wait_while_recovering().await?;
         self.commands

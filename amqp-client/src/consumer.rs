@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use crate::channel::Channel;
 use crate::error::Error;
-use crate::machine::{Command, ConsumerEnd, Content, RawDelivery};
+use crate::machine::{Command, ConsumerEnd, Content, RawDelivery, Settlement};
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{ChannelRpc, ReceivedProperties, ShortString};
 
@@ -62,7 +62,7 @@ impl Delivery {
     /// broker redelivers the message).
     pub async fn ack(&self) -> Result<(), Error> {
         let tag = self.envelope.delivery_tag;
-        let ack = Method::BasicAck(basic::Ack {
+        let ack = Settlement::Ack(basic::Ack {
             delivery_tag: tag,
             multiple: false,
         });
@@ -73,7 +73,7 @@ impl Delivery {
     /// or not. Stale tags are refused as for [`ack`](Self::ack).
     pub async fn nack(&self, multiple: bool, requeue: bool) -> Result<(), Error> {
         let tag = self.envelope.delivery_tag;
-        let nack = Method::BasicNack(basic::Nack {
+        let nack = Settlement::Nack(basic::Nack {
             delivery_tag: tag,
             multiple,
             requeue,
@@ -84,7 +84,7 @@ impl Delivery {
     /// Rejects it, requeueing or not. Stale tags are refused as for [`ack`](Self::ack).
     pub async fn reject(&self, requeue: bool) -> Result<(), Error> {
         let tag = self.envelope.delivery_tag;
-        let reject = Method::BasicReject(basic::Reject {
+        let reject = Settlement::Reject(basic::Reject {
             delivery_tag: tag,
             requeue,
         });

@@ -48,6 +48,14 @@ impl PublishBudget {
         false
     }
 
+    /// Takes `bytes` of credit if the budget has it now.
+    pub(crate) fn try_credit(self: &Arc<Self>, bytes: u64) -> Option<Credit> {
+        self.try_take(bytes).then(|| Credit {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
     /// Takes `bytes` of credit, waiting while the budget is spent.
     pub(crate) async fn take(self: &Arc<Self>, bytes: u64) -> Credit {
         loop {
