@@ -306,8 +306,12 @@ impl Channel {
         if !fast {
             return Box::pin(self.publish_after_credit(command, bytes, answer)).await;
         }
-        if let Err(command) = conn.try_send(command) {
-            Box::pin(self.send_command(command)).await?;
+        match conn.try_send(command) {
+            // Nothing above awaited: give the scheduler its turn now and then,
+            // or a publishing loop on a current-thread runtime would starve
+            // the I/O task (heartbeats, confirms) until the queue filled.
+            Ok(()) => tokio::task::consume_budget().await,
+            Err(command) => Box::pin(self.send_command(command)).await?,
         }
         Ok(PublishConfirm {
             answer,

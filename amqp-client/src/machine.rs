@@ -2830,6 +2830,59 @@ mod tests {
     }
 
     #[test]
+    fn acks_sent_as_plain_methods_are_tracked_like_delivery_acks() {
+        // `channel.basic_ack(..)` (the generated stub) sends a `Command::Send`.
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let _deliveries = consume_and_deliver(&mut m, now, id, false, 1..=3);
+        for tag in 1..=3 {
+            m.command(
+                Command::Send {
+                    channel: id,
+                    method: Box::new(ack(tag)),
+                },
+                now,
+            );
+        }
+        assert_eq!(
+            written_methods(&mut m),
+            [Method::BasicAck(basic::Ack {
+                delivery_tag: 3,
+                multiple: true
+            })]
+        );
+        // Recover-async stops the tracking: later acks go out as they are.
+        let _more = consume_and_deliver(&mut m, now, id, false, 4..=5);
+        m.command(
+            Command::Send {
+                channel: id,
+                method: Box::new(Method::BasicRecoverAsync(basic::RecoverAsync {
+                    requeue: true,
+                })),
+            },
+            now,
+        );
+        for tag in 4..=5 {
+            m.command(
+                Command::Send {
+                    channel: id,
+                    method: Box::new(ack(tag)),
+                },
+                now,
+            );
+        }
+        assert_eq!(
+            written_methods(&mut m),
+            [
+                Method::BasicRecoverAsync(basic::RecoverAsync { requeue: true }),
+                ack(4),
+                ack(5)
+            ]
+        );
+    }
+
+    #[test]
     fn an_unacked_delivery_is_never_covered_by_a_multiple_ack() {
         let now = Instant::now();
         let (mut m, _) = machine(now);
