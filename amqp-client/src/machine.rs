@@ -2776,6 +2776,17 @@ mod tests {
         assert!(sizes.0 <= 128 && sizes.1 <= 128, "{sizes:?}");
     }
 
+    /// What a generated stub such as `channel.basic_ack(..)` sends.
+    fn send(m: &mut Machine, now: Instant, id: u16, method: Method) {
+        m.command(
+            Command::Send {
+                channel: id,
+                method: Box::new(method),
+            },
+            now,
+        );
+    }
+
     fn settle(m: &mut Machine, now: Instant, id: u16, method: Method) {
         m.command(
             Command::Settle {
@@ -2837,13 +2848,7 @@ mod tests {
         let id = open_channel(&mut m, now);
         let _deliveries = consume_and_deliver(&mut m, now, id, false, 1..=3);
         for tag in 1..=3 {
-            m.command(
-                Command::Send {
-                    channel: id,
-                    method: Box::new(ack(tag)),
-                },
-                now,
-            );
+            send(&mut m, now, id, ack(tag));
         }
         assert_eq!(
             written_methods(&mut m),
@@ -2854,32 +2859,12 @@ mod tests {
         );
         // Recover-async stops the tracking: later acks go out as they are.
         let _more = consume_and_deliver(&mut m, now, id, false, 4..=5);
-        m.command(
-            Command::Send {
-                channel: id,
-                method: Box::new(Method::BasicRecoverAsync(basic::RecoverAsync {
-                    requeue: true,
-                })),
-            },
-            now,
-        );
+        let recover = Method::BasicRecoverAsync(basic::RecoverAsync { requeue: true });
+        send(&mut m, now, id, recover.clone());
         for tag in 4..=5 {
-            m.command(
-                Command::Send {
-                    channel: id,
-                    method: Box::new(ack(tag)),
-                },
-                now,
-            );
+            send(&mut m, now, id, ack(tag));
         }
-        assert_eq!(
-            written_methods(&mut m),
-            [
-                Method::BasicRecoverAsync(basic::RecoverAsync { requeue: true }),
-                ack(4),
-                ack(5)
-            ]
-        );
+        assert_eq!(written_methods(&mut m), [recover, ack(4), ack(5)]);
     }
 
     #[test]
