@@ -294,20 +294,19 @@ impl Channel {
         // without awaiting anything. The waiting path is boxed so that its
         // state (a semaphore waiter, a recovery timer) does not make every
         // publish's future large: a future is copied where it is awaited.
-        let credit = conn.publish_budget.try_credit(bytes);
-        let fast = credit.is_some();
+        let credit = match conn.publish_budget.try_credit(bytes) {
+            Some(credit) => credit,
+            None => Box::pin(conn.publish_budget.take(bytes)).await,
+        };
         let command = Command::Publish {
             channel: self.inner.id,
             head,
             body,
             confirm,
-            credit,
+            credit: Some(credit),
         };
-        if !fast {
-            return Box::pin(self.publish_after_credit(command, bytes, answer)).await;
-        }
         match conn.try_send(command) {
-            // Nothing above awaited: give the scheduler its turn now and then,
+            // Usually nothing above awaited: give the scheduler its turn now and then,
             // or a publishing loop on a current-thread runtime would starve
             // the I/O task (heartbeats, confirms) until the queue filled.
             Ok(()) => tokio::task::consume_budget().await,
@@ -316,25 +315,6 @@ impl Channel {
         Ok(PublishConfirm {
             answer,
             conn: conn.clone(),
-        })
-    }
-
-    /// The rest of a publish that found the publish buffer full: waits for
-    /// `bytes` of credit, then for room in the command queue.
-    async fn publish_after_credit(
-        &self,
-        mut command: Command,
-        bytes: u64,
-        answer: Option<oneshot::Receiver<Result<Confirmation, Error>>>,
-    ) -> Result<PublishConfirm, Error> {
-        let credit = self.inner.conn.publish_budget.take(bytes).await;
-        if let Command::Publish { credit: slot, .. } = &mut command {
-            *slot = Some(credit);
-        }
-        self.send_command(command).await?;
-        Ok(PublishConfirm {
-            answer,
-            conn: self.inner.conn.clone(),
         })
     }
 
