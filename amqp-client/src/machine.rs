@@ -141,11 +141,19 @@ impl Settlement {
         }
     }
 
-    fn to_method(&self) -> Method {
+    fn write(&self, buf: &mut BytesMut, channel: u16) {
         match self {
-            Self::Ack(ack) => Method::BasicAck(ack.clone()),
-            Self::Nack(nack) => Method::BasicNack(nack.clone()),
-            Self::Reject(reject) => Method::BasicReject(reject.clone()),
+            Self::Ack(ack) => frame::write_ack(buf, channel, ack),
+            Self::Nack(nack) => {
+                frame::write_method_frame(buf, channel, basic::Nack::INFO.id, |buf| {
+                    nack.encode_args(buf)
+                })
+            }
+            Self::Reject(reject) => {
+                frame::write_method_frame(buf, channel, basic::Reject::INFO.id, |buf| {
+                    reject.encode_args(buf)
+                })
+            }
         }
     }
 }
@@ -2379,7 +2387,7 @@ fn write_one_turn(id: u16, channel: &mut ChannelState, buf: &mut BytesMut, frame
         }
         Outgoing::Settle(settlement) => {
             tracing::trace!(channel = id, ?settlement, "frame sent");
-            frame::write_method(buf, id, &settlement.to_method());
+            settlement.write(buf, id);
             channel.out.pop_front();
         }
         Outgoing::Publish {

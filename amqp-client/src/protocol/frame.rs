@@ -295,9 +295,10 @@ pub fn write_method(buf: &mut BytesMut, channel: u16, method: &Method) {
     });
 }
 
-/// Writes a method frame: the ids, then the arguments `args` writes.
+/// Writes a method frame: the ids, then the arguments `args` writes (a
+/// method struct's `encode_args`), without building a [`Method`].
 #[inline]
-fn write_method_frame(
+pub fn write_method_frame(
     buf: &mut BytesMut,
     channel: u16,
     id: MethodId,
