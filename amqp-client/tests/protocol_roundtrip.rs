@@ -323,3 +323,57 @@ fn non_utf8_short_strings_from_the_wire_are_replaced_not_rejected() {
     let s = wire::read_short_string(&mut input).expect("lossy");
     assert_eq!(s.as_str(), "a\u{FFFD}b");
 }
+
+/// What decoding `text` as a `shortstr` must give: invalid UTF-8 replaced,
+/// cut to 255 bytes at a character boundary.
+fn lossy_short(text: &[u8]) -> String {
+    let mut lossy = String::from_utf8_lossy(text).into_owned();
+    let mut end = lossy.len().min(ShortString::MAX_LEN);
+    while !lossy.is_char_boundary(end) {
+        end -= 1;
+    }
+    lossy.truncate(end);
+    lossy
+}
+
+#[test]
+fn short_strings_of_every_inline_length_decode_with_and_without_bytes_after_them() {
+    // Strings up to 31 bytes are taken as a 32-byte window when the input
+    // holds one, else assembled from the text alone: both paths, each length.
+    for len in 0..=40usize {
+        let text: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+        for after in [0usize, 1, 31, 40] {
+            let mut input = vec![len as u8];
+            input.extend_from_slice(&text);
+            input.extend((0..after).map(|i| 0x80 | i as u8));
+            let mut rest = &input[..];
+            let decoded = wire::read_short_string(&mut rest).expect("valid");
+            assert_eq!(decoded.as_bytes(), &text[..], "length {len}, {after} after");
+            assert_eq!(
+                rest.len(),
+                after,
+                "length {len}: the bytes after stay unread"
+            );
+            let copy = decoded.clone();
+            assert_eq!(copy, decoded);
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn short_strings_from_any_bytes_decode_lossily_and_consume_exactly_their_length(
+        text in proptest::collection::vec(any::<u8>(), 0..=255),
+        ascii in any::<bool>(),
+        after in proptest::collection::vec(any::<u8>(), 0..40),
+    ) {
+        let text: Vec<u8> = if ascii { text.iter().map(|b| b & 0x7F).collect() } else { text };
+        let mut input = vec![text.len() as u8];
+        input.extend_from_slice(&text);
+        input.extend_from_slice(&after);
+        let mut rest = &input[..];
+        let decoded = wire::read_short_string(&mut rest).expect("any bytes decode");
+        prop_assert_eq!(decoded.as_str(), lossy_short(&text));
+        prop_assert_eq!(rest, &after[..]);
+    }
+}

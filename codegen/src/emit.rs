@@ -336,12 +336,14 @@ pub fn methods(model: &Model) -> TokenStream {
         let v = variant_ident(m);
         quote!(Method::#v(m) => m.encode_args(buf),)
     });
-    let decode_arms = all.iter().map(|m| {
+    let decode_arm = |m: &&Method| {
         let v = variant_ident(m);
         let p = struct_path(m);
         let (c, id) = (m.class_id, m.method_id);
         quote!((#c, #id) => Method::#v(#p::decode_args(buf)?),)
-    });
+    };
+    let message_path_arms = all.iter().filter(|m| m.on_message_path()).map(decode_arm);
+    let other_decode_arms = all.iter().filter(|m| !m.on_message_path()).map(decode_arm);
     let infos = all.iter().map(|m| {
         let p = struct_path(m);
         quote!(&#p::INFO,)
@@ -376,9 +378,24 @@ pub fn methods(model: &Model) -> TokenStream {
             }
 
             /// Reads the arguments of the method `id` (the ids already consumed).
+            ///
+            /// The methods that arrive once per message are decoded inline, so
+            /// that a delivery is built where the caller keeps it; moving a
+            /// decoded `Method` out of a separate dispatch function cost more
+            /// than decoding it.
+            #[inline]
             pub fn decode_args(id: MethodId, buf: &mut wire::Input<'_>) -> Result<Method, DecodeError> {
                 Ok(match (id.class_id, id.method_id) {
-                    #(#decode_arms)*
+                    #(#message_path_arms)*
+                    _ => return Self::decode_other_args(id, buf),
+                })
+            }
+
+            /// Reads the arguments of a method that is not on the message path.
+            #[inline(never)]
+            fn decode_other_args(id: MethodId, buf: &mut wire::Input<'_>) -> Result<Method, DecodeError> {
+                Ok(match (id.class_id, id.method_id) {
+                    #(#other_decode_arms)*
                     _ => return Err(DecodeError::UnknownMethod(id)),
                 })
             }

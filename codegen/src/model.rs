@@ -95,6 +95,17 @@ impl Method {
         self.fields.iter().any(|f| f.ident == "no_wait")
     }
 
+    /// Whether a client receives it once per message: the `basic` class's
+    /// asynchronous methods that come from the server (deliveries, returns,
+    /// publisher confirms). Their decoders are inlined into the frame
+    /// decoder; the rest go through one out-of-line dispatch.
+    pub fn on_message_path(&self) -> bool {
+        self.class_name == "basic"
+            && !self.synchronous
+            && !self.is_reply
+            && matches!(self.direction, Direction::ToClient | Direction::Both)
+    }
+
     /// Fields grouped for encoding: consecutive bits share an octet.
     pub fn groups(&self) -> Vec<FieldGroup> {
         group_fields(&self.fields)

@@ -128,4 +128,25 @@ mod tests {
         );
         assert!(!files.iter().any(|f| f.contents.contains("pub struct Qos ")));
     }
+
+    #[test]
+    fn the_methods_decoded_inline_are_the_ones_a_client_receives_per_message() {
+        let root = workspace_root();
+        let read = |rel: &str| std::fs::read_to_string(root.join(rel)).expect("spec file");
+        let merged = amqp_codegen::spec::merge(
+            amqp_codegen::spec::parse(&read(amqp_codegen::SPEC_PATH)).expect("spec"),
+            amqp_codegen::spec::parse(&read(amqp_codegen::OVERLAY_PATH)).expect("overlay"),
+        );
+        let model = amqp_codegen::model::lower(&merged).expect("lower");
+        let mut on_path: Vec<String> = model
+            .methods()
+            .filter(|m| m.on_message_path())
+            .map(|m| m.full_name())
+            .collect();
+        on_path.sort();
+        assert_eq!(
+            on_path,
+            ["basic.ack", "basic.deliver", "basic.nack", "basic.return"]
+        );
+    }
 }

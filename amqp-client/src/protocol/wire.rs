@@ -26,30 +26,70 @@ pub struct ShortStringTooLong {
 
 /// An AMQP `shortstr`: UTF-8 text of at most 255 bytes.
 ///
-/// Strings of up to 30 bytes (exchange names, routing keys, this client's
-/// consumer tags) are stored inline: decoding one copies a few bytes instead
-/// of allocating or touching a reference count. Bytes that are not UTF-8 (a
-/// broken peer) are replaced with U+FFFD and the result cut to 255 bytes, as
-/// the Java client does, so that a delivery is never lost over a malformed
-/// routing key.
+/// Strings of up to 31 bytes (exchange names, routing keys, consumer tags,
+/// RabbitMQ's generated ones included) are stored inline: decoding one copies
+/// a few bytes instead of allocating or touching a reference count. Bytes
+/// that are not UTF-8 (a broken peer) are replaced with U+FFFD and the result
+/// cut to 255 bytes, as the Java client does, so that a delivery is never
+/// lost over a malformed routing key.
 #[derive(Clone)]
 pub struct ShortString(Repr);
 
-/// Inline capacity: with the length byte and the enum tag the whole type
-/// stays 32 bytes.
-const INLINE: usize = 30;
+/// Inline capacity: the length byte and the text fill 32 bytes, the size of
+/// the whole type.
+const INLINE: usize = 31;
 
 #[derive(Clone)]
 enum Repr {
-    /// `data[..len]` is the text; bytes after it are unspecified (decoding
-    /// copies a fixed-size window of the frame, which is cheaper than an
-    /// exact-length copy followed by wide reads of the same bytes).
-    Inline {
-        len: u8,
-        data: [u8; INLINE],
-    },
+    Inline(Inline),
     Static(&'static str),
     Heap(Arc<str>),
+}
+
+/// An inline string laid out as it is on the wire: the length byte, then the
+/// text. [`Repr`]'s tag lives in the length byte's unused values, so the
+/// type holds 31 bytes of text in 32, and decoding one is a copy of 32 bytes
+/// of the frame as they are.
+#[derive(Clone)]
+#[repr(C)]
+struct Inline {
+    len: InlineLen,
+    /// `data[..len]` is the text; bytes after it are unspecified (decoding
+    /// copies a fixed-size window of the frame).
+    data: [u8; INLINE],
+}
+
+impl Inline {
+    #[inline(always)]
+    fn text(&self) -> &[u8] {
+        // `len` is at most `INLINE` by its type.
+        &self.data[..self.len as usize]
+    }
+}
+
+/// 0 to 31: the values above are free for [`Repr`]'s tag.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+#[rustfmt::skip]
+enum InlineLen {
+    L0, L1, L2, L3, L4, L5, L6, L7, L8, L9, L10, L11, L12, L13, L14, L15,
+    L16, L17, L18, L19, L20, L21, L22, L23, L24, L25, L26, L27, L28, L29, L30, L31,
+}
+
+impl InlineLen {
+    #[inline(always)]
+    #[rustfmt::skip]
+    fn new(len: usize) -> Option<Self> {
+        use InlineLen::*;
+        Some(match len {
+            0 => L0, 1 => L1, 2 => L2, 3 => L3, 4 => L4, 5 => L5, 6 => L6, 7 => L7,
+            8 => L8, 9 => L9, 10 => L10, 11 => L11, 12 => L12, 13 => L13, 14 => L14,
+            15 => L15, 16 => L16, 17 => L17, 18 => L18, 19 => L19, 20 => L20, 21 => L21,
+            22 => L22, 23 => L23, 24 => L24, 25 => L25, 26 => L26, 27 => L27, 28 => L28,
+            29 => L29, 30 => L30, 31 => L31,
+            _ => return None,
+        })
+    }
 }
 
 impl Default for ShortString {
@@ -86,15 +126,13 @@ impl ShortString {
 
     /// `text` is known to be at most 255 bytes.
     fn from_valid(text: &str) -> Self {
-        if text.len() <= INLINE {
-            let mut data = [0; INLINE];
-            data[..text.len()].copy_from_slice(text.as_bytes());
-            Self(Repr::Inline {
-                len: text.len() as u8,
-                data,
-            })
-        } else {
-            Self(Repr::Heap(Arc::from(text)))
+        match InlineLen::new(text.len()) {
+            Some(len) => {
+                let mut data = [0; INLINE];
+                data[..text.len()].copy_from_slice(text.as_bytes());
+                Self(Repr::Inline(Inline { len, data }))
+            }
+            None => Self(Repr::Heap(Arc::from(text))),
         }
     }
 
@@ -102,7 +140,7 @@ impl ShortString {
     pub fn as_str(&self) -> &str {
         match &self.0 {
             // Only UTF-8 is ever stored inline, so this never falls back.
-            Repr::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
+            Repr::Inline(inline) => std::str::from_utf8(inline.text()).unwrap_or_default(),
             Repr::Static(text) => text,
             Repr::Heap(text) => text,
         }
@@ -111,7 +149,7 @@ impl ShortString {
     /// The bytes of the text.
     pub fn as_bytes(&self) -> &[u8] {
         match &self.0 {
-            Repr::Inline { len, data } => &data[..usize::from(*len).min(INLINE)],
+            Repr::Inline(inline) => inline.text(),
             Repr::Static(text) => text.as_bytes(),
             Repr::Heap(text) => text.as_bytes(),
         }
@@ -127,25 +165,42 @@ impl ShortString {
         self.len() == 0
     }
 
-    /// The text is `rest[..len]`; `rest` is the unread input from there on.
+    /// Reads a `shortstr` (length byte, text) off the front of `buf`.
     #[inline(always)]
-    fn from_wire(rest: &[u8], len: usize) -> Self {
-        if len <= INLINE {
-            let mut data = [0; INLINE];
-            if rest.len() >= INLINE {
-                // A fixed-size window is cheaper than an exact-length copy.
-                data.copy_from_slice(&rest[..INLINE]);
-            } else if let Some(text) = rest.get(..len) {
-                data[..len].copy_from_slice(text);
-            }
-            if is_ascii_prefix(&data, len) || std::str::from_utf8(&data[..len]).is_ok() {
-                return Self(Repr::Inline {
-                    len: len as u8,
-                    data,
-                });
+    fn read(buf: &mut Input<'_>) -> Result<Self, DecodeError> {
+        // The common case: a short ASCII string with at least 32 bytes of
+        // input from its length byte on, taken as one fixed-size window.
+        if let Some(window) = buf.first_chunk::<{ INLINE + 1 }>() {
+            let len = usize::from(window[0]);
+            if let Some(inline_len) = InlineLen::new(len) {
+                if is_ascii_text(window, len) {
+                    *buf = &buf[1 + len..];
+                    return Ok(Self::from_window(window, inline_len));
+                }
             }
         }
-        let bytes = &rest[..len.min(rest.len())];
+        let len = usize::from(read_u8(buf)?);
+        let text = take(buf, len, ValueKind::ShortStr)?;
+        // The last field of a frame has fewer than 32 bytes after it.
+        if let Some(inline_len) = InlineLen::new(len) {
+            let window = window_of(text);
+            if is_ascii_text(&window, len) {
+                return Ok(Self::from_window(&window, inline_len));
+            }
+        }
+        Ok(Self::from_wire(text))
+    }
+
+    /// An inline string from the wire bytes `window` (the length byte, the
+    /// text, then anything), whose first byte is `len`.
+    #[inline(always)]
+    fn from_window(window: &[u8; INLINE + 1], len: InlineLen) -> Self {
+        let data = window[1..].try_into().unwrap_or([0; INLINE]);
+        Self(Repr::Inline(Inline { len, data }))
+    }
+
+    /// A string from the wire bytes of its text, which may not be UTF-8.
+    fn from_wire(bytes: &[u8]) -> Self {
         if let Ok(text) = std::str::from_utf8(bytes) {
             return Self::from_valid(text);
         }
@@ -158,12 +213,57 @@ impl ShortString {
     }
 }
 
-/// Whether `data[..len]` is ASCII, tested as two overlapping 16-byte words
-/// with the bytes past `len` masked off (no per-byte loop).
+/// The wire bytes of a short string of at most 31 bytes (the length byte,
+/// the text, zeros after it), assembled in two 128-bit registers from loads
+/// that stay within `text`. A byte-wise copy into a stack buffer followed by
+/// wide reads of it stalls on store forwarding, which cost more than this.
 #[inline(always)]
-fn is_ascii_prefix(data: &[u8; INLINE], len: usize) -> bool {
+fn window_of(text: &[u8]) -> [u8; INLINE + 1] {
+    let len = text.len().min(INLINE);
+    // The text as a little-endian number of up to 248 bits, in two halves.
+    let (low, high): (u128, u128) = match len {
+        0 => (0, 0),
+        1..=3 => {
+            let (first, middle, last) = (text[0], text[len / 2], text[len - 1]);
+            let low = u128::from(first)
+                | u128::from(middle) << (8 * (len / 2))
+                | u128::from(last) << (8 * (len - 1));
+            (low, 0)
+        }
+        4..=7 => {
+            let first = u32::from_le_bytes(text[..4].try_into().unwrap_or_default());
+            let last = u32::from_le_bytes(text[len - 4..len].try_into().unwrap_or_default());
+            (u128::from(first) | u128::from(last) << (8 * (len - 4)), 0)
+        }
+        8..=15 => {
+            let first = u64::from_le_bytes(text[..8].try_into().unwrap_or_default());
+            let last = u64::from_le_bytes(text[len - 8..len].try_into().unwrap_or_default());
+            (u128::from(first) | u128::from(last) << (8 * (len - 8)), 0)
+        }
+        _ => {
+            let first = u128::from_le_bytes(text[..16].try_into().unwrap_or_default());
+            let last = u128::from_le_bytes(text[len - 16..len].try_into().unwrap_or_default());
+            let shift = 8 * (len - 16) as u32;
+            let carried = last.checked_shr(128 - shift).unwrap_or(0);
+            (first | last << shift, carried)
+        }
+    };
+    // Shift in the length byte.
+    let word0 = (low << 8) | len as u128;
+    let word1 = (high << 8) | (low >> 120);
+    let mut window = [0; INLINE + 1];
+    window[..16].copy_from_slice(&word0.to_le_bytes());
+    window[16..].copy_from_slice(&word1.to_le_bytes());
+    window
+}
+
+/// Whether the `len` bytes after the length byte at `window[0]` are ASCII,
+/// tested as two 16-byte words with the bytes past the text masked off (no
+/// per-byte loop). The length byte itself is at most 31, so never has its
+/// high bit set.
+#[inline(always)]
+fn is_ascii_text(window: &[u8; INLINE + 1], len: usize) -> bool {
     const HIGH_BITS: u128 = u128::from_ne_bytes([0x80; 16]);
-    const TAIL: usize = INLINE - 16;
     fn first_bytes(n: usize) -> u128 {
         match n {
             0 => 0,
@@ -171,12 +271,11 @@ fn is_ascii_prefix(data: &[u8; INLINE], len: usize) -> bool {
             _ => u128::MAX,
         }
     }
-    let mut head = [0; 16];
-    head.copy_from_slice(&data[..16]);
-    let mut tail = [0; 16];
-    tail.copy_from_slice(&data[TAIL..]);
-    let head = u128::from_le_bytes(head) & first_bytes(len);
-    let tail = u128::from_le_bytes(tail) & first_bytes(len.saturating_sub(TAIL));
+    let (head, tail) = window.split_at(16);
+    let head = u128::from_le_bytes(head.try_into().unwrap_or_default());
+    let tail = u128::from_le_bytes(tail.try_into().unwrap_or_default());
+    let head = head & first_bytes(len + 1);
+    let tail = tail & first_bytes((len + 1).saturating_sub(16));
     (head | tail) & HIGH_BITS == 0
 }
 
@@ -549,10 +648,7 @@ pub fn read_u64(buf: &mut Input<'_>) -> Result<u64, DecodeError> {
 /// Reads a `shortstr`.
 #[inline(always)]
 pub fn read_short_string(buf: &mut Input<'_>) -> Result<ShortString, DecodeError> {
-    let len = usize::from(read_u8(buf)?);
-    let rest = *buf;
-    take(buf, len, ValueKind::ShortStr)?;
-    Ok(ShortString::from_wire(rest, len))
+    ShortString::read(buf)
 }
 
 #[inline]
