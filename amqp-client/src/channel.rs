@@ -83,9 +83,12 @@ pub struct ConsumeOptions {
 /// when it does not matter (it is not itself a future, so dropping it
 /// unawaited is not a mistake).
 pub struct PublishConfirm {
-    answer: Option<oneshot::Receiver<Result<Confirmation, Error>>>,
-    conn: Arc<ConnectionInner>,
+    /// In confirm mode: the answer, and the connection whose error explains
+    /// an answer that never comes.
+    answer: Option<(ConfirmReceiver, Arc<ConnectionInner>)>,
 }
+
+type ConfirmReceiver = oneshot::Receiver<Result<Confirmation, Error>>;
 
 impl std::fmt::Debug for PublishConfirm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -116,9 +119,9 @@ impl Future for ConfirmationFuture {
         match this.answer.as_mut() {
             // Not in confirm mode: handed to the connection is all there is.
             None => Poll::Ready(Ok(Confirmation::NotRequested)),
-            Some(answer) => match Pin::new(answer).poll(cx) {
+            Some((answer, conn)) => match Pin::new(answer).poll(cx) {
                 Poll::Ready(Ok(outcome)) => Poll::Ready(outcome),
-                Poll::Ready(Err(_)) => Poll::Ready(Err(this.conn.closed_error())),
+                Poll::Ready(Err(_)) => Poll::Ready(Err(conn.closed_error())),
                 Poll::Pending => Poll::Pending,
             },
         }
@@ -278,9 +281,9 @@ impl Channel {
     ) -> Result<PublishConfirm, Error> {
         self.check()?;
         let conn = &self.inner.conn;
-        if conn.shared.blocked.borrow().is_some() {
+        if conn.shared.blocked_now.is_up() {
             let mut blocked = conn.shared.blocked.clone();
-            let _ = blocked.wait_for(Option::is_none).await;
+            let _ = Box::pin(blocked.wait_for(Option::is_none)).await;
         }
         let (confirm, answer) = if self.inner.confirm_mode.load(Ordering::Acquire) {
             let (tx, rx) = oneshot::channel();
@@ -313,8 +316,7 @@ impl Channel {
             Err(command) => Box::pin(self.send_command(command)).await?,
         }
         Ok(PublishConfirm {
-            answer,
-            conn: conn.clone(),
+            answer: answer.map(|answer| (answer, conn.clone())),
         })
     }
 

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::channel::Channel;
+use crate::command_queue::{command_queue, CommandSender, TrySendError};
 use crate::config::Config;
 use crate::error::{Error, Initiator};
 use crate::handshake;
@@ -45,12 +46,8 @@ pub(crate) struct Shared {
     pub recovering: watch::Receiver<bool>,
     /// The same, readable without a lock.
     pub recovering_now: crate::machine::Recovering,
-    /// Acks, nacks and rejects waiting for the I/O task, which takes them
-    /// all at once: consumers acking one message at a time do not wake it
-    /// once per message.
-    pub settlements: Mutex<Vec<Command>>,
-    /// Wakes the I/O task when `settlements` stops being empty.
-    pub settlements_ready: tokio::sync::Notify,
+    /// The same as `blocked`, readable without a lock.
+    pub blocked_now: crate::machine::Blocked,
     /// Recovery's reports.
     pub events: broadcast::Sender<RecoveryEvent>,
     error_handlers: Mutex<Vec<ErrorHandler>>,
@@ -102,7 +99,7 @@ pub struct ServerInfo {
 }
 
 pub(crate) struct Inner {
-    pub commands: mpsc::Sender<Command>,
+    pub commands: CommandSender,
     pub control: mpsc::UnboundedSender<Command>,
     pub shared: Arc<Shared>,
     pub info: ServerInfo,
@@ -123,30 +120,20 @@ impl Inner {
         })
     }
 
-    /// Queues an ack, nack or reject for the I/O task.
+    /// Queues an ack, nack or reject for the I/O task (never waits).
     pub(crate) fn settle(&self, command: Command) {
-        let was_empty = match self.shared.settlements.lock() {
-            Ok(mut queue) => {
-                queue.push(command);
-                queue.len() == 1
-            }
-            Err(_) => false,
-        };
-        if was_empty {
-            self.shared.settlements_ready.notify_one();
-        }
+        self.commands.settle(command);
     }
 
     /// Queues `command` if that needs no waiting: the connection is not
     /// recovering or closed and the queue has room. Otherwise hands it back
     /// for [`send`](Self::send), which waits (and reports a closed connection).
     pub(crate) fn try_send(&self, command: Command) -> Result<(), Command> {
-        if self.shared.recovering_now.get() || self.shared.error.get().is_some() {
+        if self.shared.recovering_now.is_up() || self.shared.error.get().is_some() {
             return Err(command);
         }
         self.commands.try_send(command).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(command)
-            | mpsc::error::TrySendError::Closed(command) => command,
+            TrySendError::Full(command) | TrySendError::Closed(command) => command,
         })
     }
 
@@ -161,7 +148,7 @@ impl Inner {
     /// Calls made while the connection recovers wait for it (bounded by
     /// the recovery call timeout) instead of failing at once.
     pub(crate) async fn wait_while_recovering(&self) -> Result<(), Error> {
-        if self.shared.recovering_now.get() {
+        if self.shared.recovering_now.is_up() {
             let timeout = self.config.recovery.call_timeout;
             let mut recovering = self.shared.recovering.clone();
             if tokio::time::timeout(timeout, recovering.wait_for(|r| !*r))
@@ -344,7 +331,7 @@ impl Connection {
         };
 
         let error = Arc::new(OnceLock::new());
-        let (blocked_tx, blocked_rx) = watch::channel(None);
+        let (blocked_tx, blocked_rx) = crate::machine::Blocked::new();
         let (recovering_tx, recovering_rx) = crate::machine::Recovering::new();
         let (events, _) = broadcast::channel(256);
         let (finished, _) = watch::channel(None);
@@ -354,8 +341,7 @@ impl Connection {
             blocked: blocked_rx,
             recovering: recovering_rx,
             recovering_now: recovering_tx.clone(),
-            settlements: Mutex::new(Vec::new()),
-            settlements_ready: tokio::sync::Notify::new(),
+            blocked_now: blocked_tx.clone(),
             events: events.clone(),
             error_handlers: Mutex::new(error_handlers),
         });
@@ -377,7 +363,7 @@ impl Connection {
             recovering_tx,
             events,
         );
-        let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (commands_tx, commands_rx) = command_queue(COMMAND_QUEUE);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             commands: commands_tx,
@@ -438,7 +424,7 @@ impl Connection {
 
     /// Whether the connection is lost or being recovered right now.
     pub fn is_recovering(&self) -> bool {
-        self.inner.shared.recovering_now.get()
+        self.inner.shared.recovering_now.is_up()
     }
 
     pub(crate) fn from_weak(inner: &Weak<Inner>) -> Option<Self> {

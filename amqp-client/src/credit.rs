@@ -4,8 +4,10 @@
 //! application instead of filling its memory.
 //!
 //! Not a `tokio::sync::Semaphore`: every publish takes and returns credit, and
-//! a semaphore locks its waiter list on every return. Here the fast path is
-//! one atomic add each way; the lock is taken only while someone waits.
+//! a semaphore locks its waiter list on every return. Here taking is one
+//! atomic add, and the I/O task gives back the credit of everything it wrote
+//! in one subtraction per write batch ([`CreditReturns`]); the lock is taken
+//! only while someone waits.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -82,6 +84,13 @@ impl PublishBudget {
         }
     }
 
+    fn give_back(&self, bytes: u64) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        if self.waiters.load(Ordering::Acquire) > 0 {
+            self.returned.notify_waiters();
+        }
+    }
+
     /// Bytes currently queued.
     #[cfg(test)]
     pub(crate) fn used(&self) -> u64 {
@@ -91,10 +100,43 @@ impl PublishBudget {
 
 impl Drop for Credit {
     fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
-        if self.budget.waiters.load(Ordering::Acquire) > 0 {
-            self.budget.returned.notify_waiters();
+        if self.bytes > 0 {
+            self.budget.give_back(self.bytes);
         }
+    }
+}
+
+/// Credit of written publishes, given back to its budget in one go.
+///
+/// Given back one message at a time, every publish cost the I/O task an
+/// atomic subtraction on the cache line that publishers add to from the
+/// other core. Credit still held here when this is dropped goes back then.
+#[derive(Debug, Default)]
+pub(crate) struct CreditReturns(Vec<Credit>);
+
+impl CreditReturns {
+    /// Keeps `credit` until [`give_back`](Self::give_back).
+    pub(crate) fn push(&mut self, credit: Credit) {
+        self.0.push(credit);
+    }
+
+    /// Gives everything kept back to its budget: one subtraction per budget
+    /// (a connection has one).
+    pub(crate) fn give_back(&mut self) {
+        let Some(first) = self.0.first() else {
+            return;
+        };
+        let budget = first.budget.clone();
+        let mut bytes = 0;
+        for credit in &mut self.0 {
+            if Arc::ptr_eq(&credit.budget, &budget) {
+                bytes += std::mem::take(&mut credit.bytes);
+            }
+        }
+        budget.give_back(bytes);
+        // Emptied credits drop without touching the budget; others return
+        // their own.
+        self.0.clear();
     }
 }
 
@@ -126,5 +168,36 @@ mod tests {
         let huge = budget.take(1000).await;
         assert_eq!(budget.used(), 1000);
         drop(huge);
+    }
+
+    #[tokio::test]
+    async fn credit_kept_for_returning_goes_back_at_once_and_wakes_a_waiting_publisher() {
+        let budget = PublishBudget::new(100);
+        let other = PublishBudget::new(100);
+        let mut returns = CreditReturns::default();
+        returns.push(budget.take(60).await);
+        returns.push(budget.take(40).await);
+        returns.push(other.take(10).await);
+        assert_eq!(budget.used(), 100, "kept credit is still in use");
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.take(70).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "no credit left");
+        returns.give_back();
+        assert_eq!(other.used(), 0, "credit of another budget goes back to it");
+        let taken = tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+            .await
+            .expect("woken when the kept credit came back")
+            .expect("join");
+        assert_eq!(budget.used(), 70);
+        returns.push(taken);
+        drop(returns);
+        assert_eq!(
+            budget.used(),
+            0,
+            "dropping the returns gives back what they keep"
+        );
     }
 }

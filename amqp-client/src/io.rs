@@ -9,6 +9,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use crate::command_queue::CommandReceiver;
 use crate::config::Config;
 use crate::connection::{jitter, open_stream, Connection, Inner, OnConnect, Shared};
 use crate::error::Error;
@@ -31,7 +32,7 @@ pub(crate) struct Driver {
     pub machine: Machine,
     pub decoder: FrameDecoder,
     pub read_buf: BytesMut,
-    pub commands: mpsc::Receiver<Command>,
+    pub commands: CommandReceiver,
     pub control: mpsc::UnboundedReceiver<Command>,
     pub shared: Arc<Shared>,
     pub config: Config,
@@ -41,9 +42,7 @@ pub(crate) struct Driver {
     pub hook: Option<OnConnect>,
     /// The address the current socket is connected to.
     pub address_index: usize,
-    /// `recv()` returned `None`: every sender is gone and the queue is empty.
-    /// (`is_closed()` is true as soon as the senders are gone, even with
-    /// commands still queued, so it cannot say when to stop reading.)
+    /// Every handle is gone and the command queue is empty.
     pub commands_done: bool,
     pub control_done: bool,
 }
@@ -106,9 +105,7 @@ impl Driver {
         let error = self.machine.error().cloned();
         // Handles that were waiting in the queues learn why.
         self.commands.close();
-        while let Ok(command) = self.commands.try_recv() {
-            self.machine.command(command, Instant::now());
-        }
+        self.take_commands();
         self.control.close();
         while let Ok(command) = self.control.try_recv() {
             self.machine.command(command, Instant::now());
@@ -185,11 +182,8 @@ impl Driver {
                     if let Some(command) = command {
                         // A handle dropped after it published or acked: what it
                         // queued before the drop goes out before the close.
-                        self.take_settlements();
                         if self.machine.accepts_commands() {
-                            while let Ok(earlier) = self.commands.try_recv() {
-                                self.machine.command(earlier, Instant::now());
-                            }
+                            self.take_commands();
                         }
                         self.machine.command(command, Instant::now());
                     }
@@ -223,40 +217,24 @@ impl Driver {
                         }
                     }
                 }
-                command = commands.recv(), if accepting && !self.commands_done => {
-                    if command.is_none() {
-                        self.commands_done = true;
-                    }
-                    if let Some(command) = command {
-                        self.take_settlements();
-                        let now = Instant::now();
-                        self.machine.command(command, now);
-                        // Take what else is queued without another trip through select.
-                        for _ in 0..256 {
-                            match self.commands.try_recv() {
-                                Ok(command) => self.machine.command(command, now),
-                                Err(_) => break,
-                            }
-                        }
-                    }
+                () = commands.ready(), if accepting && !self.commands_done => {
+                    self.commands_done = self.commands.is_done();
+                    self.take_commands();
                 },
-                () = self.shared.settlements_ready.notified(), if accepting => self.take_settlements(),
                 () = sleep_until(deadline) => self.machine.handle_timeout(Instant::now()),
             }
+            // Whatever the handles queued meanwhile, in one batch.
             if self.machine.accepts_commands() {
-                self.take_settlements();
+                self.take_commands();
             }
         }
     }
 
-    /// Hands the queued acks, nacks and rejects to the machine.
-    fn take_settlements(&mut self) {
-        let batch = match self.shared.settlements.lock() {
-            Ok(mut queue) if !queue.is_empty() => std::mem::take(&mut *queue),
-            _ => return,
-        };
+    /// Hands everything queued (commands and settlements, in queue order)
+    /// to the machine.
+    fn take_commands(&mut self) {
         let now = Instant::now();
-        for command in batch {
+        for command in self.commands.take() {
             self.machine.command(command, now);
         }
     }
@@ -284,7 +262,7 @@ impl Driver {
                         .cloned()
                         .unwrap_or_else(|| lost(std::io::ErrorKind::NotConnected.into())));
                 }
-                if self.commands.is_closed() && self.control_done {
+                if self.commands.is_sender_gone() && self.control_done {
                     return Err(Error::connection_closed(crate::error::CloseReason {
                         code: ReplyCode::REPLY_SUCCESS,
                         text: "connection dropped by the application during recovery".to_owned(),

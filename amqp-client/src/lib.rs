@@ -26,6 +26,7 @@
 //! wire primitives and the frame codec); the rest is the async core.
 
 pub mod channel;
+mod command_queue;
 pub mod config;
 pub mod connection;
 pub mod consumer;

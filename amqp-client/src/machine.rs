@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::credit::CreditReturns;
 use crate::topology::Topology;
 use crate::unsettled::{Settled, Unsettled};
 
@@ -249,7 +250,7 @@ enum Outgoing {
         /// How much of the body is written.
         offset: usize,
         /// Held until the message is written (see `Command::Publish`).
-        _credit: Option<crate::credit::Credit>,
+        credit: Option<crate::credit::Credit>,
     },
 }
 
@@ -605,28 +606,35 @@ impl ChannelState {
     }
 }
 
-/// Whether the connection is recovering: a flag for the handles' fast path
-/// (every call checks it) and a watch for those that must wait.
+/// A state the machine shows the handles: a flag for their fast path (every
+/// call checks it, and a watch's `borrow` takes a lock) and a watch for those
+/// that must wait. The flag is up while the value is not its default.
 #[derive(Debug, Clone)]
-pub(crate) struct Recovering {
+pub(crate) struct Signal<T> {
     flag: Arc<std::sync::atomic::AtomicBool>,
-    watch: watch::Sender<bool>,
+    watch: watch::Sender<T>,
 }
 
-impl Recovering {
-    pub(crate) fn new() -> (Self, watch::Receiver<bool>) {
-        let (watch, receiver) = watch::channel(false);
+/// Whether the connection is recovering.
+pub(crate) type Recovering = Signal<bool>;
+
+/// `Some(reason)` while the broker blocks publishers.
+pub(crate) type Blocked = Signal<Option<String>>;
+
+impl<T: Default + PartialEq> Signal<T> {
+    pub(crate) fn new() -> (Self, watch::Receiver<T>) {
+        let (watch, receiver) = watch::channel(T::default());
         let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
         (Self { flag, watch }, receiver)
     }
 
-    fn set(&self, recovering: bool) {
-        self.flag.store(recovering, Ordering::Release);
-        self.watch.send_replace(recovering);
+    fn set(&self, value: T) {
+        self.flag.store(value != T::default(), Ordering::Release);
+        self.watch.send_replace(value);
     }
 
-    /// Whether the connection is recovering now.
-    pub(crate) fn get(&self) -> bool {
+    /// Whether the value is other than the default now.
+    pub(crate) fn is_up(&self) -> bool {
         self.flag.load(Ordering::Acquire)
     }
 }
@@ -708,7 +716,7 @@ pub(crate) struct Machine {
     last_sent: Instant,
     /// Why the connection ended; shared with every handle.
     error: Arc<OnceLock<Error>>,
-    blocked: watch::Sender<Option<String>>,
+    blocked: Blocked,
     /// Deliveries waiting for room in their consumer's buffer, in arrival
     /// order. While there are any, the socket is still read (RPC replies and
     /// confirms keep flowing, so a consumer that awaits a call while its
@@ -716,6 +724,8 @@ pub(crate) struct Machine {
     /// `OVERFLOW_LIMIT` bytes, reading stops and TCP pushes back.
     overflow: VecDeque<(u16, mpsc::Sender<RawDelivery>, RawDelivery)>,
     overflow_bytes: usize,
+    /// Credit of publishes written since the last batch.
+    credit_returns: CreditReturns,
     topology: Topology,
     recovery: Option<RecoveryRun>,
     /// `true` while the connection is lost or recovering; handles wait on it.
@@ -738,7 +748,7 @@ impl Machine {
         settings: Settings,
         now: Instant,
         error: Arc<OnceLock<Error>>,
-        blocked: watch::Sender<Option<String>>,
+        blocked: Blocked,
         recovering: Recovering,
         events: broadcast::Sender<RecoveryEvent>,
     ) -> Self {
@@ -763,6 +773,7 @@ impl Machine {
             blocked,
             overflow: VecDeque::new(),
             overflow_bytes: 0,
+            credit_returns: CreditReturns::default(),
         }
     }
 
@@ -930,13 +941,14 @@ impl Machine {
             let Some(channel) = self.channels.get_mut(&id) else {
                 continue;
             };
-            write_one_turn(id, channel, buf, frame_max);
+            write_one_turn(id, channel, buf, frame_max, &mut self.credit_returns);
             if channel.out.is_empty() {
                 channel.scheduled = false;
             } else {
                 self.ready.push_back(id);
             }
         }
+        self.credit_returns.give_back();
         if self.ready.is_empty() {
             if let Some(close) = self.closing_frame.take() {
                 tracing::trace!(channel = 0, method = ?close, "frame sent");
@@ -1124,7 +1136,7 @@ impl Machine {
                         head: Some(head),
                         body,
                         offset: 0,
-                        _credit: credit,
+                        credit,
                     },
                 );
             }
@@ -1493,12 +1505,12 @@ impl Machine {
             }
             Method::ConnectionBlocked(blocked) => {
                 tracing::info!(reason = %blocked.reason, "connection blocked by the broker");
-                self.blocked.send_replace(Some(blocked.reason.to_string()));
+                self.blocked.set(Some(blocked.reason.to_string()));
                 Ok(())
             }
             Method::ConnectionUnblocked(_) => {
                 tracing::info!("connection unblocked");
-                self.blocked.send_replace(None);
+                self.blocked.set(None);
                 Ok(())
             }
             Method::ConnectionUpdateSecretOk(_) => match self.secret_replies.pop_front() {
@@ -2370,7 +2382,13 @@ fn truncate(text: &str, max: usize) -> &str {
 
 /// One turn of a channel: a whole method, or a publish up to and including
 /// one body frame.
-fn write_one_turn(id: u16, channel: &mut ChannelState, buf: &mut BytesMut, frame_max: u32) {
+fn write_one_turn(
+    id: u16,
+    channel: &mut ChannelState,
+    buf: &mut BytesMut,
+    frame_max: u32,
+    credit_returns: &mut CreditReturns,
+) {
     let Some(head) = channel.out.front_mut() else {
         return;
     };
@@ -2401,7 +2419,13 @@ fn write_one_turn(id: u16, channel: &mut ChannelState, buf: &mut BytesMut, frame
             frame::write_body(buf, id, &body[*offset..end], frame_max);
             *offset = end;
             if end >= body.len() {
-                channel.out.pop_front();
+                if let Some(Outgoing::Publish {
+                    credit: Some(credit),
+                    ..
+                }) = channel.out.pop_front()
+                {
+                    credit_returns.push(credit);
+                }
             }
         }
     }
@@ -2417,7 +2441,7 @@ mod tests {
 
     fn machine(now: Instant) -> (Machine, Arc<OnceLock<Error>>) {
         let error = Arc::new(OnceLock::new());
-        let (blocked, _) = watch::channel(None);
+        let (blocked, _) = Blocked::new();
         let recovering = Recovering::new().0;
         let (events, _) = broadcast::channel(16);
         let settings = Settings {
