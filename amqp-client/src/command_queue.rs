@@ -8,10 +8,11 @@
 //! about a quarter of a publish's CPU time on its per-message semaphore,
 //! list and waker traffic between the two cores).
 //!
-//! Commands are bounded: past `capacity` queued entries, [`CommandSender::send`]
-//! waits and [`CommandSender::try_send`] refuses. Settlements are not: each
-//! answers a delivery the consumer already holds, so their number is bounded
-//! by the consumers' buffers, and acking must not wait behind publishes.
+//! Commands are bounded: past `capacity` queued commands, [`CommandSender::send`]
+//! waits and [`CommandSender::try_send`] refuses. Settlements are not, and do
+//! not count: each answers a delivery the consumer already holds, so their
+//! number is bounded by the consumers' buffers, and acking must not wait
+//! behind publishes.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -30,6 +31,8 @@ pub(crate) enum TrySendError {
 
 struct State {
     queued: Vec<Command>,
+    /// How many of `queued` are commands (not settlements).
+    commands: usize,
     /// The receiver stopped taking: later sends fail.
     closed: bool,
     /// The sender is gone: once the queue is empty, nothing will come.
@@ -76,6 +79,7 @@ pub(crate) fn command_queue(capacity: usize) -> (CommandSender, CommandReceiver)
     let queue = Arc::new(Queue {
         state: Mutex::new(State {
             queued: Vec::new(),
+            commands: 0,
             closed: false,
             sender_gone: false,
             waiting_for_room: false,
@@ -102,10 +106,11 @@ impl CommandSender {
         if state.closed {
             return Err(TrySendError::Closed(command));
         }
-        if state.queued.len() >= self.queue.capacity {
+        if state.commands >= self.queue.capacity {
             state.waiting_for_room = true;
             return Err(TrySendError::Full(command));
         }
+        state.commands += 1;
         self.push(state, command);
         Ok(())
     }
@@ -180,6 +185,7 @@ impl CommandReceiver {
         let waiting = {
             let mut state = self.queue.lock();
             std::mem::swap(&mut state.queued, &mut self.batch);
+            state.commands = 0;
             std::mem::take(&mut state.waiting_for_room)
         };
         if waiting {
@@ -203,6 +209,18 @@ impl CommandReceiver {
     pub(crate) fn close(&mut self) {
         self.queue.lock().closed = true;
         self.queue.room.notify_waiters();
+    }
+}
+
+impl Drop for CommandReceiver {
+    /// The I/O task ended without taking what is queued (a panic, a runtime
+    /// shut down): later sends fail, and what is queued is dropped, which
+    /// answers its callers (their reply senders close) and gives back its
+    /// publish credit.
+    fn drop(&mut self) {
+        self.close();
+        let queued = std::mem::take(&mut self.queue.lock().queued);
+        drop(queued);
     }
 }
 
@@ -272,6 +290,45 @@ mod tests {
             .expect("task")
             .expect("queued");
         assert_eq!(tags(&mut receiver), [5]);
+    }
+
+    #[tokio::test]
+    async fn settlements_do_not_take_room_from_commands() {
+        let (sender, mut receiver) = command_queue(1);
+        sender.settle(ack(1));
+        sender.settle(ack(2));
+        sender
+            .try_send(ack(3))
+            .expect("settlements leave the room to commands");
+        assert!(matches!(
+            sender.try_send(ack(4)),
+            Err(TrySendError::Full(_))
+        ));
+        assert_eq!(tags(&mut receiver), [1, 2, 3]);
+        sender.try_send(ack(5)).expect("room again after the take");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_receiver_refuses_commands_and_drops_what_was_queued() {
+        let (sender, receiver) = command_queue(4);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        sender
+            .try_send(Command::OpenChannel {
+                closed: Arc::new(std::sync::OnceLock::new()),
+                epoch: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+                reply,
+            })
+            .expect("room");
+        drop(receiver);
+        assert!(
+            answer.await.is_err(),
+            "the queued command's reply is dropped"
+        );
+        assert!(matches!(
+            sender.try_send(ack(1)),
+            Err(TrySendError::Closed(_))
+        ));
+        assert!(sender.send(ack(2)).await.is_err());
     }
 
     #[tokio::test]

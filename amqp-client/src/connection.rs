@@ -45,9 +45,9 @@ pub(crate) struct Shared {
     /// `true` while the connection is lost or being recovered.
     pub recovering: watch::Receiver<bool>,
     /// The same, readable without a lock.
-    pub recovering_now: crate::machine::Recovering,
+    pub recovering_now: crate::machine::Flag,
     /// The same as `blocked`, readable without a lock.
-    pub blocked_now: crate::machine::Blocked,
+    pub blocked_now: crate::machine::Flag,
     /// Recovery's reports.
     pub events: broadcast::Sender<RecoveryEvent>,
     error_handlers: Mutex<Vec<ErrorHandler>>,
@@ -340,8 +340,8 @@ impl Connection {
             finished,
             blocked: blocked_rx,
             recovering: recovering_rx,
-            recovering_now: recovering_tx.clone(),
-            blocked_now: blocked_tx.clone(),
+            recovering_now: recovering_tx.flag(),
+            blocked_now: blocked_tx.flag(),
             events: events.clone(),
             error_handlers: Mutex::new(error_handlers),
         });

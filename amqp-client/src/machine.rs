@@ -609,10 +609,24 @@ impl ChannelState {
 /// A state the machine shows the handles: a flag for their fast path (every
 /// call checks it, and a watch's `borrow` takes a lock) and a watch for those
 /// that must wait. The flag is up while the value is not its default.
-#[derive(Debug, Clone)]
+///
+/// Only the machine holds the watch's sender, so that those waiting on it
+/// learn when the machine is gone.
+#[derive(Debug)]
 pub(crate) struct Signal<T> {
-    flag: Arc<std::sync::atomic::AtomicBool>,
+    flag: Flag,
     watch: watch::Sender<T>,
+}
+
+/// The handles' view of a [`Signal`]'s flag.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Flag(Arc<std::sync::atomic::AtomicBool>);
+
+impl Flag {
+    /// Whether the signal's value is other than the default now.
+    pub(crate) fn is_up(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 /// Whether the connection is recovering.
@@ -624,18 +638,18 @@ pub(crate) type Blocked = Signal<Option<String>>;
 impl<T: Default + PartialEq> Signal<T> {
     pub(crate) fn new() -> (Self, watch::Receiver<T>) {
         let (watch, receiver) = watch::channel(T::default());
-        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Flag::default();
         (Self { flag, watch }, receiver)
     }
 
     fn set(&self, value: T) {
-        self.flag.store(value != T::default(), Ordering::Release);
+        self.flag.0.store(value != T::default(), Ordering::Release);
         self.watch.send_replace(value);
     }
 
-    /// Whether the value is other than the default now.
-    pub(crate) fn is_up(&self) -> bool {
-        self.flag.load(Ordering::Acquire)
+    /// The flag, for the handles.
+    pub(crate) fn flag(&self) -> Flag {
+        self.flag.clone()
     }
 }
 
@@ -2080,6 +2094,8 @@ impl Machine {
         self.recovery = None;
         self.state = State::Interrupted;
         self.recovering.set(true);
+        // A new connection is not blocked until its broker says so.
+        self.blocked.set(None);
         let _ = self.events.send(RecoveryEvent::Recovering { cause: error });
     }
 
@@ -2327,6 +2343,8 @@ impl Machine {
         }
         self.recovery = None;
         self.recovering.set(false);
+        // Publishers waiting for an unblock learn the error instead.
+        self.blocked.set(None);
         let _ = self.error.set(error);
         let error = self.closed_error();
         for (_, mut state) in self.channels.drain() {
@@ -2440,8 +2458,15 @@ mod tests {
     use crate::protocol::methods::{confirm, queue};
 
     fn machine(now: Instant) -> (Machine, Arc<OnceLock<Error>>) {
+        machine_with(now, Blocked::new().0, false)
+    }
+
+    fn machine_with(
+        now: Instant,
+        blocked: Blocked,
+        recover: bool,
+    ) -> (Machine, Arc<OnceLock<Error>>) {
         let error = Arc::new(OnceLock::new());
-        let (blocked, _) = Blocked::new();
         let recovering = Recovering::new().0;
         let (events, _) = broadcast::channel(16);
         let settings = Settings {
@@ -2450,13 +2475,46 @@ mod tests {
             heartbeat: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
             max_body_size: 1 << 20,
-            recover: false,
+            recover,
             recover_topology: true,
         };
         (
             Machine::new(settings, now, error.clone(), blocked, recovering, events),
             error,
         )
+    }
+
+    #[test]
+    fn a_lost_connection_is_no_longer_blocked_whether_it_recovers_or_fails() {
+        for recover in [false, true] {
+            let now = Instant::now();
+            let (blocked, mut watch) = Blocked::new();
+            let flag = blocked.flag();
+            let (mut m, _) = machine_with(now, blocked, recover);
+            m.handle_frame(Frame::Method {
+                channel: 0,
+                method: Method::ConnectionBlocked(connection::Blocked {
+                    reason: ShortString::from_static("low on memory"),
+                }),
+            })
+            .expect("blocked");
+            assert!(flag.is_up());
+            assert_eq!(watch.borrow_and_update().as_deref(), Some("low on memory"));
+            m.connection_lost(Error::ConnectionLost(Arc::new(std::io::Error::other(
+                "gone",
+            ))));
+            assert_eq!(m.is_interrupted(), recover);
+            // Publishers waiting for an unblock must not wait forever: the
+            // new connection, or the error, is what they see next.
+            assert!(!flag.is_up(), "recover: {recover}");
+            assert!(watch.has_changed().expect("sender alive"));
+            assert_eq!(*watch.borrow(), None);
+            drop(m);
+            assert!(
+                watch.has_changed().is_err(),
+                "the watch closes with the machine"
+            );
+        }
     }
 
     /// Everything the machine wants to write, decoded.
