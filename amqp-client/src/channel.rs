@@ -283,7 +283,7 @@ impl Channel {
         let conn = &self.inner.conn;
         if conn.shared.blocked_now.is_up() {
             let mut blocked = conn.shared.blocked.clone();
-            let _ = Box::pin(blocked.wait_for(Option::is_none)).await;
+            let _ = blocked.wait_for(Option::is_none).await;
         }
         let (confirm, answer) = if self.inner.confirm_mode.load(Ordering::Acquire) {
             let (tx, rx) = oneshot::channel();
