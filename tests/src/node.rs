@@ -112,12 +112,39 @@ impl NodeOptions {
     /// clients for certificates (`verify_none`).
     #[must_use]
     pub fn tls_listener(
-        mut self,
+        self,
         ca_pem: impl Into<Vec<u8>>,
         cert_pem: impl Into<Vec<u8>>,
         key_pem: impl Into<Vec<u8>>,
     ) -> Self {
+        self.tls_listener_with(ca_pem, cert_pem, key_pem, false)
+    }
+
+    /// The same listener, but clients must present a certificate signed by
+    /// the CA (`verify_peer`, `fail_if_no_peer_cert`), as SASL EXTERNAL needs.
+    #[must_use]
+    pub fn tls_listener_verifying_clients(
+        self,
+        ca_pem: impl Into<Vec<u8>>,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls_listener_with(ca_pem, cert_pem, key_pem, true)
+    }
+
+    fn tls_listener_with(
+        mut self,
+        ca_pem: impl Into<Vec<u8>>,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+        verify_clients: bool,
+    ) -> Self {
         self.tls_port = true;
+        let (verify, fail_if_no_peer_cert) = if verify_clients {
+            ("verify_peer", true)
+        } else {
+            ("verify_none", false)
+        };
         self.file("tls-ca.pem", ca_pem)
             .file("tls-cert.pem", cert_pem)
             .file("tls-key.pem", key_pem)
@@ -125,8 +152,10 @@ impl NodeOptions {
             .config_line("ssl_options.cacertfile = {dir}/tls-ca.pem")
             .config_line("ssl_options.certfile = {dir}/tls-cert.pem")
             .config_line("ssl_options.keyfile = {dir}/tls-key.pem")
-            .config_line("ssl_options.verify = verify_none")
-            .config_line("ssl_options.fail_if_no_peer_cert = false")
+            .config_line(format!("ssl_options.verify = {verify}"))
+            .config_line(format!(
+                "ssl_options.fail_if_no_peer_cert = {fail_if_no_peer_cert}"
+            ))
     }
 
     /// Sets how long booting may take.

@@ -60,6 +60,19 @@ impl Ca {
             .expect("server certificate");
         (cert.pem(), key.serialize_pem())
     }
+
+    /// A client certificate whose common name is `name`, and its key, PEM.
+    fn client_cert(&self, name: &str) -> (String, String) {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("client key");
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("client certificate");
+        (cert.pem(), key.serialize_pem())
+    }
 }
 
 /// The node with a TLS listener, and the CA files a client can trust.
@@ -539,4 +552,75 @@ async fn private_nodes_start_in_parallel() {
 async fn private_node_with_a_bad_config_panics_with_its_log() {
     let _node =
         PrivateNode::start_async(NodeOptions::default().config_line("no_such.setting = 1")).await;
+}
+
+#[tokio::test]
+async fn sasl_external_logs_in_as_the_client_certificate_and_refuses_without_one() {
+    // A node of its own: it asks every TLS client for a certificate.
+    let ca = Ca::new("amqp-client EXTERNAL test CA");
+    let (cert_pem, key_pem) = ca.server_cert(&["localhost", "127.0.0.1"]);
+    let options = NodeOptions::default()
+        .plugin("rabbitmq_auth_mechanism_ssl")
+        .tls_listener_verifying_clients(ca.cert.pem(), cert_pem, key_pem)
+        .config_line("auth_mechanisms.1 = EXTERNAL")
+        .config_line("auth_mechanisms.2 = PLAIN")
+        .config_line("ssl_cert_login_from = common_name");
+    let node = PrivateNode::start_async(options).await;
+    let tls_port = node.tls_port().expect("the node has a TLS port");
+    let client_files = |name: &str| {
+        let (cert, key) = ca.client_cert(name);
+        let cert_file = node.dir().join(format!("client-{name}.pem"));
+        let key_file = node.dir().join(format!("client-{name}-key.pem"));
+        std::fs::write(&cert_file, cert).expect("write client certificate");
+        std::fs::write(&key_file, key).expect("write client key");
+        (cert_file, key_file)
+    };
+    let config = |client_cert: Option<(PathBuf, PathBuf)>| {
+        // No user or password: the broker takes the name from the certificate.
+        let mut config: Config =
+            format!("amqps://localhost:{tls_port}/%2f?auth_mechanism=external")
+                .parse()
+                .expect("valid amqps URL");
+        config.tls = Some(TlsConfig {
+            ca_file: Some(node.dir().join("tls-ca.pem")),
+            client_cert,
+            ..Default::default()
+        });
+        config.connection_timeout = Duration::from_secs(20);
+        config
+    };
+
+    // "guest" exists on a fresh node (and may log in from localhost).
+    let connection = Connection::connect(config(Some(client_files("guest"))))
+        .await
+        .unwrap_or_else(|e| panic!("EXTERNAL login failed: {e}\n{}", node.log_tail(30)));
+    round_trip(&connection).await;
+    let listed = node.rabbitmqctl(&["list_connections", "user", "auth_mechanism", "ssl"]);
+    assert!(
+        listed
+            .lines()
+            .any(|line| line.split_whitespace().eq(["guest", "EXTERNAL", "true"])),
+        "the broker sees guest logged in by EXTERNAL over TLS:\n{listed}"
+    );
+    connection.close().await.expect("connection.close");
+
+    // A valid certificate for a user the broker does not know.
+    let refused = Connection::connect(config(Some(client_files("nobody"))))
+        .await
+        .expect_err("no such user");
+    assert!(
+        matches!(refused, Error::AuthenticationFailed { .. }),
+        "unknown user: {refused:?}"
+    );
+
+    // No certificate at all: the TLS handshake is refused, quickly and clearly.
+    let started = Instant::now();
+    let refused = Connection::connect(config(None))
+        .await
+        .expect_err("a certificate is required");
+    assert!(
+        !matches!(refused, Error::Timeout { .. }) && started.elapsed() < Duration::from_secs(15),
+        "no certificate: {refused:?} after {:?}",
+        started.elapsed()
+    );
 }
