@@ -54,11 +54,7 @@ impl Ca {
             KeyUsagePurpose::KeyEncipherment,
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().expect("server key");
-        let cert = params
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("server certificate");
-        (cert.pem(), key.serialize_pem())
+        self.sign(params)
     }
 
     /// A client certificate whose common name is `name`, and its key, PEM.
@@ -67,10 +63,15 @@ impl Ca {
         params.distinguished_name.push(DnType::CommonName, name);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().expect("client key");
+        self.sign(params)
+    }
+
+    /// A certificate with `params` and a new key, signed by this CA; both PEM.
+    fn sign(&self, params: CertificateParams) -> (String, String) {
+        let key = KeyPair::generate().expect("certificate key");
         let cert = params
             .signed_by(&key, &self.cert, &self.key)
-            .expect("client certificate");
+            .expect("certificate");
         (cert.pem(), key.serialize_pem())
     }
 }
