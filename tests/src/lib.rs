@@ -96,6 +96,17 @@ pub fn name(text: &str) -> ShortString {
     ShortString::new(text).expect("short name")
 }
 
+/// Deletes `queue` (the tests' clean-up), failing the test if the broker refuses.
+pub async fn delete_queue(channel: &Channel, queue: &str) {
+    channel
+        .queue_delete(queue::Delete {
+            queue: name(queue),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+}
+
 /// The broker's pid for the connection named `connection_name`, waiting
 /// for it to show up in `rabbitmqctl list_connections`.
 pub async fn connection_pid(connection_name: &str) -> String {

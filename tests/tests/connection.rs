@@ -9,7 +9,7 @@ use amqp_client::{
     BasicProperties, Channel, ConsumeOptions, Decimal, Error, FieldTable, FieldValue, ReplyError,
 };
 use amqp_client_tests::{
-    config, connect, connect_with, connection_pid, name, rabbitmqctl, unique,
+    config, connect, connect_with, connection_pid, delete_queue, name, rabbitmqctl, unique,
     wait_for_message_count,
 };
 use bytes::Bytes;
@@ -260,13 +260,7 @@ async fn a_ten_megabyte_message_round_trips_byte_for_byte() {
     assert_eq!(got.delivery.body.len(), body.len());
     assert!(got.delivery.body[..] == body[..], "byte for byte");
     // Auto-delete only applies once a consumer came and went: delete it.
-    channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&channel, &q).await;
     connection.close().await.expect("close");
 }
 
@@ -433,13 +427,7 @@ async fn a_small_frame_max_from_the_url_splits_bodies_and_still_round_trips() {
         got.delivery.body[..] == body[..],
         "25 body frames reassembled in order"
     );
-    channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&channel, &q).await;
     connection.close().await.expect("close");
 }
 
@@ -477,13 +465,7 @@ async fn everything_published_before_a_close_or_a_drop_reaches_the_broker() {
     connection.close().await.expect("close");
 
     wait_for_message_count(&setup_channel, &q, 15_000, Duration::from_secs(10)).await;
-    setup_channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&setup_channel, &q).await;
     setup.close().await.expect("close");
 }
 
@@ -540,13 +522,7 @@ async fn dropping_every_handle_right_after_publishing_still_delivers_and_closes(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    setup_channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&setup_channel, &q).await;
     setup.close().await.expect("close");
 }
 
@@ -600,13 +576,7 @@ async fn a_no_wait_cancel_while_messages_flow_requeues_them_and_keeps_the_connec
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!connection.is_closed());
-    channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&channel, &q).await;
     connection.close().await.expect("close");
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use amqp_client::prelude::*;
 use amqp_client::{BasicProperties, Connection, Error, ReplyError};
-use amqp_client_tests::{config, connect, name, unique};
+use amqp_client_tests::{config, connect, delete_queue, name, unique};
 
 #[tokio::test]
 async fn wrong_password_is_an_authentication_error() {
@@ -200,13 +200,7 @@ async fn precondition_failed_on_an_inequivalent_redeclare() {
         "{err}"
     );
     let cleanup = connection.open_channel().await.expect("channel");
-    cleanup
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&cleanup, &q).await;
     connection.close().await.expect("close");
 }
 

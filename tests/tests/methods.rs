@@ -7,7 +7,9 @@ use amqp_client::prelude::*;
 use amqp_client::{
     BasicProperties, Channel, Confirmation, ConsumeOptions, Error, FieldTable, ReplyError,
 };
-use amqp_client_tests::{connect, list_bindings, name, unique, wait_for_message_count};
+use amqp_client_tests::{
+    connect, delete_queue, list_bindings, name, unique, wait_for_message_count,
+};
 
 async fn message_count(channel: &Channel, queue: &str) -> u32 {
     channel
@@ -326,13 +328,7 @@ async fn basic_get_ack_reject_nack_and_empty() {
     c.delivery.reject(false).await.expect("reject drop");
     assert!(channel.basic_get(&q, false).await.expect("get").is_none());
     assert_eq!(message_count(&channel, &q).await, 0);
-    channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&channel, &q).await;
     connection.close().await.expect("close");
 }
 
@@ -383,13 +379,7 @@ async fn basic_qos_limits_unacked_deliveries_and_cancel_stops_the_consumer() {
     assert_eq!(&rest[0].body[..], b"2");
     rest[0].nack(false, true).await.expect("requeue");
     settle(&channel, &q, 1).await;
-    channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&channel, &q).await;
     connection.close().await.expect("close");
 }
 
@@ -423,13 +413,7 @@ async fn basic_recover_redelivers_unacked_messages() {
         .await
         .expect("recover-async is accepted");
     consumer.cancel().await.expect("cancel");
-    channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&channel, &q).await;
     connection.close().await.expect("close");
 }
 
@@ -445,13 +429,7 @@ async fn tx_select_commit_rollback() {
     publish(&channel, &q, "committed").await;
     channel.tx_commit().await.expect("commit");
     assert_eq!(message_count(&channel, &q).await, 1);
-    channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&channel, &q).await;
     connection.close().await.expect("close");
 }
 
@@ -507,13 +485,7 @@ async fn confirm_select_acks_returns_and_waits_for_all() {
         assert_eq!(confirm.await.expect("confirmation"), Confirmation::Ack);
     }
     assert_eq!(message_count(&channel, &q).await, 101);
-    channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&channel, &q).await;
     connection.close().await.expect("close");
 }
 
@@ -575,13 +547,7 @@ async fn consumer_cancelled_by_the_broker_ends_with_a_typed_reason() {
         .await
         .expect("consume");
     let other = connection.open_channel().await.expect("channel");
-    other
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&other, &q).await;
     let end = tokio::time::timeout(Duration::from_secs(5), consumer.next())
         .await
         .expect("ends")
@@ -643,13 +609,7 @@ async fn dropping_a_consumer_cancels_it_and_requeues_what_was_in_flight() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&channel, &q).await;
     connection.close().await.expect("close");
 }
 
@@ -685,13 +645,7 @@ async fn callback_consumers_see_every_delivery() {
             .expect("open");
         assert_eq!(body, format!("m{i}"));
     }
-    channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&channel, &q).await;
     let ended = tokio::time::timeout(Duration::from_secs(5), task)
         .await
         .expect("task ends")
@@ -751,13 +705,7 @@ async fn arguments_tables_reach_the_broker() {
         "{err}"
     );
     let cleanup = connection.open_channel().await.expect("channel");
-    cleanup
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&cleanup, &q).await;
     connection.close().await.expect("close");
 }
 
@@ -828,13 +776,7 @@ async fn acks_one_by_one_settle_exactly_the_acked_deliveries() {
         .delivery;
     assert_eq!(&again.body[..], b"0");
     assert!(again.envelope.redelivered);
-    channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&channel, &q).await;
     connection.close().await.expect("close");
 }
 
@@ -887,12 +829,6 @@ async fn coalesced_acks_are_accepted_by_the_broker_and_settle_everything() {
     // Nothing was left unacknowledged to be requeued.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(message_count(&channel, &q).await, 0);
-    channel
-        .queue_delete(queue::Delete {
-            queue: name(&q),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&channel, &q).await;
     connection.close().await.expect("close");
 }

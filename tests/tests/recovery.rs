@@ -14,7 +14,7 @@ use amqp_client::{
     RecoveryConfig, RecoveryEvent, ReplyError,
 };
 use amqp_client_tests::proxy::{Fault, FaultProxy};
-use amqp_client_tests::{config, connect, connection_pid, name, rabbitmqctl, unique};
+use amqp_client_tests::{config, connect, connection_pid, delete_queue, name, rabbitmqctl, unique};
 use tokio::sync::broadcast;
 
 fn broker_address() -> SocketAddr {
@@ -519,13 +519,7 @@ async fn deleted_entities_and_cancelled_consumers_do_not_come_back() {
         .await
         .expect("consume");
     cancelled.cancel().await.expect("cancel");
-    channel
-        .queue_delete(queue::Delete {
-            queue: name(&gone),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete_queue(&channel, &gone).await;
 
     proxy.inject(Fault::Reset);
     recovered(&mut events).await;
