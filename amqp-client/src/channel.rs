@@ -201,17 +201,45 @@ impl Channel {
         self.inner.conn.send(command).await
     }
 
-    async fn answer<T>(&self, answer: oneshot::Receiver<Result<T, Error>>) -> Result<T, Error> {
-        match answer.await {
+    /// Awaits the answer to `call`, which asked the broker something, within
+    /// the call timeout. When it expires the channel is closed with the
+    /// timeout: what the broker did with the request is unknown, and a reply
+    /// that still comes must not be taken for a later call's.
+    async fn answer<T>(
+        &self,
+        call: &'static str,
+        answer: oneshot::Receiver<Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let answered = async {
+            match answer.await {
+                Ok(result) => result,
+                Err(_) => Err(self
+                    .closed_error()
+                    .unwrap_or_else(|| self.inner.conn.closed_error())),
+            }
+        };
+        let Some(timeout) = self.inner.conn.config.call_timeout else {
+            return answered.await;
+        };
+        match tokio::time::timeout(timeout, answered).await {
             Ok(result) => result,
-            Err(_) => Err(self
-                .closed_error()
-                .unwrap_or_else(|| self.inner.conn.closed_error())),
+            Err(_) => {
+                let error = Error::CallTimeout { call, timeout };
+                tracing::warn!(channel = self.inner.id, %error, "closing the channel");
+                if self.inner.closed.set(error.clone()).is_ok() {
+                    let _ = self.inner.conn.control.send(Command::CloseChannel {
+                        channel: self.inner.id,
+                        reply: None,
+                    });
+                }
+                Err(error)
+            }
         }
     }
 
     pub(crate) async fn rpc(&self, method: Method) -> Result<Reply, Error> {
         self.check()?;
+        let call = method.info().name;
         let is_confirm_select = matches!(method, Method::ConfirmSelect(_));
         let (reply, answer) = oneshot::channel();
         self.send_command(Command::Rpc {
@@ -220,7 +248,7 @@ impl Channel {
             reply,
         })
         .await?;
-        let reply = self.answer(answer).await?;
+        let reply = self.answer(call, answer).await?;
         if is_confirm_select {
             self.inner.confirm_mode.store(true, Ordering::Release);
         }
@@ -247,7 +275,10 @@ impl Channel {
             reply: Some(reply),
         })
         .await?;
-        self.answer(answer).await
+        self.inner
+            .conn
+            .within_call_timeout("channel.close", answer)
+            .await
     }
 
     /// Publishes a message. In confirm mode the returned confirmation
@@ -283,7 +314,23 @@ impl Channel {
         let conn = &self.inner.conn;
         if conn.shared.blocked_now.is_up() {
             let mut blocked = conn.shared.blocked.clone();
-            let _ = blocked.wait_for(Option::is_none).await;
+            match conn.config.call_timeout {
+                None => {
+                    let _ = blocked.wait_for(Option::is_none).await;
+                }
+                // Boxed: a timer in every publish's future would make each
+                // publish copy more. Nothing was sent, so the channel stays open.
+                Some(timeout) => Box::pin(tokio::time::timeout(
+                    timeout,
+                    blocked.wait_for(Option::is_none),
+                ))
+                .await
+                .map_err(|_| Error::CallTimeout {
+                    call: "basic.publish (waiting out connection.blocked)",
+                    timeout,
+                })
+                .map(drop)?,
+            }
         }
         let (confirm, answer) = if self.inner.confirm_mode.load(Ordering::Acquire) {
             let (tx, rx) = oneshot::channel();
@@ -350,7 +397,7 @@ impl Channel {
             reply,
         })
         .await?;
-        self.answer(answer).await
+        self.answer("wait_for_confirms", answer).await
     }
 
     /// Starts a consumer on `queue`; its deliveries come as a stream.
@@ -391,7 +438,7 @@ impl Channel {
             reply,
         })
         .await?;
-        self.answer(answer).await?;
+        self.answer("basic.consume", answer).await?;
         Ok(Consumer::new(tag, self.clone(), receiver, end))
     }
 

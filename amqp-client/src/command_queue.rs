@@ -316,6 +316,7 @@ mod tests {
             .try_send(Command::OpenChannel {
                 closed: Arc::new(std::sync::OnceLock::new()),
                 epoch: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+                hook_owned: false,
                 reply,
             })
             .expect("room");

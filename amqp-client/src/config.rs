@@ -101,6 +101,14 @@ pub struct RecoveryConfig {
     pub call_timeout: Duration,
     /// Retry a failed first connect the same way (off: the first failure is returned).
     pub retry_initial_connect: bool,
+    /// Consecutive authentication failures (refused credentials, or a
+    /// credentials provider that failed) after which recovery gives up;
+    /// `None` keeps trying, for credentials that a provider or
+    /// [`Connection::update_secret`](crate::Connection::update_secret) may
+    /// yet fix. Each failure is reported as
+    /// [`RecoveryEvent::AttemptFailed`](crate::RecoveryEvent::AttemptFailed)
+    /// and to the error handlers either way.
+    pub max_authentication_failures: Option<u32>,
 }
 
 impl Default for RecoveryConfig {
@@ -113,6 +121,7 @@ impl Default for RecoveryConfig {
             topology: true,
             call_timeout: Duration::from_secs(30),
             retry_initial_connect: false,
+            max_authentication_failures: None,
         }
     }
 }
@@ -176,6 +185,14 @@ pub struct Config {
     pub fallback_addresses: Vec<(String, u16)>,
     /// Automatic recovery.
     pub recovery: RecoveryConfig,
+    /// How long any call that waits on the broker may wait (RPCs, opening
+    /// and closing channels, `wait_for_confirms`, `update_secret`, a publish
+    /// waiting out `connection.blocked`); `None` waits as long as the
+    /// connection lives. On expiry the call fails with
+    /// [`Error::CallTimeout`](crate::Error::CallTimeout) and, where the
+    /// broker was asked something, its channel is closed: what the broker
+    /// did with the request is unknown.
+    pub call_timeout: Option<Duration>,
 }
 
 impl Default for Config {
@@ -199,6 +216,7 @@ impl Default for Config {
             max_body_size: 128 * 1024 * 1024,
             fallback_addresses: Vec::new(),
             recovery: RecoveryConfig::default(),
+            call_timeout: None,
         }
     }
 }
@@ -266,6 +284,10 @@ impl FromStr for Config {
                 "connection_timeout" => {
                     let millis: u64 = query_number(&name, &value)?;
                     config.connection_timeout = Duration::from_millis(millis);
+                }
+                "call_timeout" => {
+                    let millis: u64 = query_number(&name, &value)?;
+                    config.call_timeout = (millis > 0).then(|| Duration::from_millis(millis));
                 }
                 "auth_mechanism" => {
                     config.auth_mechanism = match value.to_ascii_uppercase().as_str() {
@@ -362,6 +384,13 @@ impl Config {
         self
     }
 
+    /// Bounds every call that waits on the broker (see [`Config::call_timeout`]).
+    #[must_use]
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = Some(timeout);
+        self
+    }
+
     /// Sets the SASL mechanism.
     #[must_use]
     pub fn auth_mechanism(mut self, mechanism: AuthMechanism) -> Self {
@@ -449,7 +478,7 @@ mod tests {
 
     #[test]
     fn full_url() {
-        let c: Config = "amqp://user%40x:p%2Fw@rabbit.local:5673/my%2fvhost?heartbeat=5&frame_max=8192&channel_max=10&connection_timeout=1500&auth_mechanism=amqplain"
+        let c: Config = "amqp://user%40x:p%2Fw@rabbit.local:5673/my%2fvhost?heartbeat=5&frame_max=8192&channel_max=10&connection_timeout=1500&call_timeout=2500&auth_mechanism=amqplain"
             .parse()
             .expect("valid");
         assert_eq!((c.host.as_str(), c.port), ("rabbit.local", 5673));
@@ -457,6 +486,7 @@ mod tests {
         assert_eq!(c.vhost, "my/vhost");
         assert_eq!((c.heartbeat, c.frame_max, c.channel_max), (5, 8192, 10));
         assert_eq!(c.connection_timeout, Duration::from_millis(1500));
+        assert_eq!(c.call_timeout, Some(Duration::from_millis(2500)));
         assert_eq!(c.auth_mechanism, AuthMechanism::AmqPlain);
         assert!(c.tls.is_none());
     }

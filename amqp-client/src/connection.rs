@@ -31,7 +31,67 @@ type ErrorHandler = Box<dyn Fn(&Error) + Send + Sync>;
 /// The on-connect hook: runs after the first connect and after every
 /// reconnect, on a task of its own, with the connection.
 pub(crate) type OnConnect = Arc<
-    dyn Fn(Connection) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> + Send + Sync,
+    dyn Fn(Connection, ConnectInfo) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// What the on-connect hook is told about the connect it runs after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectInfo {
+    /// 0 after the first connect, `n` after the `n`-th reconnect.
+    pub reconnects: u64,
+    /// Which attempt of this connect succeeded (1: the first try).
+    pub attempt: u32,
+    /// `host:port` of the broker connected to.
+    pub address: String,
+}
+
+impl ConnectInfo {
+    /// Whether the hook runs after a reconnect (not the first connect).
+    pub fn is_reconnect(&self) -> bool {
+        self.reconnects > 0
+    }
+}
+
+/// A user and secret for one connect attempt, from a
+/// [credentials provider](ConnectionBuilder::credentials_provider).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user name.
+    pub user: String,
+    /// The password or token.
+    pub secret: String,
+}
+
+impl Credentials {
+    /// Credentials of `user` with `secret`.
+    pub fn new(user: impl Into<String>, secret: impl Into<String>) -> Self {
+        Self {
+            user: user.into(),
+            secret: secret.into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The error a credentials provider may fail with.
+pub type ProviderError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Called before each connect attempt for the credentials to use.
+pub(crate) type CredentialsProvider = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Credentials, ProviderError>> + Send>>
+        + Send
+        + Sync,
 >;
 
 /// State shared by the I/O task and every handle.
@@ -51,9 +111,20 @@ pub(crate) struct Shared {
     /// Recovery's reports.
     pub events: broadcast::Sender<RecoveryEvent>,
     error_handlers: Mutex<Vec<ErrorHandler>>,
+    /// The secret of the latest `update_secret`: later connects use it.
+    secret: Mutex<Option<String>>,
+    /// Called before each reconnect attempt, when set.
+    pub credentials_provider: Option<CredentialsProvider>,
 }
 
 impl Shared {
+    /// The config for the next connect attempt: the credentials provider's
+    /// answer, else the secret of the latest `update_secret`, else `config`'s.
+    pub(crate) async fn config_for_attempt(&self, config: &Config) -> Result<Config, Error> {
+        let stored = self.secret.lock().ok().and_then(|secret| secret.clone());
+        config_for_attempt(config, self.credentials_provider.as_ref(), stored).await
+    }
+
     /// Calls every error handler with `error`.
     pub(crate) fn report(&self, error: &Error) {
         if let Ok(handlers) = self.error_handlers.lock() {
@@ -145,6 +216,31 @@ impl Inner {
             .map_err(|_| self.closed_error())
     }
 
+    /// Awaits the I/O task's answer, bounded by the call timeout.
+    pub(crate) async fn within_call_timeout<T>(
+        &self,
+        call: &'static str,
+        answer: oneshot::Receiver<Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let answered = async { answer.await.map_err(|_| self.closed_error())? };
+        self.bounded(call, answered).await
+    }
+
+    /// Runs `wait` within the call timeout, failing with
+    /// [`Error::CallTimeout`] when it expires.
+    pub(crate) async fn bounded<T>(
+        &self,
+        call: &'static str,
+        wait: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        match self.config.call_timeout {
+            None => wait.await,
+            Some(timeout) => tokio::time::timeout(timeout, wait)
+                .await
+                .unwrap_or(Err(Error::CallTimeout { call, timeout })),
+        }
+    }
+
     /// Calls made while the connection recovers wait for it (bounded by
     /// the recovery call timeout) instead of failing at once.
     pub(crate) async fn wait_while_recovering(&self) -> Result<(), Error> {
@@ -163,6 +259,26 @@ impl Inner {
             None => Ok(()),
         }
     }
+}
+
+/// `config` with the credentials a connect attempt uses (see
+/// [`Shared::config_for_attempt`]).
+async fn config_for_attempt(
+    config: &Config,
+    provider: Option<&CredentialsProvider>,
+    stored_secret: Option<String>,
+) -> Result<Config, Error> {
+    let mut config = config.clone();
+    if let Some(provider) = provider {
+        let credentials = provider()
+            .await
+            .map_err(|e| Error::CredentialsProvider(Arc::from(e)))?;
+        config.user = credentials.user;
+        config.password = credentials.secret;
+    } else if let Some(secret) = stored_secret {
+        config.password = secret;
+    }
+    Ok(config)
 }
 
 /// Opens a stream to one of `config`'s addresses, starting after `last`
@@ -237,18 +353,76 @@ pub struct ConnectionBuilder {
     config: Config,
     hook: Option<OnConnect>,
     error_handlers: Vec<ErrorHandler>,
+    credentials_provider: Option<CredentialsProvider>,
 }
 
 impl ConnectionBuilder {
     /// Registers the on-connect hook, run after the first connect and after
     /// every reconnect (on a task of its own, like the seeds' dispatch), with a
-    /// connection it can open channels on. Its errors go to the error handlers.
+    /// connection it can open channels on and what kind of connect it follows.
+    /// Its errors go to the error handlers.
+    ///
+    /// What the hook creates belongs to the hook: channels opened through the
+    /// connection it is given (or a clone of it), and every exchange, queue,
+    /// binding and consumer declared on those channels, are not recorded for
+    /// recovery. When the connection is lost they end — their calls and
+    /// consumers fail with the error that lost the connection — and the hook,
+    /// run again after the reconnect, creates them anew. Everything the
+    /// application creates through other handles is recovered automatically.
+    /// After a reconnect the hook runs once recovery is done.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), amqp_client::Error> {
+    /// use amqp_client::prelude::*;
+    /// use amqp_client::{Config, Connection, ConsumeOptions, ShortString};
+    ///
+    /// let config: Config = "amqp://guest:guest@127.0.0.1:5672/%2f".parse()?;
+    /// let connection = Connection::builder(config)
+    ///     .on_connect(|connection, info| async move {
+    ///         if info.is_reconnect() {
+    ///             eprintln!("reconnected to {} (reconnect {})", info.address, info.reconnects);
+    ///         }
+    ///         let channel = connection.open_channel().await?;
+    ///         channel
+    ///             .queue_declare(queue::Declare { queue: ShortString::new("jobs")?, durable: true, ..Default::default() })
+    ///             .await?;
+    ///         let mut consumer = channel.basic_consume("jobs", ConsumeOptions::default()).await?;
+    ///         tokio::spawn(async move {
+    ///             // Ends with the connection's error when it is lost; the
+    ///             // hook's next run starts a new consumer.
+    ///             while let Some(Ok(delivery)) = consumer.next().await {
+    ///                 let _ = delivery.ack().await;
+    ///             }
+    ///         });
+    ///         Ok(())
+    ///     })
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn on_connect<F, Fut>(mut self, hook: F) -> Self
     where
-        F: Fn(Connection) -> Fut + Send + Sync + 'static,
+        F: Fn(Connection, ConnectInfo) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), Error>> + Send + 'static,
     {
-        self.hook = Some(Arc::new(move |connection| Box::pin(hook(connection))));
+        self.hook = Some(Arc::new(move |connection, info| {
+            Box::pin(hook(connection, info))
+        }));
+        self
+    }
+
+    /// Registers a credentials provider, called before each connect attempt
+    /// (the first connect and every reconnect) for the user and secret to
+    /// authenticate with: for tokens that expire (OAuth 2). Its answer takes
+    /// the place of the config's user and password. A provider that fails
+    /// counts as an authentication failure (see
+    /// [`RecoveryConfig::max_authentication_failures`](crate::RecoveryConfig::max_authentication_failures)).
+    pub fn credentials_provider<F, Fut>(mut self, provider: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Credentials, ProviderError>> + Send + 'static,
+    {
+        self.credentials_provider = Some(Arc::new(move || Box::pin(provider())));
         self
     }
 
@@ -260,7 +434,13 @@ impl ConnectionBuilder {
 
     /// Connects (retrying with backoff if `recovery.retry_initial_connect`).
     pub async fn connect(self) -> Result<Connection, Error> {
-        Connection::start(self.config, self.hook, self.error_handlers).await
+        Connection::start(
+            self.config,
+            self.hook,
+            self.error_handlers,
+            self.credentials_provider,
+        )
+        .await
     }
 }
 
@@ -269,6 +449,9 @@ impl ConnectionBuilder {
 #[derive(Clone)]
 pub struct Connection {
     pub(crate) inner: Arc<Inner>,
+    /// Given to the on-connect hook: channels opened through it belong to
+    /// the hook and are not recovered.
+    hook_owned: bool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -289,7 +472,7 @@ impl Connection {
     /// Connects with `config`: TCP (and TLS), then the AMQP handshake, all
     /// within `config.connection_timeout` per address tried.
     pub async fn connect(config: Config) -> Result<Self, Error> {
-        Self::start(config, None, Vec::new()).await
+        Self::start(config, None, Vec::new(), None).await
     }
 
     /// A builder, for an on-connect hook and error handlers that must be in
@@ -299,6 +482,7 @@ impl Connection {
             config,
             hook: None,
             error_handlers: Vec::new(),
+            credentials_provider: None,
         }
     }
 
@@ -306,12 +490,20 @@ impl Connection {
         config: Config,
         hook: Option<OnConnect>,
         error_handlers: Vec<ErrorHandler>,
+        credentials_provider: Option<CredentialsProvider>,
     ) -> Result<Self, Error> {
         let mut attempt = 0;
         let (stream, negotiated, address_index) = loop {
-            match open_stream(&config, None).await {
+            let opened =
+                match config_for_attempt(&config, credentials_provider.as_ref(), None).await {
+                    Ok(attempt_config) => open_stream(&attempt_config, None).await,
+                    Err(e) => Err(e),
+                };
+            match opened {
                 Ok(opened) => break opened,
-                Err(e @ (Error::AuthenticationFailed { .. } | Error::VhostRefused { .. })) => {
+                Err(e)
+                    if e.is_authentication_failure() || matches!(e, Error::VhostRefused { .. }) =>
+                {
                     return Err(e)
                 }
                 Err(e)
@@ -344,6 +536,8 @@ impl Connection {
             blocked_now: blocked_tx.flag(),
             events: events.clone(),
             error_handlers: Mutex::new(error_handlers),
+            secret: Mutex::new(None),
+            credentials_provider,
         });
         let timeout = config.connection_timeout;
         let settings = Settings {
@@ -380,6 +574,11 @@ impl Connection {
             publish_budget: crate::credit::PublishBudget::new(PUBLISH_BUFFER_BYTES),
         });
         let (reader, writer) = stream.into_split();
+        let info = ConnectInfo {
+            reconnects: 0,
+            attempt: attempt + 1,
+            address: config.at(&config.addresses()[address_index]).address(),
+        };
         let driver = Driver {
             reader,
             writer,
@@ -393,25 +592,33 @@ impl Connection {
             handle: Arc::downgrade(&inner),
             hook: hook.clone(),
             address_index,
+            reconnects: 0,
             commands_done: false,
             control_done: false,
         };
         tokio::spawn(driver.run());
-        let connection = Connection { inner };
+        let connection = Connection {
+            inner,
+            hook_owned: false,
+        };
         if let Some(hook) = hook {
-            connection.run_hook(hook);
+            connection.run_hook(hook, info);
         }
         Ok(connection)
     }
 
-    /// Runs the on-connect hook on a task of its own; its error goes to the
-    /// error handlers.
-    pub(crate) fn run_hook(&self, hook: OnConnect) {
-        let connection = self.clone();
+    /// Runs the on-connect hook on a task of its own, with a connection whose
+    /// channels belong to the hook; its error goes to the error handlers.
+    pub(crate) fn run_hook(&self, hook: OnConnect, info: ConnectInfo) {
+        let connection = Connection {
+            inner: self.inner.clone(),
+            hook_owned: true,
+        };
         tokio::spawn(async move {
-            if let Err(error) = hook(connection.clone()).await {
+            let inner = connection.inner.clone();
+            if let Err(error) = hook(connection, info).await {
                 tracing::warn!(%error, "on-connect hook failed");
-                connection.inner.shared.report(&error);
+                inner.shared.report(&error);
             }
         });
     }
@@ -428,7 +635,10 @@ impl Connection {
     }
 
     pub(crate) fn from_weak(inner: &Weak<Inner>) -> Option<Self> {
-        inner.upgrade().map(|inner| Connection { inner })
+        inner.upgrade().map(|inner| Connection {
+            inner,
+            hook_owned: false,
+        })
     }
 
     /// What was negotiated, and the broker's properties.
@@ -446,10 +656,14 @@ impl Connection {
             .send(Command::OpenChannel {
                 closed: closed.clone(),
                 epoch: epoch.clone(),
+                hook_owned: self.hook_owned,
                 reply,
             })
             .await?;
-        let id = answer.await.map_err(|_| self.inner.closed_error())??;
+        let id = self
+            .inner
+            .within_call_timeout("channel.open", answer)
+            .await?;
         tracing::debug!(channel = id, "channel opened");
         Ok(Channel::new(id, closed, epoch, self.inner.clone()))
     }
@@ -520,16 +734,31 @@ impl Connection {
         outcome.unwrap_or_else(|| Err(self.inner.closed_error()))
     }
 
-    /// Replaces the credentials of a live connection (an OAuth2 token refresh).
-    pub async fn update_secret(&self, secret: impl Into<Bytes>, reason: &str) -> Result<(), Error> {
+    /// Replaces the secret (password or token) of the connection: the live
+    /// connection gets `connection.update-secret` (an OAuth 2 token refresh),
+    /// and every later reconnect authenticates with it. Called while the
+    /// connection is being recovered, it is stored at once — so that a
+    /// reconnect that needs it can succeed — and sent once recovery is done.
+    pub async fn update_secret(
+        &self,
+        secret: impl Into<String>,
+        reason: &str,
+    ) -> Result<(), Error> {
+        let secret = secret.into();
+        let reason = ShortString::new(reason)?;
+        if let Ok(mut stored) = self.inner.shared.secret.lock() {
+            *stored = Some(secret.clone());
+        }
         let (reply, answer) = oneshot::channel();
         self.inner
             .send(Command::UpdateSecret {
-                secret: secret.into(),
-                reason: ShortString::new(reason)?,
+                secret: Bytes::from(secret),
+                reason,
                 reply,
             })
             .await?;
-        answer.await.map_err(|_| self.inner.closed_error())?
+        self.inner
+            .within_call_timeout("connection.update-secret", answer)
+            .await
     }
 }

@@ -182,8 +182,10 @@ pub enum Error {
         /// Whether the broker cancelled it.
         by_broker: bool,
     },
-    /// The connection was lost before the broker confirmed a publish: it may
-    /// or may not have been received. Publish it again if it must arrive.
+    /// The connection was lost, or the channel or connection closed, before
+    /// the broker confirmed a publish: it may or may not have been routed.
+    /// Publish it again if it must arrive. The error inside says what ended
+    /// the channel.
     #[error("the outcome of the publish is unknown: {0}")]
     PublishOutcomeUnknown(Arc<Error>),
     /// A delivery from before a reconnect: its tag means nothing to the new
@@ -201,6 +203,20 @@ pub enum Error {
     /// The broker nacked a published message.
     #[error("the broker nacked the message")]
     Nacked,
+    /// A call waited on the broker longer than [`Config::call_timeout`](crate::Config::call_timeout).
+    /// Where the broker was asked something, the channel is closed with
+    /// this error: what the broker did with the request is unknown.
+    #[error("{call} got no answer within {timeout:?}")]
+    CallTimeout {
+        /// What waited (`queue.declare`, `channel.open`, `wait_for_confirms`…).
+        call: &'static str,
+        /// The limit.
+        timeout: std::time::Duration,
+    },
+    /// The credentials provider failed to produce credentials for a connect
+    /// attempt (it counts as an authentication failure).
+    #[error("the credentials provider failed: {0}")]
+    CredentialsProvider(Arc<dyn std::error::Error + Send + Sync>),
 }
 
 impl Error {
@@ -220,6 +236,16 @@ impl Error {
     /// The typed reply error, when the broker sent a code.
     pub fn reply_error(&self) -> Option<ReplyError> {
         self.reply_code().map(ReplyError::from)
+    }
+
+    /// Whether the error is a refusal of the credentials (by the broker, or
+    /// because the credentials provider failed): retrying with the same
+    /// credentials cannot succeed.
+    pub fn is_authentication_failure(&self) -> bool {
+        matches!(
+            self,
+            Error::AuthenticationFailed { .. } | Error::CredentialsProvider(_)
+        )
     }
 
     /// Whether the error ended the whole connection.

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::command_queue::CommandReceiver;
 use crate::config::Config;
-use crate::connection::{jitter, open_stream, Connection, Inner, OnConnect, Shared};
+use crate::connection::{jitter, open_stream, ConnectInfo, Connection, Inner, OnConnect, Shared};
 use crate::error::Error;
 use crate::machine::{Command, Machine, RawDelivery, RecoveryEvent};
 use crate::protocol::frame::FrameDecoder;
@@ -42,6 +42,8 @@ pub(crate) struct Driver {
     pub hook: Option<OnConnect>,
     /// The address the current socket is connected to.
     pub address_index: usize,
+    /// How many times the connection was re-established.
+    pub reconnects: u64,
     /// Every handle is gone and the command queue is empty.
     pub commands_done: bool,
     pub control_done: bool,
@@ -250,6 +252,7 @@ impl Driver {
     async fn reconnect(&mut self) -> Result<(), Error> {
         let recovery = self.config.recovery.clone();
         let mut attempt = 0u32;
+        let mut authentication_failures = 0u32;
         loop {
             let delay = recovery.delay(attempt, jitter());
             tracing::info!(attempt, ?delay, "reconnecting");
@@ -282,7 +285,11 @@ impl Driver {
                     }
                 }
             }
-            match open_stream(&self.config, Some(self.address_index)).await {
+            let opened = match self.shared.config_for_attempt(&self.config).await {
+                Ok(config) => open_stream(&config, Some(self.address_index)).await,
+                Err(error) => Err(error),
+            };
+            match opened {
                 Ok((stream, negotiated, index)) => {
                     let address = self.config.at(&self.config.addresses()[index]).address();
                     self.address_index = index;
@@ -291,10 +298,15 @@ impl Driver {
                     self.writer = writer;
                     self.decoder = FrameDecoder::new(negotiated.frame_max);
                     self.read_buf = negotiated.leftover;
-                    let _ = self
-                        .shared
-                        .events
-                        .send(RecoveryEvent::Reconnected { address });
+                    let _ = self.shared.events.send(RecoveryEvent::Reconnected {
+                        address: address.clone(),
+                    });
+                    self.reconnects += 1;
+                    let info = ConnectInfo {
+                        reconnects: self.reconnects,
+                        attempt: attempt + 1,
+                        address,
+                    };
                     self.machine.resume(
                         negotiated.channel_max,
                         negotiated.frame_max,
@@ -304,13 +316,30 @@ impl Driver {
                     if let (Some(hook), Some(connection)) =
                         (self.hook.clone(), Connection::from_weak(&self.handle))
                     {
-                        connection.run_hook(hook);
+                        connection.run_hook(hook, info);
                     }
                     return Ok(());
                 }
                 Err(error) => {
                     tracing::warn!(attempt, %error, "reconnect failed");
                     attempt += 1;
+                    let _ = self.shared.events.send(RecoveryEvent::AttemptFailed {
+                        attempt,
+                        error: error.clone(),
+                    });
+                    if error.is_authentication_failure() {
+                        // Only the application can fix credentials: tell it.
+                        self.shared.report(&error);
+                        authentication_failures += 1;
+                        if recovery
+                            .max_authentication_failures
+                            .is_some_and(|max| authentication_failures >= max)
+                        {
+                            return Err(error);
+                        }
+                    } else {
+                        authentication_failures = 0;
+                    }
                     if recovery.max_attempts.is_some_and(|max| attempt >= max) {
                         return Err(error);
                     }

@@ -42,7 +42,9 @@ mod unsettled;
 
 pub use channel::{Channel, ConfirmationFuture, ConsumeOptions, PublishConfirm};
 pub use config::{AuthMechanism, Config, RecoveryConfig, TlsConfig, UrlError};
-pub use connection::{Connection, ConnectionBuilder, ServerInfo};
+pub use connection::{
+    ConnectInfo, Connection, ConnectionBuilder, Credentials, ProviderError, ServerInfo,
+};
 pub use consumer::{Consumer, Delivery, Envelope, GetMessage};
 pub use error::{CloseReason, Error, Initiator, Result};
 pub use machine::{Confirmation, RecoveryEvent, ReturnedMessage};

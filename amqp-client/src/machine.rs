@@ -19,7 +19,9 @@ use crate::unsettled::{Settled, Unsettled};
 use crate::error::{CloseReason, Error, Initiator};
 use crate::protocol::frame::{self, ContentHeader, Frame, FRAME_OVERHEAD};
 use crate::protocol::methods::{basic, channel, connection, Method};
-use crate::protocol::{MethodId, MethodInfo, ReceivedProperties, ReplyCode, ShortString};
+use crate::protocol::{
+    FieldValue, MethodId, MethodInfo, ReceivedProperties, ReplyCode, ShortString,
+};
 
 /// Message content: properties and body.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +71,16 @@ pub enum RecoveryEvent {
         old: String,
         /// Its name now.
         new: String,
+    },
+    /// A reconnect attempt failed; recovery tries again after its backoff
+    /// unless a limit of [`RecoveryConfig`](crate::RecoveryConfig) is reached
+    /// (then [`Failed`](Self::Failed) follows).
+    AttemptFailed {
+        /// Which attempt (1: the first).
+        attempt: u32,
+        /// Why it failed ([`Error::is_authentication_failure`] tells refused
+        /// credentials apart).
+        error: Error,
     },
     /// Re-creating a channel, entity or consumer failed (it is skipped).
     StepFailed {
@@ -165,6 +177,8 @@ pub(crate) enum Command {
     OpenChannel {
         closed: Arc<OnceLock<Error>>,
         epoch: Arc<AtomicU64>,
+        /// Opened by the on-connect hook: not recovered (the hook re-creates it).
+        hook_owned: bool,
         reply: oneshot::Sender<Result<u16, Error>>,
     },
     // Methods are boxed here and in `Outgoing`: a `Method` is 136 bytes, and
@@ -383,6 +397,49 @@ struct ConsumerSlot {
     no_ack: bool,
     /// The request, to consume again after a reconnect.
     consume: basic::Consume,
+    position: StreamPosition,
+}
+
+/// The header in which RabbitMQ gives each delivery from a stream queue its
+/// offset, and the consume argument that says where to start.
+const STREAM_OFFSET: &str = "x-stream-offset";
+
+/// Where a consumer is in a stream queue, so that after a reconnect it
+/// resumes after the last delivery the client took instead of at the offset
+/// it first asked for (which would deliver again from there, or skip what
+/// was published meanwhile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamPosition {
+    /// No delivery yet: whether the queue is a stream is not known.
+    Unknown,
+    /// Its deliveries carry no offset: not a stream queue.
+    NotAStream,
+    /// The offset of the last delivery handed to (or parked for) the consumer.
+    After(i64),
+}
+
+impl StreamPosition {
+    /// The position after a delivery with these properties.
+    fn advance(self, properties: &ReceivedProperties) -> Self {
+        if self == Self::NotAStream {
+            return self;
+        }
+        match stream_offset(properties) {
+            Some(offset) => Self::After(offset),
+            None if self == Self::Unknown => Self::NotAStream,
+            None => self,
+        }
+    }
+}
+
+/// The stream offset a delivery carries, if any.
+fn stream_offset(properties: &ReceivedProperties) -> Option<i64> {
+    properties
+        .get()
+        .headers
+        .as_ref()?
+        .get(STREAM_OFFSET)?
+        .as_i64()
 }
 
 struct Confirms {
@@ -446,12 +503,20 @@ impl Confirms {
         }
     }
 
+    /// The channel ended (`error` says why) with publishes unconfirmed: the
+    /// broker may have routed them before its close, so their outcome is
+    /// unknown — never a failure. Waiters for all confirms learn `error`.
     fn fail(&mut self, error: &Error) {
+        let unknown = match error {
+            Error::PublishOutcomeUnknown(_) => error.clone(),
+            other => Error::PublishOutcomeUnknown(Arc::new(other.clone())),
+        };
         for (_, sender) in self.pending.drain(..) {
             if let Some(sender) = sender {
-                let _ = sender.send(Err(error.clone()));
+                let _ = sender.send(Err(unknown.clone()));
             }
         }
+        self.returned.clear();
         for waiter in self.waiters.drain(..) {
             let _ = waiter.send(Err(error.clone()));
         }
@@ -511,6 +576,10 @@ struct ChannelState {
     tx: bool,
     /// Recovery's own channel for topology, invisible to the application.
     internal: bool,
+    /// Opened by the on-connect hook: what is declared on it is not
+    /// recorded, and it ends with the connection (the hook's next run
+    /// re-creates what it needs).
+    hook_owned: bool,
     /// Delivery tags the broker holds unacknowledged, for coalescing acks.
     unsettled: Unsettled,
     /// Whether the `basic.get` on the wire asked for no ack.
@@ -529,6 +598,7 @@ impl ChannelState {
             qos: Vec::new(),
             tx: false,
             internal: false,
+            hook_owned: false,
             phase: Phase::Opening,
             open_reply,
             close_replies: Vec::new(),
@@ -589,10 +659,8 @@ impl ChannelState {
         }
         self.in_flight = false;
         if let Some(confirms) = self.confirms.as_mut() {
-            let unknown = Error::PublishOutcomeUnknown(Arc::new(error.clone()));
-            confirms.fail(&unknown);
+            confirms.fail(&Error::PublishOutcomeUnknown(Arc::new(error.clone())));
             confirms.next_seq = 1;
-            confirms.returned.clear();
         }
         for outgoing in self.out.drain(..) {
             // Never sent: its confirmation (if any) is dropped with it and the
@@ -1062,11 +1130,13 @@ impl Machine {
             Command::OpenChannel {
                 closed,
                 epoch,
+                hook_owned,
                 reply,
             } => match self.allocate_channel() {
                 Some(id) => {
-                    self.channels
-                        .insert(id, ChannelState::new(closed, epoch, Some(reply)));
+                    let mut state = ChannelState::new(closed, epoch, Some(reply));
+                    state.hook_owned = hook_owned;
+                    self.channels.insert(id, state);
                     self.push_out(
                         id,
                         Outgoing::Method(Box::new(Method::ChannelOpen(channel::Open {}))),
@@ -1097,7 +1167,9 @@ impl Machine {
                     self.end_consumer(channel, &cancel.consumer_tag, false);
                 }
                 if self.channel_is_usable(channel) {
-                    if records(&method) {
+                    if records(&method)
+                        && !self.channels.get(&channel).is_some_and(|c| c.hook_owned)
+                    {
                         // A no-wait declaration: recorded as sent.
                         self.topology.observe(&method, None);
                     }
@@ -1178,6 +1250,7 @@ impl Machine {
                         end,
                         no_ack: consume.no_ack,
                         consume: (*consume).clone(),
+                        position: StreamPosition::Unknown,
                     },
                 );
                 state.rpcs.push_back(PendingRpc {
@@ -1256,28 +1329,7 @@ impl Machine {
                 if let Some(reply) = reply {
                     state.close_replies.push(reply);
                 }
-                if state.phase == Phase::Closing {
-                    return;
-                }
-                state.phase = Phase::Closing;
-                let reason = CloseReason {
-                    code: ReplyCode::REPLY_SUCCESS,
-                    text: "closed by the application".to_owned(),
-                    method: None,
-                    initiator: Initiator::Application,
-                };
-                let _ = state.closed.set(Error::channel_closed(channel, reason));
-                state
-                    .out
-                    .push_back(Outgoing::Method(Box::new(Method::ChannelClose(
-                        channel::Close {
-                            reply_code: ReplyCode::REPLY_SUCCESS.code(),
-                            reply_text: ShortString::from_static("closed by the application"),
-                            class_id: 0,
-                            method_id: 0,
-                        },
-                    ))));
-                self.schedule(channel);
+                self.begin_close(channel);
             }
             Command::UpdateSecret {
                 secret,
@@ -1316,6 +1368,38 @@ impl Machine {
                 };
             }
         }
+    }
+
+    /// Starts the application's close of channel `id`: the close is queued
+    /// behind what the channel has to send, and the channel answers every
+    /// later call with the application's close (unless something closed it
+    /// first, e.g. a call timeout).
+    fn begin_close(&mut self, id: u16) {
+        let Some(state) = self.channels.get_mut(&id) else {
+            return;
+        };
+        if state.phase == Phase::Closing {
+            return;
+        }
+        state.phase = Phase::Closing;
+        let reason = CloseReason {
+            code: ReplyCode::REPLY_SUCCESS,
+            text: "closed by the application".to_owned(),
+            method: None,
+            initiator: Initiator::Application,
+        };
+        let _ = state.closed.set(Error::channel_closed(id, reason));
+        state
+            .out
+            .push_back(Outgoing::Method(Box::new(Method::ChannelClose(
+                channel::Close {
+                    reply_code: ReplyCode::REPLY_SUCCESS.code(),
+                    reply_text: ShortString::from_static("closed by the application"),
+                    class_id: 0,
+                    method_id: 0,
+                },
+            ))));
+        self.schedule(id);
     }
 
     /// Control commands that arrive while the connection is being recovered
@@ -1561,8 +1645,15 @@ impl Machine {
                     return Err(unexpected(format!("channel.open-ok on open channel {id}")));
                 }
                 state.phase = Phase::Open;
-                if let Some(reply) = state.open_reply.take() {
-                    let _ = reply.send(Ok(id));
+                let abandoned = state
+                    .open_reply
+                    .take()
+                    .is_some_and(|reply| reply.send(Ok(id)).is_err());
+                if abandoned {
+                    // The caller stopped waiting (a call timeout): no handle
+                    // will ever use or close it.
+                    self.begin_close(id);
+                    return Ok(());
                 }
                 self.pump_rpc(id);
                 if self
@@ -1741,6 +1832,8 @@ impl Machine {
             return;
         };
         match &pending.request {
+            // The hook re-creates what it declared; nothing to recover.
+            Some(_) if state.hook_owned => {}
             Some(Method::BasicQos(qos)) => {
                 state.qos.retain(|q| q.global != qos.global);
                 state.qos.push(qos.clone());
@@ -1852,10 +1945,10 @@ impl Machine {
         };
         match assembly.target {
             AssemblyTarget::Deliver(deliver) => {
-                let slot = state.consumers.get(&deliver.consumer_tag);
+                let slot = state.consumers.get_mut(&deliver.consumer_tag);
                 // Assemblies complete in the order their methods arrived, so
                 // tags are recorded in the broker's order.
-                let outstanding = slot.is_none_or(|slot| !slot.no_ack);
+                let outstanding = slot.as_ref().is_none_or(|slot| !slot.no_ack);
                 state.unsettled.delivered(deliver.delivery_tag, outstanding);
                 let Some(slot) = slot else {
                     // A consumer cancelled with no-wait (or forgotten during
@@ -1867,6 +1960,7 @@ impl Machine {
                     return Ok(());
                 };
                 let no_ack = slot.no_ack;
+                slot.position = slot.position.advance(&content.properties);
                 let delivery = RawDelivery {
                     deliver,
                     content,
@@ -2066,7 +2160,9 @@ impl Machine {
         let gone: Vec<u16> = self
             .channels
             .iter()
-            .filter(|(_, c)| c.internal || c.phase == Phase::Closing || c.open_reply.is_some())
+            .filter(|(_, c)| {
+                c.internal || c.hook_owned || c.phase == Phase::Closing || c.open_reply.is_some()
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in gone {
@@ -2080,6 +2176,23 @@ impl Machine {
                         let _ = reply.send(Ok(()));
                     }
                 }
+            }
+        }
+        // Parked deliveries are dropped with the socket: a stream consumer
+        // resumes at the first of its own (walked backwards, so it is the
+        // first that sets the position last).
+        for (id, _, delivery) in self.overflow.iter().rev() {
+            let Some(slot) = self
+                .channels
+                .get_mut(id)
+                .and_then(|c| c.consumers.get_mut(&delivery.deliver.consumer_tag))
+            else {
+                continue;
+            };
+            if let (StreamPosition::After(_), Some(offset)) =
+                (slot.position, stream_offset(&delivery.content.properties))
+            {
+                slot.position = StreamPosition::After(offset - 1);
             }
         }
         for state in self.channels.values_mut() {
@@ -2171,7 +2284,14 @@ impl Machine {
             let mut consumers: Vec<&ConsumerSlot> = state.consumers.values().collect();
             consumers.sort_by(|a, b| a.consume.consumer_tag.cmp(&b.consume.consumer_tag));
             for slot in consumers {
-                steps.push_back(Step::Call(*id, Method::BasicConsume(slot.consume.clone())));
+                let mut consume = slot.consume.clone();
+                if let StreamPosition::After(offset) = slot.position {
+                    consume.arguments.insert(
+                        ShortString::from_static(STREAM_OFFSET),
+                        FieldValue::I64(offset + 1),
+                    );
+                }
+                steps.push_back(Step::Call(*id, Method::BasicConsume(consume)));
             }
         }
         self.recovery = Some(RecoveryRun {
@@ -2540,6 +2660,7 @@ mod tests {
             Command::OpenChannel {
                 closed: Arc::new(OnceLock::new()),
                 epoch: Arc::new(AtomicU64::new(0)),
+                hook_owned: false,
                 reply,
             },
             now,

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use amqp_client::prelude::*;
-use amqp_client::{Channel, Config, Connection, ShortString};
+use amqp_client::{Channel, Config, Connection, RecoveryEvent, ShortString};
+use tokio::sync::broadcast;
 
 /// The broker the tests use: `AMQP_URL`, or the local default.
 pub fn amqp_url() -> String {
@@ -153,5 +154,74 @@ pub async fn wait_for_message_count(
             "{count} of {expected} messages in {queue}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The shared broker's socket address (for proxies in front of it).
+pub fn broker_address() -> std::net::SocketAddr {
+    use std::net::ToSocketAddrs;
+    config()
+        .address()
+        .to_socket_addrs()
+        .expect("resolve the broker's address")
+        .next()
+        .expect("an address")
+}
+
+/// The next recovery event that `wanted` accepts, failing the test after 30 s.
+pub async fn wait_for_event(
+    events: &mut broadcast::Receiver<RecoveryEvent>,
+    wanted: fn(&RecoveryEvent) -> bool,
+) -> RecoveryEvent {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(event)) if wanted(&event) => return event,
+            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+            Ok(Err(e)) => panic!("recovery events ended: {e}"),
+            Err(_) => panic!("the awaited recovery event never came"),
+        }
+    }
+}
+
+/// Waits for [`RecoveryEvent::Recovered`].
+pub async fn recovered(events: &mut broadcast::Receiver<RecoveryEvent>) {
+    wait_for_event(events, |e| matches!(e, RecoveryEvent::Recovered)).await;
+}
+
+/// Closes the connection named `connection_name` from the broker's side
+/// (`rabbitmqctl close_connection`), as an operator or a node shutdown does.
+pub async fn close_from_broker(connection_name: &str) {
+    let pid = connection_pid(connection_name).await;
+    rabbitmqctl(&["close_connection", &pid, "closed by the test"]);
+}
+
+/// A user of the default vhost with every permission, deleted when dropped.
+pub struct TestUser {
+    /// The user name.
+    pub name: String,
+}
+
+impl TestUser {
+    /// Adds `name` with `password` (`rabbitmqctl add_user`).
+    pub fn add(name: &str, password: &str) -> Self {
+        rabbitmqctl(&["add_user", name, password]);
+        rabbitmqctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
+        Self {
+            name: name.to_owned(),
+        }
+    }
+
+    /// Changes its password (`rabbitmqctl change_password`).
+    pub fn change_password(&self, password: &str) {
+        rabbitmqctl(&["change_password", &self.name, password]);
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
     }
 }

@@ -3,7 +3,6 @@
 //! server closing it (`rabbitmqctl close_connection`).
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,21 +13,10 @@ use amqp_client::{
     RecoveryConfig, RecoveryEvent, ReplyError,
 };
 use amqp_client_tests::proxy::{Fault, FaultProxy};
-use amqp_client_tests::{config, connect, connection_pid, delete_queue, name, rabbitmqctl, unique};
-use tokio::sync::broadcast;
-
-fn broker_address() -> SocketAddr {
-    tokio_addr(&config().address())
-}
-
-fn tokio_addr(address: &str) -> SocketAddr {
-    use std::net::ToSocketAddrs;
-    address
-        .to_socket_addrs()
-        .expect("resolve")
-        .next()
-        .expect("an address")
-}
+use amqp_client_tests::{
+    broker_address, config, connect, connection_pid, delete_queue, name, rabbitmqctl, recovered,
+    unique, wait_for_event,
+};
 
 /// A config that goes through `proxy`, recovering quickly.
 fn through(proxy: &FaultProxy) -> Config {
@@ -40,25 +28,6 @@ fn through(proxy: &FaultProxy) -> Config {
             max_delay: Duration::from_millis(500),
             ..RecoveryConfig::default()
         })
-}
-
-async fn wait_for_event(
-    events: &mut broadcast::Receiver<RecoveryEvent>,
-    wanted: fn(&RecoveryEvent) -> bool,
-) -> RecoveryEvent {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Ok(event)) if wanted(&event) => return event,
-            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
-            Ok(Err(e)) => panic!("recovery events ended: {e}"),
-            Err(_) => panic!("the awaited recovery event never came"),
-        }
-    }
-}
-
-async fn recovered(events: &mut broadcast::Receiver<RecoveryEvent>) {
-    wait_for_event(events, |e| matches!(e, RecoveryEvent::Recovered)).await;
 }
 
 async fn declare(channel: &Channel, queue: &str, auto_delete: bool) {
@@ -101,7 +70,7 @@ async fn survives(fault: Fault, heartbeat: u16) {
     let hook_runs = Arc::new(AtomicUsize::new(0));
     let runs = hook_runs.clone();
     let connection = Connection::builder(through(&proxy).heartbeat(heartbeat))
-        .on_connect(move |_connection| {
+        .on_connect(move |_connection, _info| {
             let runs = runs.clone();
             async move {
                 runs.fetch_add(1, Ordering::SeqCst);
