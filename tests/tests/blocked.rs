@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use amqp_client::prelude::*;
-use amqp_client::{BasicProperties, Connection, ShortString};
+use amqp_client::{BasicProperties, Connection, Error, ShortString};
 use amqp_client_tests::node::{NodeOptions, PrivateNode};
 use amqp_client_tests::wait_for_message_count;
 
@@ -55,6 +55,42 @@ async fn a_memory_alarm_blocks_publishers_until_it_clears() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "publishing waits while blocked");
 
+    // With a call timeout, the wait for an unblock is bounded; nothing was
+    // sent, so the channel stays open.
+    let timed = Connection::connect(node.config().call_timeout(Duration::from_millis(300)))
+        .await
+        .expect("connect");
+    let timed_channel = timed.open_channel().await.expect("channel");
+    let mut timed_blocked = timed.blocked();
+    timed_channel
+        .basic_publish(
+            "",
+            "blocked-q",
+            false,
+            &BasicProperties::default(),
+            "trigger-2",
+        )
+        .await
+        .expect("publish");
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        timed_blocked.wait_for(Option::is_some),
+    )
+    .await
+    .expect("connection.blocked arrives")
+    .expect("watch open");
+    let timed_out = tokio::time::timeout(
+        Duration::from_secs(10),
+        timed_channel.basic_publish("", "blocked-q", false, &BasicProperties::default(), "late"),
+    )
+    .await
+    .expect("the publish returns instead of waiting forever");
+    assert!(
+        matches!(timed_out, Err(Error::CallTimeout { timeout, .. }) if timeout == Duration::from_millis(300)),
+        "{timed_out:?}"
+    );
+    assert!(timed_channel.closed_error().is_none());
+
     node.rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]);
     tokio::time::timeout(Duration::from_secs(20), blocked.wait_for(Option::is_none))
         .await
@@ -65,7 +101,12 @@ async fn a_memory_alarm_blocks_publishers_until_it_clears() {
         .expect("publish resumes")
         .expect("join")
         .expect("publish");
-    // Routing is asynchronous in the broker: wait for both to be counted.
-    wait_for_message_count(&channel, "blocked-q", 2, Duration::from_secs(10)).await;
+    timed_channel
+        .basic_publish("", "blocked-q", false, &BasicProperties::default(), "after")
+        .await
+        .expect("the channel still publishes once unblocked");
+    // Routing is asynchronous in the broker: wait for all to be counted.
+    wait_for_message_count(&channel, "blocked-q", 4, Duration::from_secs(10)).await;
+    timed.close().await.expect("close");
     connection.close().await.expect("close");
 }
