@@ -503,13 +503,21 @@ impl Confirms {
         }
     }
 
-    /// The channel ended (`error` says why) with publishes unconfirmed: the
-    /// broker may have routed them before its close, so their outcome is
-    /// unknown — never a failure. Waiters for all confirms learn `error`.
+    /// The channel ended (`error` says why) with publishes unconfirmed. When
+    /// the application ended it (a close, a call timeout) or the connection
+    /// was lost, the broker may have routed them: their outcome is unknown,
+    /// never a failure. A close by the broker is its answer, and they get it
+    /// (e.g. 404 for a publish to a missing exchange). Waiters for all
+    /// confirms learn `error`.
     fn fail(&mut self, error: &Error) {
         let unknown = match error {
-            Error::PublishOutcomeUnknown(_) => error.clone(),
-            other => Error::PublishOutcomeUnknown(Arc::new(other.clone())),
+            Error::ChannelClosed { reason, .. } | Error::ConnectionClosed { reason, .. }
+                if reason.initiator == Initiator::Application =>
+            {
+                Error::PublishOutcomeUnknown(Arc::new(error.clone()))
+            }
+            Error::CallTimeout { .. } => Error::PublishOutcomeUnknown(Arc::new(error.clone())),
+            other => other.clone(),
         };
         for (_, sender) in self.pending.drain(..) {
             if let Some(sender) = sender {
