@@ -396,6 +396,7 @@ impl Channel {
             no_wait: false,
             arguments: options.arguments,
         };
+        let no_ack = consume.no_ack;
         self.inner
             .conn
             .check_frame_of(self.inner.id, &basic::Consume::INFO, |buf| {
@@ -413,7 +414,7 @@ impl Channel {
         })
         .await?;
         self.answer(answer).await?;
-        Ok(Consumer::new(tag, self.clone(), receiver, end))
+        Ok(Consumer::new(tag, self.clone(), no_ack, receiver, end))
     }
 
     /// Starts a consumer and calls `handler` for each delivery, one at a

@@ -1197,8 +1197,17 @@ impl Machine {
                 if !self.channel_is_usable(channel) {
                     return;
                 }
-                for delivery_tag in requeue {
-                    self.requeue(channel, delivery_tag);
+                // No-ack deliveries are settled as sent: the broker answers a
+                // nack of one with 406 and closes the channel.
+                let no_ack = self
+                    .channels
+                    .get(&channel)
+                    .and_then(|state| state.consumers.get(&tag))
+                    .is_some_and(|slot| slot.no_ack);
+                if !no_ack {
+                    for delivery_tag in requeue {
+                        self.requeue(channel, delivery_tag);
+                    }
                 }
                 let Some(state) = self.channels.get_mut(&channel) else {
                     return;
@@ -3074,6 +3083,48 @@ mod tests {
         let _deliveries = consume_and_deliver(&mut m, now, id, true, 1..=3);
         settle(&mut m, now, id, ack(2));
         assert_eq!(written_methods(&mut m), [ack(2)]);
+    }
+
+    #[test]
+    fn forgetting_a_no_ack_consumer_cancels_it_without_nacking_its_deliveries() {
+        for no_ack in [true, false] {
+            let now = Instant::now();
+            let (mut m, _) = machine(now);
+            let id = open_channel(&mut m, now);
+            let _deliveries = consume_and_deliver(&mut m, now, id, no_ack, 1..=3);
+            m.handle_frame(Frame::Method {
+                channel: id,
+                method: Method::BasicConsumeOk(basic::ConsumeOk {
+                    consumer_tag: ShortString::from_static("t"),
+                }),
+            })
+            .expect("consume-ok");
+            // What a dropped consumer that buffered 2 and 3 asks for.
+            m.command(
+                Command::ForgetConsumer {
+                    channel: id,
+                    tag: ShortString::from_static("t"),
+                    requeue: vec![2, 3],
+                },
+                now,
+            );
+            let sent = written_methods(&mut m);
+            let nacked: Vec<u64> = sent
+                .iter()
+                .filter_map(|method| match method {
+                    Method::BasicNack(nack) if nack.requeue => Some(nack.delivery_tag),
+                    _ => None,
+                })
+                .collect();
+            // The broker closes the channel (406) on a nack of a no-ack tag.
+            let expected: &[u64] = if no_ack { &[] } else { &[2, 3] };
+            assert_eq!(nacked, expected, "no_ack: {no_ack}; sent {sent:?}");
+            assert!(
+                sent.iter()
+                    .any(|method| matches!(method, Method::BasicCancel(_))),
+                "no_ack: {no_ack}; sent {sent:?}"
+            );
+        }
     }
 
     #[test]
