@@ -336,11 +336,13 @@ struct Assembly {
 }
 
 /// The body of a message in the making: one frame's slice is kept as it is
-/// (no copy); several are joined into one buffer.
+/// (no copy); several are joined into one buffer that grows with the bytes
+/// received. Never sized by the header alone: a peer could announce
+/// `max_body_size` on every channel and send two small frames.
 enum BodyBuffer {
     Empty,
     One(Bytes),
-    Many(BytesMut),
+    Many(Vec<u8>),
 }
 
 impl BodyBuffer {
@@ -352,19 +354,35 @@ impl BodyBuffer {
         }
     }
 
+    /// Adds a frame's payload; `expected` is the body size the header
+    /// announced, which the caller checked the payload does not exceed.
     fn push(&mut self, payload: Bytes, expected: usize) {
         *self = match std::mem::replace(self, BodyBuffer::Empty) {
             BodyBuffer::Empty => BodyBuffer::One(payload),
             BodyBuffer::One(first) => {
-                let mut joined = BytesMut::with_capacity(expected);
+                let mut joined = Vec::new();
+                Self::grow(&mut joined, first.len() + payload.len(), expected);
                 joined.extend_from_slice(&first);
                 joined.extend_from_slice(&payload);
                 BodyBuffer::Many(joined)
             }
             BodyBuffer::Many(mut joined) => {
+                Self::grow(&mut joined, payload.len(), expected);
                 joined.extend_from_slice(&payload);
                 BodyBuffer::Many(joined)
             }
+        }
+    }
+
+    /// Makes room for `more` bytes by doubling (so a large body is copied
+    /// about once more in all, as with a `Vec`'s own growth), but never past
+    /// `expected`: a complete body fills its buffer exactly, and a header
+    /// that lies costs at most twice the bytes that actually came.
+    fn grow(joined: &mut Vec<u8>, more: usize, expected: usize) {
+        let needed = joined.len() + more;
+        if needed > joined.capacity() {
+            let target = needed.saturating_mul(2).min(expected).max(needed);
+            joined.reserve_exact(target - joined.len());
         }
     }
 
@@ -372,7 +390,7 @@ impl BodyBuffer {
         match self {
             BodyBuffer::Empty => Bytes::new(),
             BodyBuffer::One(b) => b,
-            BodyBuffer::Many(b) => b.freeze(),
+            BodyBuffer::Many(b) => Bytes::from(b),
         }
     }
 }
@@ -2864,6 +2882,41 @@ mod tests {
             .expect("header");
         }
         receiver
+    }
+
+    #[test]
+    fn a_body_buffer_grows_with_what_arrives_not_with_what_the_header_announces() {
+        // Two small frames of a body announced at 128 MiB.
+        let announced = 128 << 20;
+        let mut body = BodyBuffer::Empty;
+        body.push(Bytes::from(vec![1u8; 1000]), announced);
+        body.push(Bytes::from(vec![2u8; 1000]), announced);
+        let BodyBuffer::Many(joined) = &body else {
+            panic!("two frames are joined");
+        };
+        assert!(
+            joined.capacity() <= 4 * 2000,
+            "{} bytes reserved for 2000 received",
+            joined.capacity()
+        );
+
+        // A large body in 128 KiB frames: a few doublings, and a buffer of
+        // exactly its size in the end.
+        let size = 3_000_000;
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let mut body = BodyBuffer::Empty;
+        let mut capacities = Vec::new();
+        for chunk in data.chunks(131_064) {
+            body.push(Bytes::copy_from_slice(chunk), size);
+            if let BodyBuffer::Many(joined) = &body {
+                if capacities.last() != Some(&joined.capacity()) {
+                    capacities.push(joined.capacity());
+                }
+            }
+        }
+        assert_eq!(capacities.last(), Some(&size), "{capacities:?}");
+        assert!(capacities.len() <= 5, "{capacities:?}");
+        assert_eq!(body.into_bytes(), data);
     }
 
     #[test]
