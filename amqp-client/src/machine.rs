@@ -456,6 +456,13 @@ impl Confirms {
                 let _ = sender.send(Ok(outcome));
             }
         }
+        // Returns beyond the publishes still pending belong to none of them
+        // (a peer that acked several returned publishes at once): the oldest
+        // go, so that a return never waits for an ack that cannot come.
+        while self.returned.len() > self.pending.len() {
+            self.returned.pop_front();
+            tracing::debug!("returned message dropped: its publish was settled");
+        }
         if self.pending.is_empty() {
             for waiter in self.waiters.drain(..) {
                 let _ = waiter.send(Ok(self.all_acked));
@@ -1932,7 +1939,23 @@ impl Machine {
                     properties: content.properties,
                     body: content.body,
                 };
-                if let Some(confirms) = state.confirms.as_mut() {
+                // While confirm.select waits for its select-ok, returns are
+                // of publishes sent before it, which no ack follows.
+                let selecting = state.in_flight
+                    && state.rpcs.front().is_some_and(|pending| {
+                        pending.info.id == crate::protocol::methods::confirm::Select::INFO.id
+                    });
+                if let Some(confirms) = state.confirms.as_mut().filter(|_| !selecting) {
+                    // A return precedes the ack of its publish, which is
+                    // still pending: more returns waiting than publishes
+                    // pending is the peer's error (and unbounded growth).
+                    if confirms.returned.len() >= confirms.pending.len() {
+                        return Err(unexpected(format!(
+                            "basic.return on channel {id} with {} returns already waiting for the acks of {} pending publishes",
+                            confirms.returned.len(),
+                            confirms.pending.len()
+                        )));
+                    }
                     confirms.returned.push_back(message);
                 } else if let Some(returns) = &state.returns {
                     if returns.try_send(message).is_err() {
@@ -2917,6 +2940,197 @@ mod tests {
         assert_eq!(capacities.last(), Some(&size), "{capacities:?}");
         assert!(capacities.len() <= 5, "{capacities:?}");
         assert_eq!(body.into_bytes(), data);
+    }
+
+    /// Puts channel `id` in confirm mode.
+    fn confirm_mode(m: &mut Machine, now: Instant, id: u16) {
+        let (select, _answer) = oneshot::channel();
+        m.command(
+            Command::Rpc {
+                channel: id,
+                method: Box::new(Method::ConfirmSelect(confirm::Select { no_wait: false })),
+                reply: select,
+            },
+            now,
+        );
+        written(m);
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::ConfirmSelectOk(confirm::SelectOk {}),
+        })
+        .expect("select-ok");
+    }
+
+    /// Publishes an empty message on `id`; its confirmation, if asked.
+    fn publish_one(
+        m: &mut Machine,
+        now: Instant,
+        id: u16,
+        confirm: bool,
+    ) -> Option<oneshot::Receiver<Result<Confirmation, Error>>> {
+        let (tx, rx) = oneshot::channel();
+        m.command(
+            Command::Publish {
+                channel: id,
+                head: publish_head(id, 0),
+                body: Bytes::new(),
+                confirm: confirm.then_some(tx),
+                credit: None,
+            },
+            now,
+        );
+        confirm.then_some(rx)
+    }
+
+    /// The broker returns a message on `id` (a `basic.return` and its header).
+    fn broker_returns(m: &mut Machine, id: u16) -> Result<(), Error> {
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicReturn(basic::Return {
+                reply_code: 312,
+                reply_text: ShortString::from_static("NO_ROUTE"),
+                exchange: ShortString::default(),
+                routing_key: ShortString::from_static("nowhere"),
+            }),
+        })?;
+        m.handle_frame(Frame::Header {
+            channel: id,
+            header: ContentHeader {
+                class_id: 60,
+                body_size: 0,
+                properties: ReceivedProperties::default(),
+            },
+        })
+    }
+
+    #[test]
+    fn more_returns_waiting_than_publishes_pending_is_a_protocol_error() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        confirm_mode(&mut m, now, id);
+        let _answer = publish_one(&mut m, now, id, true).expect("confirm mode");
+        written(&mut m);
+        broker_returns(&mut m, id).expect("the return of the pending publish");
+        let err = broker_returns(&mut m, id).expect_err("a second return for one publish");
+        assert!(
+            matches!(&err, Error::UnexpectedFrame(text) if text.contains("basic.return")),
+            "{err:?}"
+        );
+
+        // With nothing pending at all, the first return is already one too many.
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        confirm_mode(&mut m, now, id);
+        let err = broker_returns(&mut m, id).expect_err("a return with no publish pending");
+        assert!(matches!(err, Error::UnexpectedFrame(_)), "{err:?}");
+
+        // The well-behaved order still gives the returned message to its publish.
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        confirm_mode(&mut m, now, id);
+        let mut answer = publish_one(&mut m, now, id, true).expect("confirm mode");
+        written(&mut m);
+        broker_returns(&mut m, id).expect("return");
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicAck(basic::Ack {
+                delivery_tag: 1,
+                multiple: false,
+            }),
+        })
+        .expect("ack");
+        assert!(matches!(
+            answer.try_recv().expect("settled"),
+            Ok(Confirmation::Returned(_))
+        ));
+    }
+
+    #[test]
+    fn a_return_of_a_publish_sent_before_confirm_select_is_not_taken_for_a_confirm() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let (returns, mut returned) = mpsc::channel(4);
+        m.command(
+            Command::SetReturns {
+                channel: id,
+                returns,
+            },
+            now,
+        );
+        // A mandatory publish, then confirm.select at once: the broker
+        // returns the publish before it answers select-ok.
+        publish_one(&mut m, now, id, false);
+        let (select, _answer) = oneshot::channel();
+        m.command(
+            Command::Rpc {
+                channel: id,
+                method: Box::new(Method::ConfirmSelect(confirm::Select { no_wait: false })),
+                reply: select,
+            },
+            now,
+        );
+        written(&mut m);
+        broker_returns(&mut m, id).expect("a return of the earlier publish");
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::ConfirmSelectOk(confirm::SelectOk {}),
+        })
+        .expect("select-ok");
+        assert!(returned.try_recv().is_ok(), "it went to the returns stream");
+        let mut answer = publish_one(&mut m, now, id, true).expect("confirm mode");
+        written(&mut m);
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicAck(basic::Ack {
+                delivery_tag: 1,
+                multiple: false,
+            }),
+        })
+        .expect("ack");
+        assert_eq!(
+            answer.try_recv().expect("settled").expect("ok"),
+            Confirmation::Ack,
+            "the first publish in confirm mode was not returned"
+        );
+    }
+
+    #[test]
+    fn returns_left_over_by_a_multiple_ack_do_not_wait_for_later_publishes() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        confirm_mode(&mut m, now, id);
+        publish_one(&mut m, now, id, true);
+        publish_one(&mut m, now, id, true);
+        written(&mut m);
+        broker_returns(&mut m, id).expect("return 1");
+        broker_returns(&mut m, id).expect("return 2");
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicAck(basic::Ack {
+                delivery_tag: 2,
+                multiple: true,
+            }),
+        })
+        .expect("one ack for both");
+        // The next publish is routed and acked: nothing returned is left to
+        // pin on it, and its own return would be accepted.
+        let mut answer = publish_one(&mut m, now, id, true).expect("confirm mode");
+        written(&mut m);
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicAck(basic::Ack {
+                delivery_tag: 3,
+                multiple: false,
+            }),
+        })
+        .expect("ack");
+        assert_eq!(
+            answer.try_recv().expect("settled").expect("ok"),
+            Confirmation::Ack
+        );
     }
 
     #[test]
