@@ -243,6 +243,9 @@ enum Outgoing {
     Ack(basic::Ack),
     /// Any other ack, nack or reject.
     Settle(Settlement),
+    /// The `channel.flow-ok` answering the latest `channel.flow`
+    /// (`ChannelState::flow_ok`): one waits at most, however many arrive.
+    FlowOk,
     Publish {
         /// Method and header frames; `None` once written.
         head: Option<Bytes>,
@@ -540,6 +543,9 @@ struct ChannelState {
     unsettled: Unsettled,
     /// Whether the `basic.get` on the wire asked for no ack.
     get_no_ack: bool,
+    /// The `active` of the latest `channel.flow` while its `Outgoing::FlowOk`
+    /// waits in `out`.
+    flow_ok: Option<bool>,
 }
 
 impl ChannelState {
@@ -567,6 +573,7 @@ impl ChannelState {
             returns: None,
             unsettled: Unsettled::default(),
             get_no_ack: false,
+            flow_ok: None,
         }
     }
 
@@ -597,6 +604,7 @@ impl ChannelState {
             let _ = reply.send(Err(error.clone()));
         }
         self.out.clear();
+        self.flow_ok = None;
         self.unsettled.clear();
         self.assembling = None;
     }
@@ -624,6 +632,7 @@ impl ChannelState {
             // publisher learns the outcome is unknown from the closed sender.
             drop(outgoing);
         }
+        self.flow_ok = None;
         self.scheduled = false;
         self.unsettled.clear();
         self.assembling = None;
@@ -1662,14 +1671,13 @@ impl Machine {
                 }
             }
             Method::ChannelFlow(flow) => {
-                state
-                    .out
-                    .push_back(Outgoing::Method(Box::new(Method::ChannelFlowOk(
-                        channel::FlowOk {
-                            active: flow.active,
-                        },
-                    ))));
-                self.schedule(id);
+                // A flow-ok still waiting answers this request instead: a
+                // peer that floods channel.flow (and reads nothing) cannot
+                // grow the queue.
+                if state.flow_ok.replace(flow.active).is_none() {
+                    state.out.push_back(Outgoing::FlowOk);
+                    self.schedule(id);
+                }
             }
             Method::BasicDeliver(deliver) => {
                 state.assembling = Some(Assembly {
@@ -2478,6 +2486,14 @@ fn write_one_turn(
             settlement.write(buf, id);
             channel.out.pop_front();
         }
+        Outgoing::FlowOk => {
+            if let Some(active) = channel.flow_ok.take() {
+                let flow_ok = Method::ChannelFlowOk(channel::FlowOk { active });
+                tracing::trace!(channel = id, method = ?flow_ok, "frame sent");
+                frame::write_method(buf, id, &flow_ok);
+            }
+            channel.out.pop_front();
+        }
         Outgoing::Publish {
             head, body, offset, ..
         } => {
@@ -3130,6 +3146,57 @@ mod tests {
         assert_eq!(
             answer.try_recv().expect("settled").expect("ok"),
             Confirmation::Ack
+        );
+    }
+
+    #[test]
+    fn a_flood_of_channel_flow_is_answered_by_one_flow_ok_with_the_latest_state() {
+        let now = Instant::now();
+        let (mut m, _) = machine_with(now, Blocked::new().0, true);
+        let id = open_channel(&mut m, now);
+        let flow = |active| Frame::Method {
+            channel: id,
+            method: Method::ChannelFlow(channel::Flow { active }),
+        };
+        for i in 0..10_000 {
+            m.handle_frame(flow(i % 2 == 0)).expect("flow");
+        }
+        let queued = m.channels.get(&id).map(|c| c.out.len());
+        assert_eq!(queued, Some(1), "one flow-ok waits, not 10000");
+        assert_eq!(
+            written_methods(&mut m),
+            [Method::ChannelFlowOk(channel::FlowOk { active: false })],
+            "it answers the latest request"
+        );
+        // Once written, the next request is answered again.
+        m.handle_frame(flow(true)).expect("flow");
+        assert_eq!(
+            written_methods(&mut m),
+            [Method::ChannelFlowOk(channel::FlowOk { active: true })]
+        );
+        assert!(written(&mut m).is_empty());
+
+        // A flow-ok lost with the connection, unwritten, does not silence
+        // the next one on the recovered channel.
+        m.handle_frame(flow(false)).expect("flow");
+        m.connection_lost(Error::ConnectionLost(Arc::new(std::io::Error::other(
+            "gone",
+        ))));
+        m.resume(8, 4096, Duration::from_secs(10), now);
+        assert!(matches!(
+            written_methods(&mut m).as_slice(),
+            [Method::ChannelOpen(_)]
+        ));
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::ChannelOpenOk(channel::OpenOk {}),
+        })
+        .expect("open-ok");
+        m.handle_frame(flow(true))
+            .expect("flow on the new connection");
+        assert_eq!(
+            written_methods(&mut m),
+            [Method::ChannelFlowOk(channel::FlowOk { active: true })]
         );
     }
 
