@@ -10,10 +10,11 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::connection::Inner as ConnectionInner;
+use crate::connection::{check_frame_size, Inner as ConnectionInner};
 use crate::consumer::{Consumer, Delivery, GetMessage};
 use crate::error::Error;
 use crate::machine::{Command, Confirmation, Reply, ReturnedMessage, Settlement};
+use crate::protocol::constants::FRAME_MIN_SIZE;
 use crate::protocol::frame;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{BasicProperties, ChannelRpc, FieldTable, ShortString};
@@ -240,6 +241,7 @@ impl Channel {
     pub(crate) async fn rpc(&self, method: Method) -> Result<Reply, Error> {
         self.check()?;
         let call = method.info().name;
+        self.inner.conn.check_method_frame(self.inner.id, &method)?;
         let is_confirm_select = matches!(method, Method::ConfirmSelect(_));
         let (reply, answer) = oneshot::channel();
         self.send_command(Command::Rpc {
@@ -338,7 +340,7 @@ impl Channel {
         } else {
             (None, None)
         };
-        let head = self.encode_head(&publish, properties, body.len() as u64);
+        let head = self.encode_head(&publish, properties, body.len() as u64)?;
         let bytes = (head.len() + body.len() + QUEUED_MESSAGE_OVERHEAD) as u64;
         // Most publishes find credit and room in the queue: they are queued
         // without awaiting anything. The waiting path is boxed so that its
@@ -368,13 +370,14 @@ impl Channel {
     }
 
     /// Encodes the method and header frames of a publish in the caller's
-    /// task, so the I/O task only copies bytes.
+    /// task, so the I/O task only copies bytes. A frame over the broker's
+    /// frame_max is refused here: sent, it would close the connection.
     fn encode_head(
         &self,
         publish: &basic::Publish,
         properties: &BasicProperties,
         body_size: u64,
-    ) -> Bytes {
+    ) -> Result<Bytes, Error> {
         const CHUNK: usize = 64 * 1024;
         let mut scratch = match self.inner.scratch.lock() {
             Ok(scratch) => scratch,
@@ -384,8 +387,21 @@ impl Channel {
             scratch.reserve(CHUNK);
         }
         frame::write_publish_method(&mut scratch, self.inner.id, publish);
+        let method_len = scratch.len();
         frame::write_header(&mut scratch, self.inner.id, body_size, properties);
-        scratch.split().freeze()
+        // frame_max is never below the spec's minimum, so the usual small
+        // head needs no look at the limit (an atomic load per publish).
+        if scratch.len() > FRAME_MIN_SIZE as usize {
+            let frame_max = self.inner.conn.shared.frame_max();
+            let header_len = scratch.len() - method_len;
+            let checked = check_frame_size(basic::Publish::INFO.name, method_len, frame_max)
+                .and_then(|()| check_frame_size("content header", header_len, frame_max));
+            if let Err(error) = checked {
+                scratch.clear();
+                return Err(error);
+            }
+        }
+        Ok(scratch.split().freeze())
     }
 
     /// Waits until every publish so far is confirmed; `true` if all were acked.
@@ -427,6 +443,12 @@ impl Channel {
             no_wait: false,
             arguments: options.arguments,
         };
+        let no_ack = consume.no_ack;
+        self.inner
+            .conn
+            .check_frame_of(self.inner.id, &basic::Consume::INFO, |buf| {
+                consume.encode_args(buf)
+            })?;
         let (deliveries, receiver) = mpsc::channel(self.inner.conn.config.consumer_buffer);
         let end = Arc::new(OnceLock::new());
         let (reply, answer) = oneshot::channel();
@@ -439,7 +461,7 @@ impl Channel {
         })
         .await?;
         self.answer("basic.consume", answer).await?;
-        Ok(Consumer::new(tag, self.clone(), receiver, end))
+        Ok(Consumer::new(tag, self.clone(), no_ack, receiver, end))
     }
 
     /// Starts a consumer and calls `handler` for each delivery, one at a
@@ -509,6 +531,7 @@ impl ChannelRpc for Channel {
 
     async fn send(&self, method: Method) -> Result<(), Error> {
         self.check()?;
+        self.inner.conn.check_method_frame(self.inner.id, &method)?;
         self.send_command(Command::Send {
             channel: self.inner.id,
             method: Box::new(method),

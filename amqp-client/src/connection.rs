@@ -2,10 +2,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::channel::Channel;
@@ -15,8 +16,9 @@ use crate::error::{Error, Initiator};
 use crate::handshake;
 use crate::io::Driver;
 use crate::machine::{Command, Machine, RecoveryEvent, Settings};
-use crate::protocol::frame::FrameDecoder;
-use crate::protocol::{FieldTable, ReplyCode, ShortString};
+use crate::protocol::frame::{self, FrameDecoder};
+use crate::protocol::methods::{connection, Method};
+use crate::protocol::{FieldTable, MethodInfo, ReplyCode, ShortString};
 use crate::transport::{self, Stream};
 
 /// How many commands may wait for the I/O task before senders wait in turn.
@@ -110,6 +112,10 @@ pub(crate) struct Shared {
     pub blocked_now: crate::machine::Flag,
     /// Recovery's reports.
     pub events: broadcast::Sender<RecoveryEvent>,
+    /// The frame_max negotiated with the broker now connected: a reconnect
+    /// may get another one, and frames are checked against it before they
+    /// are queued (0: no limit).
+    pub frame_max: AtomicU32,
     error_handlers: Mutex<Vec<ErrorHandler>>,
     /// The secret of the latest `update_secret`: later connects use it.
     secret: Mutex<Option<String>>,
@@ -154,9 +160,32 @@ impl Shared {
         };
         self.finished.send_replace(Some(outcome));
     }
+
+    /// The frame_max of the broker now connected (0: no limit).
+    pub(crate) fn frame_max(&self) -> u32 {
+        self.frame_max.load(Ordering::Acquire)
+    }
 }
 
-/// Negotiated values and what the broker said of itself.
+/// Refuses a frame of `size` bytes (framing included) over `frame_max`.
+pub(crate) fn check_frame_size(
+    what: &'static str,
+    size: usize,
+    frame_max: u32,
+) -> Result<(), Error> {
+    // 0 is the protocol's "no limit".
+    if frame_max != 0 && size > frame_max as usize {
+        return Err(Error::FrameTooLarge {
+            what,
+            size,
+            frame_max,
+        });
+    }
+    Ok(())
+}
+
+/// Negotiated values and what the broker said of itself, as of the first
+/// connect (a reconnect may negotiate others: see [`Connection::frame_max`]).
 #[derive(Debug, Clone)]
 pub struct ServerInfo {
     /// Highest usable channel id.
@@ -206,6 +235,27 @@ impl Inner {
         self.commands.try_send(command).map_err(|e| match e {
             TrySendError::Full(command) | TrySendError::Closed(command) => command,
         })
+    }
+
+    /// Refuses `method` when its frame would exceed the broker's frame_max,
+    /// before it is queued. It is encoded to be measured: calls and no-wait
+    /// methods are not per message, unlike publishes (see `Channel::encode_head`).
+    pub(crate) fn check_method_frame(&self, channel: u16, method: &Method) -> Result<(), Error> {
+        self.check_frame_of(channel, method.info(), |buf| method.encode_args(buf))
+    }
+
+    /// [`check_method_frame`](Self::check_method_frame) of the method of
+    /// `info` whose arguments `args` writes, without building a [`Method`].
+    pub(crate) fn check_frame_of(
+        &self,
+        channel: u16,
+        info: &'static MethodInfo,
+        args: impl FnOnce(&mut BytesMut),
+    ) -> Result<(), Error> {
+        let frame_max = self.shared.frame_max();
+        let mut scratch = BytesMut::new();
+        frame::write_method_frame(&mut scratch, channel, info.id, args);
+        check_frame_size(info.name, scratch.len(), frame_max)
     }
 
     pub(crate) async fn send(&self, command: Command) -> Result<(), Error> {
@@ -535,6 +585,7 @@ impl Connection {
             recovering_now: recovering_tx.flag(),
             blocked_now: blocked_tx.flag(),
             events: events.clone(),
+            frame_max: AtomicU32::new(negotiated.frame_max),
             error_handlers: Mutex::new(error_handlers),
             secret: Mutex::new(None),
             credentials_provider,
@@ -641,9 +692,17 @@ impl Connection {
         })
     }
 
-    /// What was negotiated, and the broker's properties.
+    /// What was negotiated at the first connect, and the broker's properties.
     pub fn server_info(&self) -> &ServerInfo {
         &self.inner.info
+    }
+
+    /// The largest frame the broker now connected accepts, framing included
+    /// (0: no limit). It may change at a reconnect. A method or message
+    /// whose method or content header frame is larger is refused with
+    /// [`Error::FrameTooLarge`]; bodies are split into frames as needed.
+    pub fn frame_max(&self) -> u32 {
+        self.inner.shared.frame_max()
     }
 
     /// Opens a channel (the lowest free id). The caller closes it, or it
@@ -746,13 +805,19 @@ impl Connection {
     ) -> Result<(), Error> {
         let secret = secret.into();
         let reason = ShortString::new(reason)?;
+        let new_secret = Bytes::from(secret.clone());
+        let update = Method::ConnectionUpdateSecret(connection::UpdateSecret {
+            new_secret: new_secret.clone(),
+            reason: reason.clone(),
+        });
+        self.inner.check_method_frame(0, &update)?;
         if let Ok(mut stored) = self.inner.shared.secret.lock() {
-            *stored = Some(secret.clone());
+            *stored = Some(secret);
         }
         let (reply, answer) = oneshot::channel();
         self.inner
             .send(Command::UpdateSecret {
-                secret: Bytes::from(secret),
+                secret: new_secret,
                 reason,
                 reply,
             })

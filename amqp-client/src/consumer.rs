@@ -125,10 +125,13 @@ impl GetMessage {
 /// A consumer: a stream of deliveries. It ends (`None`) after a cancel by the
 /// application; when the broker cancels it or its channel or connection
 /// closes, it yields that error once, then ends. Dropping it cancels it, and
-/// deliveries still on their way are requeued.
+/// deliveries still on their way are requeued (unless it consumes with
+/// `no_ack`: the broker counts those as acknowledged when it sends them).
 pub struct Consumer {
     tag: ShortString,
     channel: Channel,
+    /// Consuming with `no_ack`: its deliveries have no tag to settle.
+    no_ack: bool,
     receiver: mpsc::Receiver<RawDelivery>,
     end: ConsumerEnd,
     finished: bool,
@@ -147,12 +150,14 @@ impl Consumer {
     pub(crate) fn new(
         tag: ShortString,
         channel: Channel,
+        no_ack: bool,
         receiver: mpsc::Receiver<RawDelivery>,
         end: ConsumerEnd,
     ) -> Self {
         Self {
             tag,
             channel,
+            no_ack,
             receiver,
             end,
             finished: false,
@@ -234,12 +239,14 @@ impl futures_core::Stream for Consumer {
 
 impl Drop for Consumer {
     fn drop(&mut self) {
-        // Deliveries buffered but never read go back to the queue.
+        // Deliveries buffered but never read go back to the queue, unless
+        // they were no-ack: the broker no longer knows their tags, and a
+        // nack of one would close the channel (406 PRECONDITION_FAILED).
         let mut requeue = Vec::new();
         let epoch = self.channel.epoch();
         while let Ok(raw) = self.receiver.try_recv() {
             // Tags from before a reconnect are the broker's to requeue.
-            if raw.epoch == epoch {
+            if !self.no_ack && raw.epoch == epoch {
                 requeue.push(raw.deliver.delivery_tag);
             }
         }

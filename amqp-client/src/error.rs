@@ -217,6 +217,19 @@ pub enum Error {
     /// attempt (it counts as an authentication failure).
     #[error("the credentials provider failed: {0}")]
     CredentialsProvider(Arc<dyn std::error::Error + Send + Sync>),
+    /// A method or content header frame would exceed the negotiated
+    /// `frame_max`. Refused before anything was sent: the broker would answer
+    /// 501 FRAME_ERROR and close the whole connection. The channel and the
+    /// connection stay usable.
+    #[error("the {what} frame of {size} bytes exceeds the negotiated frame_max of {frame_max} bytes; nothing was sent")]
+    FrameTooLarge {
+        /// The method's name (`queue.declare`…), or `content header`.
+        what: &'static str,
+        /// The frame's size, framing included.
+        size: usize,
+        /// The limit negotiated with the broker now connected.
+        frame_max: u32,
+    },
 }
 
 impl Error {

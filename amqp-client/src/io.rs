@@ -307,6 +307,11 @@ impl Driver {
                         attempt: attempt + 1,
                         address,
                     };
+                    // Before recovery ends and handles queue frames again,
+                    // which they check against the new broker's limit.
+                    self.shared
+                        .frame_max
+                        .store(negotiated.frame_max, std::sync::atomic::Ordering::Release);
                     self.machine.resume(
                         negotiated.channel_max,
                         negotiated.frame_max,

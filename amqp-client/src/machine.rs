@@ -257,6 +257,9 @@ enum Outgoing {
     Ack(basic::Ack),
     /// Any other ack, nack or reject.
     Settle(Settlement),
+    /// The `channel.flow-ok` answering the latest `channel.flow`
+    /// (`ChannelState::flow_ok`): one waits at most, however many arrive.
+    FlowOk,
     Publish {
         /// Method and header frames; `None` once written.
         head: Option<Bytes>,
@@ -350,11 +353,13 @@ struct Assembly {
 }
 
 /// The body of a message in the making: one frame's slice is kept as it is
-/// (no copy); several are joined into one buffer.
+/// (no copy); several are joined into one buffer that grows with the bytes
+/// received. Never sized by the header alone: a peer could announce
+/// `max_body_size` on every channel and send two small frames.
 enum BodyBuffer {
     Empty,
     One(Bytes),
-    Many(BytesMut),
+    Many(Vec<u8>),
 }
 
 impl BodyBuffer {
@@ -366,19 +371,35 @@ impl BodyBuffer {
         }
     }
 
+    /// Adds a frame's payload; `expected` is the body size the header
+    /// announced, which the caller checked the payload does not exceed.
     fn push(&mut self, payload: Bytes, expected: usize) {
         *self = match std::mem::replace(self, BodyBuffer::Empty) {
             BodyBuffer::Empty => BodyBuffer::One(payload),
             BodyBuffer::One(first) => {
-                let mut joined = BytesMut::with_capacity(expected);
+                let mut joined = Vec::new();
+                Self::grow(&mut joined, first.len() + payload.len(), expected);
                 joined.extend_from_slice(&first);
                 joined.extend_from_slice(&payload);
                 BodyBuffer::Many(joined)
             }
             BodyBuffer::Many(mut joined) => {
+                Self::grow(&mut joined, payload.len(), expected);
                 joined.extend_from_slice(&payload);
                 BodyBuffer::Many(joined)
             }
+        }
+    }
+
+    /// Makes room for `more` bytes by doubling (so a large body is copied
+    /// about once more in all, as with a `Vec`'s own growth), but never past
+    /// `expected`: a complete body fills its buffer exactly, and a header
+    /// that lies costs at most twice the bytes that actually came.
+    fn grow(joined: &mut Vec<u8>, more: usize, expected: usize) {
+        let needed = joined.len() + more;
+        if needed > joined.capacity() {
+            let target = needed.saturating_mul(2).min(expected).max(needed);
+            joined.reserve_exact(target - joined.len());
         }
     }
 
@@ -386,7 +407,7 @@ impl BodyBuffer {
         match self {
             BodyBuffer::Empty => Bytes::new(),
             BodyBuffer::One(b) => b,
-            BodyBuffer::Many(b) => b.freeze(),
+            BodyBuffer::Many(b) => Bytes::from(b),
         }
     }
 }
@@ -495,6 +516,13 @@ impl Confirms {
                 let _ = sender.send(Ok(outcome));
             }
         }
+        // Returns beyond the publishes still pending belong to none of them
+        // (a peer that acked several returned publishes at once): the oldest
+        // go, so that a return never waits for an ack that cannot come.
+        while self.returned.len() > self.pending.len() {
+            self.returned.pop_front();
+            tracing::debug!("returned message dropped: its publish was settled");
+        }
         if self.pending.is_empty() {
             for waiter in self.waiters.drain(..) {
                 let _ = waiter.send(Ok(self.all_acked));
@@ -592,6 +620,9 @@ struct ChannelState {
     unsettled: Unsettled,
     /// Whether the `basic.get` on the wire asked for no ack.
     get_no_ack: bool,
+    /// The `active` of the latest `channel.flow` while its `Outgoing::FlowOk`
+    /// waits in `out`.
+    flow_ok: Option<bool>,
 }
 
 impl ChannelState {
@@ -620,6 +651,7 @@ impl ChannelState {
             returns: None,
             unsettled: Unsettled::default(),
             get_no_ack: false,
+            flow_ok: None,
         }
     }
 
@@ -650,6 +682,7 @@ impl ChannelState {
             let _ = reply.send(Err(error.clone()));
         }
         self.out.clear();
+        self.flow_ok = None;
         self.unsettled.clear();
         self.assembling = None;
     }
@@ -675,6 +708,7 @@ impl ChannelState {
             // publisher learns the outcome is unknown from the closed sender.
             drop(outgoing);
         }
+        self.flow_ok = None;
         self.scheduled = false;
         self.unsettled.clear();
         self.assembling = None;
@@ -1278,8 +1312,17 @@ impl Machine {
                 if !self.channel_is_usable(channel) {
                     return;
                 }
-                for delivery_tag in requeue {
-                    self.requeue(channel, delivery_tag);
+                // No-ack deliveries are settled as sent: the broker answers a
+                // nack of one with 406 and closes the channel.
+                let no_ack = self
+                    .channels
+                    .get(&channel)
+                    .and_then(|state| state.consumers.get(&tag))
+                    .is_some_and(|slot| slot.no_ack);
+                if !no_ack {
+                    for delivery_tag in requeue {
+                        self.requeue(channel, delivery_tag);
+                    }
                 }
                 let Some(state) = self.channels.get_mut(&channel) else {
                     return;
@@ -1727,14 +1770,13 @@ impl Machine {
                 }
             }
             Method::ChannelFlow(flow) => {
-                state
-                    .out
-                    .push_back(Outgoing::Method(Box::new(Method::ChannelFlowOk(
-                        channel::FlowOk {
-                            active: flow.active,
-                        },
-                    ))));
-                self.schedule(id);
+                // A flow-ok still waiting answers this request instead: a
+                // peer that floods channel.flow (and reads nothing) cannot
+                // grow the queue.
+                if state.flow_ok.replace(flow.active).is_none() {
+                    state.out.push_back(Outgoing::FlowOk);
+                    self.schedule(id);
+                }
             }
             Method::BasicDeliver(deliver) => {
                 state.assembling = Some(Assembly {
@@ -2007,7 +2049,23 @@ impl Machine {
                     properties: content.properties,
                     body: content.body,
                 };
-                if let Some(confirms) = state.confirms.as_mut() {
+                // While confirm.select waits for its select-ok, returns are
+                // of publishes sent before it, which no ack follows.
+                let selecting = state.in_flight
+                    && state.rpcs.front().is_some_and(|pending| {
+                        pending.info.id == crate::protocol::methods::confirm::Select::INFO.id
+                    });
+                if let Some(confirms) = state.confirms.as_mut().filter(|_| !selecting) {
+                    // A return precedes the ack of its publish, which is
+                    // still pending: more returns waiting than publishes
+                    // pending is the peer's error (and unbounded growth).
+                    if confirms.returned.len() >= confirms.pending.len() {
+                        return Err(unexpected(format!(
+                            "basic.return on channel {id} with {} returns already waiting for the acks of {} pending publishes",
+                            confirms.returned.len(),
+                            confirms.pending.len()
+                        )));
+                    }
                     confirms.returned.push_back(message);
                 } else if let Some(returns) = &state.returns {
                     if returns.try_send(message).is_err() {
@@ -2554,6 +2612,14 @@ fn write_one_turn(
         Outgoing::Settle(settlement) => {
             tracing::trace!(channel = id, ?settlement, "frame sent");
             settlement.write(buf, id);
+            channel.out.pop_front();
+        }
+        Outgoing::FlowOk => {
+            if let Some(active) = channel.flow_ok.take() {
+                let flow_ok = Method::ChannelFlowOk(channel::FlowOk { active });
+                tracing::trace!(channel = id, method = ?flow_ok, "frame sent");
+                frame::write_method(buf, id, &flow_ok);
+            }
             channel.out.pop_front();
         }
         Outgoing::Publish {
@@ -3314,6 +3380,48 @@ mod tests {
     }
 
     #[test]
+    fn forgetting_a_no_ack_consumer_cancels_it_without_nacking_its_deliveries() {
+        for no_ack in [true, false] {
+            let now = Instant::now();
+            let (mut m, _) = machine(now);
+            let id = open_channel(&mut m, now);
+            let _deliveries = consume_and_deliver(&mut m, now, id, no_ack, 1..=3);
+            m.handle_frame(Frame::Method {
+                channel: id,
+                method: Method::BasicConsumeOk(basic::ConsumeOk {
+                    consumer_tag: ShortString::from_static("t"),
+                }),
+            })
+            .expect("consume-ok");
+            // What a dropped consumer that buffered 2 and 3 asks for.
+            m.command(
+                Command::ForgetConsumer {
+                    channel: id,
+                    tag: ShortString::from_static("t"),
+                    requeue: vec![2, 3],
+                },
+                now,
+            );
+            let sent = written_methods(&mut m);
+            let nacked: Vec<u64> = sent
+                .iter()
+                .filter_map(|method| match method {
+                    Method::BasicNack(nack) if nack.requeue => Some(nack.delivery_tag),
+                    _ => None,
+                })
+                .collect();
+            // The broker closes the channel (406) on a nack of a no-ack tag.
+            let expected: &[u64] = if no_ack { &[] } else { &[2, 3] };
+            assert_eq!(nacked, expected, "no_ack: {no_ack}; sent {sent:?}");
+            assert!(
+                sent.iter()
+                    .any(|method| matches!(method, Method::BasicCancel(_))),
+                "no_ack: {no_ack}; sent {sent:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_long_body_on_one_channel_does_not_hold_back_another() {
         let now = Instant::now();
         let (mut m, _) = machine(now);
@@ -3405,5 +3513,282 @@ mod tests {
             }]
         ));
         assert_eq!(open_channel(&mut m, now), id, "the id is recycled");
+    }
+
+    #[test]
+    fn a_body_buffer_grows_with_what_arrives_not_with_what_the_header_announces() {
+        // Two small frames of a body announced at 128 MiB.
+        let announced = 128 << 20;
+        let mut body = BodyBuffer::Empty;
+        body.push(Bytes::from(vec![1u8; 1000]), announced);
+        body.push(Bytes::from(vec![2u8; 1000]), announced);
+        let BodyBuffer::Many(joined) = &body else {
+            panic!("two frames are joined");
+        };
+        assert!(
+            joined.capacity() <= 4 * 2000,
+            "{} bytes reserved for 2000 received",
+            joined.capacity()
+        );
+
+        // A large body in 128 KiB frames: a few doublings, and a buffer of
+        // exactly its size in the end.
+        let size = 3_000_000;
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let mut body = BodyBuffer::Empty;
+        let mut capacities = Vec::new();
+        for chunk in data.chunks(131_064) {
+            body.push(Bytes::copy_from_slice(chunk), size);
+            if let BodyBuffer::Many(joined) = &body {
+                if capacities.last() != Some(&joined.capacity()) {
+                    capacities.push(joined.capacity());
+                }
+            }
+        }
+        assert_eq!(capacities.last(), Some(&size), "{capacities:?}");
+        assert!(capacities.len() <= 5, "{capacities:?}");
+        assert_eq!(body.into_bytes(), data);
+    }
+
+    /// Puts channel `id` in confirm mode.
+    fn confirm_mode(m: &mut Machine, now: Instant, id: u16) {
+        let (select, _answer) = oneshot::channel();
+        m.command(
+            Command::Rpc {
+                channel: id,
+                method: Box::new(Method::ConfirmSelect(confirm::Select { no_wait: false })),
+                reply: select,
+            },
+            now,
+        );
+        written(m);
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::ConfirmSelectOk(confirm::SelectOk {}),
+        })
+        .expect("select-ok");
+    }
+
+    /// Publishes an empty message on `id`; its confirmation, if asked.
+    fn publish_one(
+        m: &mut Machine,
+        now: Instant,
+        id: u16,
+        confirm: bool,
+    ) -> Option<oneshot::Receiver<Result<Confirmation, Error>>> {
+        let (tx, rx) = oneshot::channel();
+        m.command(
+            Command::Publish {
+                channel: id,
+                head: publish_head(id, 0),
+                body: Bytes::new(),
+                confirm: confirm.then_some(tx),
+                credit: None,
+            },
+            now,
+        );
+        confirm.then_some(rx)
+    }
+
+    /// The broker returns a message on `id` (a `basic.return` and its header).
+    fn broker_returns(m: &mut Machine, id: u16) -> Result<(), Error> {
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicReturn(basic::Return {
+                reply_code: 312,
+                reply_text: ShortString::from_static("NO_ROUTE"),
+                exchange: ShortString::default(),
+                routing_key: ShortString::from_static("nowhere"),
+            }),
+        })?;
+        m.handle_frame(Frame::Header {
+            channel: id,
+            header: ContentHeader {
+                class_id: 60,
+                body_size: 0,
+                properties: ReceivedProperties::default(),
+            },
+        })
+    }
+
+    #[test]
+    fn more_returns_waiting_than_publishes_pending_is_a_protocol_error() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        confirm_mode(&mut m, now, id);
+        let _answer = publish_one(&mut m, now, id, true).expect("confirm mode");
+        written(&mut m);
+        broker_returns(&mut m, id).expect("the return of the pending publish");
+        let err = broker_returns(&mut m, id).expect_err("a second return for one publish");
+        assert!(
+            matches!(&err, Error::UnexpectedFrame(text) if text.contains("basic.return")),
+            "{err:?}"
+        );
+
+        // With nothing pending at all, the first return is already one too many.
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        confirm_mode(&mut m, now, id);
+        let err = broker_returns(&mut m, id).expect_err("a return with no publish pending");
+        assert!(matches!(err, Error::UnexpectedFrame(_)), "{err:?}");
+
+        // The well-behaved order still gives the returned message to its publish.
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        confirm_mode(&mut m, now, id);
+        let mut answer = publish_one(&mut m, now, id, true).expect("confirm mode");
+        written(&mut m);
+        broker_returns(&mut m, id).expect("return");
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicAck(basic::Ack {
+                delivery_tag: 1,
+                multiple: false,
+            }),
+        })
+        .expect("ack");
+        assert!(matches!(
+            answer.try_recv().expect("settled"),
+            Ok(Confirmation::Returned(_))
+        ));
+    }
+
+    #[test]
+    fn a_return_of_a_publish_sent_before_confirm_select_is_not_taken_for_a_confirm() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        let (returns, mut returned) = mpsc::channel(4);
+        m.command(
+            Command::SetReturns {
+                channel: id,
+                returns,
+            },
+            now,
+        );
+        // A mandatory publish, then confirm.select at once: the broker
+        // returns the publish before it answers select-ok.
+        publish_one(&mut m, now, id, false);
+        let (select, _answer) = oneshot::channel();
+        m.command(
+            Command::Rpc {
+                channel: id,
+                method: Box::new(Method::ConfirmSelect(confirm::Select { no_wait: false })),
+                reply: select,
+            },
+            now,
+        );
+        written(&mut m);
+        broker_returns(&mut m, id).expect("a return of the earlier publish");
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::ConfirmSelectOk(confirm::SelectOk {}),
+        })
+        .expect("select-ok");
+        assert!(returned.try_recv().is_ok(), "it went to the returns stream");
+        let mut answer = publish_one(&mut m, now, id, true).expect("confirm mode");
+        written(&mut m);
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicAck(basic::Ack {
+                delivery_tag: 1,
+                multiple: false,
+            }),
+        })
+        .expect("ack");
+        assert_eq!(
+            answer.try_recv().expect("settled").expect("ok"),
+            Confirmation::Ack,
+            "the first publish in confirm mode was not returned"
+        );
+    }
+
+    #[test]
+    fn returns_left_over_by_a_multiple_ack_do_not_wait_for_later_publishes() {
+        let now = Instant::now();
+        let (mut m, _) = machine(now);
+        let id = open_channel(&mut m, now);
+        confirm_mode(&mut m, now, id);
+        publish_one(&mut m, now, id, true);
+        publish_one(&mut m, now, id, true);
+        written(&mut m);
+        broker_returns(&mut m, id).expect("return 1");
+        broker_returns(&mut m, id).expect("return 2");
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicAck(basic::Ack {
+                delivery_tag: 2,
+                multiple: true,
+            }),
+        })
+        .expect("one ack for both");
+        // The next publish is routed and acked: nothing returned is left to
+        // pin on it, and its own return would be accepted.
+        let mut answer = publish_one(&mut m, now, id, true).expect("confirm mode");
+        written(&mut m);
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicAck(basic::Ack {
+                delivery_tag: 3,
+                multiple: false,
+            }),
+        })
+        .expect("ack");
+        assert_eq!(
+            answer.try_recv().expect("settled").expect("ok"),
+            Confirmation::Ack
+        );
+    }
+
+    #[test]
+    fn a_flood_of_channel_flow_is_answered_by_one_flow_ok_with_the_latest_state() {
+        let now = Instant::now();
+        let (mut m, _) = machine_with(now, Blocked::new().0, true);
+        let id = open_channel(&mut m, now);
+        let flow = |active| Frame::Method {
+            channel: id,
+            method: Method::ChannelFlow(channel::Flow { active }),
+        };
+        for i in 0..10_000 {
+            m.handle_frame(flow(i % 2 == 0)).expect("flow");
+        }
+        let queued = m.channels.get(&id).map(|c| c.out.len());
+        assert_eq!(queued, Some(1), "one flow-ok waits, not 10000");
+        assert_eq!(
+            written_methods(&mut m),
+            [Method::ChannelFlowOk(channel::FlowOk { active: false })],
+            "it answers the latest request"
+        );
+        // Once written, the next request is answered again.
+        m.handle_frame(flow(true)).expect("flow");
+        assert_eq!(
+            written_methods(&mut m),
+            [Method::ChannelFlowOk(channel::FlowOk { active: true })]
+        );
+        assert!(written(&mut m).is_empty());
+
+        // A flow-ok lost with the connection, unwritten, does not silence
+        // the next one on the recovered channel.
+        m.handle_frame(flow(false)).expect("flow");
+        m.connection_lost(Error::ConnectionLost(Arc::new(std::io::Error::other(
+            "gone",
+        ))));
+        m.resume(8, 4096, Duration::from_secs(10), now);
+        assert!(matches!(
+            written_methods(&mut m).as_slice(),
+            [Method::ChannelOpen(_)]
+        ));
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::ChannelOpenOk(channel::OpenOk {}),
+        })
+        .expect("open-ok");
+        m.handle_frame(flow(true))
+            .expect("flow on the new connection");
+        assert_eq!(
+            written_methods(&mut m),
+            [Method::ChannelFlowOk(channel::FlowOk { active: true })]
+        );
     }
 }

@@ -614,6 +614,64 @@ async fn dropping_a_consumer_cancels_it_and_requeues_what_was_in_flight() {
 }
 
 #[tokio::test]
+async fn dropping_a_no_ack_consumer_with_buffered_deliveries_keeps_the_channel_open() {
+    let connection = connect().await;
+    let channel = connection.open_channel().await.expect("channel");
+    let q = declare_queue(&channel, "drop-no-ack-consumer").await;
+    for i in 0..200 {
+        publish(&channel, &q, &i.to_string()).await;
+    }
+    settle(&channel, &q, 200).await;
+    let mut consumer = channel
+        .basic_consume(
+            &q,
+            ConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("consume");
+    let first = consumer.next().await.expect("delivery").expect("ok");
+    assert_eq!(&first.body[..], b"0");
+    // The broker has sent them all (no-ack: they leave the queue as they
+    // go), so the other 199 wait in the client's buffer.
+    settle(&channel, &q, 0).await;
+    drop(consumer);
+    // Requeueing them would be a nack of tags the broker no longer knows:
+    // 406 PRECONDITION_FAILED, and the channel closed. Give it time to come.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let declared = channel
+        .queue_declare(queue::Declare {
+            queue: name(&q),
+            passive: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the channel is still open");
+    assert_eq!(declared.consumer_count, 0, "the consumer was cancelled");
+    assert_eq!(
+        declared.message_count, 0,
+        "no-ack deliveries are not requeued"
+    );
+    publish(&channel, &q, "after").await;
+    settle(&channel, &q, 1).await;
+    let got = channel
+        .basic_get(&q, true)
+        .await
+        .expect("get")
+        .expect("the message");
+    assert_eq!(&got.delivery.body[..], b"after");
+    assert!(
+        channel.closed_error().is_none(),
+        "{:?}",
+        channel.closed_error()
+    );
+    delete_queue(&channel, &q).await;
+    connection.close().await.expect("close");
+}
+
+#[tokio::test]
 async fn callback_consumers_see_every_delivery() {
     let connection = connect().await;
     let channel = connection.open_channel().await.expect("channel");
