@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::connection::Inner as ConnectionInner;
 use crate::consumer::{Consumer, Delivery, GetMessage};
 use crate::error::Error;
-use crate::machine::{Command, Confirmation, Reply, ReturnedMessage, Settlement};
+use crate::machine::{Command, Confirmation, PublishBody, Reply, ReturnedMessage, Settlement};
 use crate::protocol::frame;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{BasicProperties, ChannelRpc, FieldTable, ShortString};
@@ -351,7 +351,7 @@ impl Channel {
         let command = Command::Publish {
             channel: self.inner.id,
             head,
-            body,
+            body: PublishBody(body),
             confirm,
             credit: Some(credit),
         };

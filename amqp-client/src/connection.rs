@@ -16,6 +16,7 @@ use crate::handshake;
 use crate::io::Driver;
 use crate::machine::{Command, Machine, RecoveryEvent, Settings};
 use crate::protocol::frame::FrameDecoder;
+use crate::protocol::methods::connection;
 use crate::protocol::{FieldTable, ReplyCode, ShortString};
 use crate::transport::{self, Stream};
 
@@ -752,8 +753,10 @@ impl Connection {
         let (reply, answer) = oneshot::channel();
         self.inner
             .send(Command::UpdateSecret {
-                secret: Bytes::from(secret),
-                reason,
+                method: connection::UpdateSecret {
+                    new_secret: Bytes::from(secret),
+                    reason,
+                },
                 reply,
             })
             .await?;
