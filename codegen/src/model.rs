@@ -383,6 +383,10 @@ pub fn lower(spec: &RawSpec) -> Result<Model, SpecError> {
         });
     }
     mark_secrets(&mut classes)?;
+    // The overlay's codes come after the vendored ones; every list generated
+    // from them (`ReplyCode::ALL`, the `ReplyError` variants) reads best in
+    // numeric order.
+    reply_codes.sort_by_key(|c| c.value);
     Ok(Model {
         version: (spec.major, spec.minor, spec.revision),
         port: spec.port,
