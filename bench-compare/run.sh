@@ -102,6 +102,11 @@ parse() {
     fi
 }
 
+# The arguments as one line with every URL's password masked, fit for logs.
+without_passwords() {
+    sed -E 's#(amqps?://[^:/@ ]*:)[^@ ]*@#\1***@#g' <<<"$*"
+}
+
 # measure TARGET WORKLOAD CLIENT RUN URL NOTE -- command...
 measure() {
     local target="$1" workload="$2" client="$3" run="$4" note="$5"
@@ -112,7 +117,7 @@ measure() {
         echo "waiting for a running cargo/rustc to finish before measuring..." >&2
         sleep 10
     done
-    echo "== $target $workload $client run $run (load $(cut -d' ' -f1 /proc/loadavg)): $*" | tee "$log" >&2
+    echo "== $target $workload $client run $run (load $(cut -d' ' -f1 /proc/loadavg)): $(without_passwords "$@")" | tee "$log" >&2
     timeout $((DURATION + 300)) "$@" >>"$log" 2>&1
     local rc=$?
     [ $rc -ne 0 ] && note="${note:+$note; }exit $rc"

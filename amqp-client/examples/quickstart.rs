@@ -4,14 +4,16 @@
 //! or `cargo run -p amqp-client --example quickstart`.
 
 use amqp_client::prelude::*;
-use amqp_client::{BasicProperties, Connection, ConsumeOptions, ShortString};
+use amqp_client::{BasicProperties, Config, Connection, ConsumeOptions, ShortString};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    // The URL may hold a password: print only where it points.
+    let address = url.parse::<Config>()?.address();
     let connection = Connection::open(&url).await?;
-    println!("connected to {url}");
+    println!("connected to {address}");
 
     let channel = connection.open_channel().await?;
     let declared = channel

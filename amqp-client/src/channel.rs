@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::connection::{check_frame_size, Inner as ConnectionInner};
 use crate::consumer::{Consumer, Delivery, GetMessage};
 use crate::error::Error;
-use crate::machine::{Command, Confirmation, Reply, ReturnedMessage, Settlement};
+use crate::machine::{Command, Confirmation, PublishBody, Reply, ReturnedMessage, Settlement};
 use crate::protocol::constants::FRAME_MIN_SIZE;
 use crate::protocol::frame;
 use crate::protocol::methods::{basic, Method};
@@ -353,7 +353,7 @@ impl Channel {
         let command = Command::Publish {
             channel: self.inner.id,
             head,
-            body,
+            body: PublishBody(body),
             confirm,
             credit: Some(credit),
         };

@@ -144,8 +144,9 @@ impl RecoveryConfig {
     }
 }
 
-/// Everything needed to open a connection.
-#[derive(Debug, Clone)]
+/// Everything needed to open a connection. Its `Debug` shows every setting
+/// but the password.
+#[derive(Clone)]
 pub struct Config {
     /// Host name or address.
     pub host: String,
@@ -218,6 +219,55 @@ impl Default for Config {
             recovery: RecoveryConfig::default(),
             call_timeout: None,
         }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field, secret or not, cannot be added
+        // without deciding here how it prints.
+        let Config {
+            host,
+            port,
+            user,
+            password: _,
+            vhost,
+            heartbeat,
+            frame_max,
+            channel_max,
+            connection_timeout,
+            auth_mechanism,
+            tls,
+            connection_name,
+            locale,
+            client_properties,
+            consumer_buffer,
+            max_body_size,
+            fallback_addresses,
+            recovery,
+            call_timeout,
+        } = self;
+        f.debug_struct("Config")
+            .field("host", host)
+            .field("port", port)
+            .field("user", user)
+            .field("password", &format_args!("***"))
+            .field("vhost", vhost)
+            .field("heartbeat", heartbeat)
+            .field("frame_max", frame_max)
+            .field("channel_max", channel_max)
+            .field("connection_timeout", connection_timeout)
+            .field("auth_mechanism", auth_mechanism)
+            .field("tls", tls)
+            .field("connection_name", connection_name)
+            .field("locale", locale)
+            .field("client_properties", client_properties)
+            .field("consumer_buffer", consumer_buffer)
+            .field("max_body_size", max_body_size)
+            .field("fallback_addresses", fallback_addresses)
+            .field("recovery", recovery)
+            .field("call_timeout", call_timeout)
+            .finish()
     }
 }
 
@@ -524,6 +574,38 @@ mod tests {
             Duration::from_millis(400),
             "jitter is clamped"
         );
+    }
+
+    #[test]
+    fn the_password_shows_in_neither_the_debug_of_a_config_nor_the_errors_of_its_url() {
+        let password = "pw-Zq8vX3-never-printed";
+        let config: Config = format!("amqp://alice:{password}@rabbit.local:5673/prod")
+            .parse()
+            .expect("valid");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains(password), "{debug}");
+        assert!(debug.contains(r#"password: ***"#), "{debug}");
+        for shown in [r#"host: "rabbit.local""#, "port: 5673", r#"user: "alice""#] {
+            assert!(debug.contains(shown), "{shown} missing from {debug}");
+        }
+        let pretty = format!("{config:#?}");
+        assert!(!pretty.contains(password), "{pretty}");
+
+        // Every way a URL with a password can be refused.
+        for url in [
+            format!("amqp://alice:{password}@rabbit.local:99999/"),
+            format!("http://alice:{password}@rabbit.local/"),
+            format!("amqp://alice:{password}@rabbit.local/a/b"),
+            format!("amqp://alice:{password}%FF@rabbit.local/"),
+            format!("amqp://alice:{password}@rabbit.local/?heartbeat=x"),
+            format!("amqp://alice:{password}@rabbit.local/?bogus=1"),
+            format!("amqp://alice:{password}@[::1/"),
+        ] {
+            let error = url.parse::<Config>().expect_err(&url);
+            let (display, debug) = (error.to_string(), format!("{error:?}"));
+            assert!(!display.contains(password), "{display}");
+            assert!(!debug.contains(password), "{debug}");
+        }
     }
 
     #[test]

@@ -805,20 +805,21 @@ impl Connection {
     ) -> Result<(), Error> {
         let secret = secret.into();
         let reason = ShortString::new(reason)?;
-        let new_secret = Bytes::from(secret.clone());
-        let update = Method::ConnectionUpdateSecret(connection::UpdateSecret {
-            new_secret: new_secret.clone(),
-            reason: reason.clone(),
-        });
-        self.inner.check_method_frame(0, &update)?;
+        let update = connection::UpdateSecret {
+            new_secret: Bytes::from(secret.clone()),
+            reason,
+        };
+        self.inner
+            .check_frame_of(0, &connection::UpdateSecret::INFO, |buf| {
+                update.encode_args(buf)
+            })?;
         if let Ok(mut stored) = self.inner.shared.secret.lock() {
             *stored = Some(secret);
         }
         let (reply, answer) = oneshot::channel();
         self.inner
             .send(Command::UpdateSecret {
-                secret: new_secret,
-                reason,
+                method: update,
                 reply,
             })
             .await?;

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use crate::channel::Channel;
 use crate::error::Error;
 use crate::machine::{Command, ConsumerEnd, Content, RawDelivery, Settlement};
+use crate::protocol::frame::BodyLen;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{ChannelRpc, ReceivedProperties, ShortString};
 
@@ -27,8 +28,9 @@ pub struct Envelope {
     pub routing_key: ShortString,
 }
 
-/// A message delivered to a consumer.
-#[derive(Debug, Clone)]
+/// A message delivered to a consumer. Its `Debug` shows the body's length,
+/// not its bytes (print `body` itself to see them).
+#[derive(Clone)]
 pub struct Delivery {
     /// Where it came from.
     pub envelope: Envelope,
@@ -39,6 +41,26 @@ pub struct Delivery {
     channel: Channel,
     /// The connection epoch it arrived in: acks from an older one are refused.
     epoch: u64,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field cannot be left out of the output.
+        let Delivery {
+            envelope,
+            properties,
+            body,
+            channel,
+            epoch,
+        } = self;
+        f.debug_struct("Delivery")
+            .field("envelope", envelope)
+            .field("properties", properties)
+            .field("body", &BodyLen(body.len()))
+            .field("channel", channel)
+            .field("epoch", epoch)
+            .finish()
+    }
 }
 
 impl Delivery {

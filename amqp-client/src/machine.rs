@@ -17,17 +17,38 @@ use crate::topology::Topology;
 use crate::unsettled::{Settled, Unsettled};
 
 use crate::error::{CloseReason, Error, Initiator};
-use crate::protocol::frame::{self, ContentHeader, Frame, FRAME_OVERHEAD};
+use crate::protocol::frame::{self, BodyLen, ContentHeader, Frame, FRAME_OVERHEAD};
 use crate::protocol::methods::{basic, channel, connection, Method};
 use crate::protocol::{
     FieldValue, MethodId, MethodInfo, ReceivedProperties, ReplyCode, ShortString,
 };
 
 /// Message content: properties and body.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub(crate) struct Content {
     pub properties: ReceivedProperties,
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Content { properties, body } = self;
+        f.debug_struct("Content")
+            .field("properties", properties)
+            .field("body", &BodyLen(body.len()))
+            .finish()
+    }
+}
+
+/// The body of a message on its way to the wire. A newtype only so that a
+/// [`Command`] in a log record or panic message shows the body's length.
+#[derive(Clone, PartialEq)]
+pub(crate) struct PublishBody(pub Bytes);
+
+impl std::fmt::Debug for PublishBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        BodyLen(self.0.len()).fmt(f)
+    }
 }
 
 /// What answered a synchronous request.
@@ -98,8 +119,9 @@ pub enum RecoveryEvent {
     },
 }
 
-/// A message the broker returned as unroutable.
-#[derive(Debug, Clone, PartialEq)]
+/// A message the broker returned as unroutable. Its `Debug` shows the body's
+/// length, not its bytes (print `body` itself to see them).
+#[derive(Clone, PartialEq)]
 pub struct ReturnedMessage {
     /// The reply code (312 NO_ROUTE, 313 NO_CONSUMERS).
     pub reply_code: ReplyCode,
@@ -113,6 +135,28 @@ pub struct ReturnedMessage {
     pub properties: ReceivedProperties,
     /// Its body.
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for ReturnedMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field cannot be left out of the output.
+        let ReturnedMessage {
+            reply_code,
+            reply_text,
+            exchange,
+            routing_key,
+            properties,
+            body,
+        } = self;
+        f.debug_struct("ReturnedMessage")
+            .field("reply_code", reply_code)
+            .field("reply_text", reply_text)
+            .field("exchange", exchange)
+            .field("routing_key", routing_key)
+            .field("properties", properties)
+            .field("body", &BodyLen(body.len()))
+            .finish()
+    }
 }
 
 /// The outcome of a publish on a channel in confirm mode.
@@ -207,7 +251,7 @@ pub(crate) enum Command {
     Publish {
         channel: u16,
         head: Bytes,
-        body: Bytes,
+        body: PublishBody,
         confirm: Option<ConfirmSender>,
         /// The publisher's share of the connection's publish buffer, given
         /// back (by drop) once the message is written or discarded.
@@ -239,9 +283,10 @@ pub(crate) enum Command {
         channel: u16,
         reply: Option<oneshot::Sender<Result<(), Error>>>,
     },
+    /// `connection.update-secret`, carried as the method itself so that its
+    /// redacting `Debug` covers the command too.
     UpdateSecret {
-        secret: Bytes,
-        reason: ShortString,
+        method: connection::UpdateSecret,
         reply: oneshot::Sender<Result<(), Error>>,
     },
     CloseConnection {
@@ -1264,7 +1309,7 @@ impl Machine {
                     channel,
                     Outgoing::Publish {
                         head: Some(head),
-                        body,
+                        body: body.0,
                         offset: 0,
                         credit,
                     },
@@ -1382,19 +1427,10 @@ impl Machine {
                 }
                 self.begin_close(channel);
             }
-            Command::UpdateSecret {
-                secret,
-                reason,
-                reply,
-            } => {
+            Command::UpdateSecret { method, reply } => {
                 self.secret_replies.push_back(reply);
-                self.control.push_back((
-                    0,
-                    Method::ConnectionUpdateSecret(connection::UpdateSecret {
-                        new_secret: secret,
-                        reason,
-                    }),
-                ));
+                self.control
+                    .push_back((0, Method::ConnectionUpdateSecret(method)));
             }
             Command::CloseConnection { code, text } => {
                 let reason = CloseReason {
@@ -2865,7 +2901,7 @@ mod tests {
                 Command::Publish {
                     channel: id,
                     head: publish_head(id, 1),
-                    body: Bytes::from_static(b"x"),
+                    body: PublishBody(Bytes::from_static(b"x")),
                     confirm: Some(tx),
                     credit: None,
                 },
@@ -3430,7 +3466,7 @@ mod tests {
         let publish = |channel, body: Bytes| Command::Publish {
             channel,
             head: publish_head(channel, body.len() as u64),
-            body,
+            body: PublishBody(body),
             confirm: None,
             credit: None,
         };
@@ -3581,7 +3617,7 @@ mod tests {
             Command::Publish {
                 channel: id,
                 head: publish_head(id, 0),
-                body: Bytes::new(),
+                body: PublishBody(Bytes::new()),
                 confirm: confirm.then_some(tx),
                 credit: None,
             },

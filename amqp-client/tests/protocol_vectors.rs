@@ -3,7 +3,9 @@
 
 use amqp_client::protocol::frame::{self, Frame, FrameDecoder};
 use amqp_client::protocol::methods::{basic, Method};
-use amqp_client::protocol::{BasicProperties, FieldValue, ReplyCode, ReplyKind, ShortString};
+use amqp_client::protocol::{
+    BasicProperties, FieldValue, ReplyCode, ReplyError, ReplyKind, ShortString,
+};
 use bytes::{BufMut, BytesMut};
 
 fn short(s: &str) -> ShortString {
@@ -195,7 +197,55 @@ fn reply_codes_know_their_name_number_and_kind() {
     assert_eq!(ReplyCode::REPLY_SUCCESS.kind(), Some(ReplyKind::Success));
     assert_eq!(ReplyCode(999).name(), None);
     assert_eq!(format!("{:?}", ReplyCode::FRAME_ERROR), "FRAME_ERROR(501)");
-    assert_eq!(ReplyCode::ALL.len(), 18);
+}
+
+#[test]
+fn every_reply_code_rabbitmq_sends_has_a_name_a_kind_and_a_typed_error() {
+    use ReplyKind::{HardError, SoftError, Success};
+    // RabbitMQ's amqp-rabbitmq-0.9.1 constants, which its broker sends.
+    let rabbitmq = [
+        (200, "REPLY_SUCCESS", Success),
+        (311, "CONTENT_TOO_LARGE", SoftError),
+        (312, "NO_ROUTE", SoftError),
+        (313, "NO_CONSUMERS", SoftError),
+        (320, "CONNECTION_FORCED", HardError),
+        (402, "INVALID_PATH", HardError),
+        (403, "ACCESS_REFUSED", SoftError),
+        (404, "NOT_FOUND", SoftError),
+        (405, "RESOURCE_LOCKED", SoftError),
+        (406, "PRECONDITION_FAILED", SoftError),
+        (501, "FRAME_ERROR", HardError),
+        (502, "SYNTAX_ERROR", HardError),
+        (503, "COMMAND_INVALID", HardError),
+        (504, "CHANNEL_ERROR", HardError),
+        (505, "UNEXPECTED_FRAME", HardError),
+        (506, "RESOURCE_ERROR", HardError),
+        (530, "NOT_ALLOWED", HardError),
+        (540, "NOT_IMPLEMENTED", HardError),
+        (541, "INTERNAL_ERROR", HardError),
+    ];
+    for (number, name, kind) in rabbitmq {
+        let code = ReplyCode(number);
+        assert_eq!(
+            (code.name(), code.kind()),
+            (Some(name), Some(kind)),
+            "{number}"
+        );
+        assert_eq!(code.to_string(), format!("{number} {name}"));
+        let typed = ReplyError::from(code);
+        assert_eq!(typed.code(), code);
+        assert_eq!(
+            matches!(typed, ReplyError::Other(_)),
+            kind == Success,
+            "{number} has a ReplyError variant of its own unless it is success: {typed:?}"
+        );
+    }
+    let all: Vec<u16> = ReplyCode::ALL.iter().map(|c| c.code()).collect();
+    assert_eq!(
+        all,
+        rabbitmq.map(|(number, _, _)| number),
+        "ALL, in numeric order"
+    );
 }
 
 #[test]

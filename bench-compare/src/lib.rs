@@ -166,13 +166,24 @@ impl Options {
             self.confirm(),
             self.prefetch,
             self.queue,
-            self.url
+            without_credentials(&self.url)
         )
     }
 }
 
-/// An AMQP URL's parts (for clients that take them apart).
-#[derive(Debug, Clone)]
+/// `url` without its user and password, fit to print.
+pub fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<not a URL>".to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let host_start = rest[..authority_end].rfind('@').map_or(0, |at| at + 1);
+    format!("{scheme}://{}", &rest[host_start..])
+}
+
+/// An AMQP URL's parts (for clients that take them apart). Its `Debug`
+/// hides the password.
+#[derive(Clone)]
 pub struct UrlParts {
     /// Host.
     pub host: String,
@@ -184,6 +195,18 @@ pub struct UrlParts {
     pub password: String,
     /// Virtual host, percent-decoded.
     pub vhost: String,
+}
+
+impl std::fmt::Debug for UrlParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UrlParts")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &format_args!("***"))
+            .field("vhost", &self.vhost)
+            .finish()
+    }
 }
 
 fn percent_decode(s: &str) -> String {
@@ -209,16 +232,23 @@ fn percent_decode(s: &str) -> String {
 
 /// Splits `amqp://user:pass@host:port/vhost` (no TLS, no query).
 pub fn url_parts(url: &str) -> Result<UrlParts, String> {
-    let rest = url
-        .strip_prefix("amqp://")
-        .ok_or_else(|| format!("only amqp:// URLs are supported: {url}"))?;
+    let rest = url.strip_prefix("amqp://").ok_or_else(|| {
+        format!(
+            "only amqp:// URLs are supported: {}",
+            without_credentials(url)
+        )
+    })?;
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     let (userinfo, hostport) = authority
         .rsplit_once('@')
         .unwrap_or(("guest:guest", authority));
     let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
     let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse().map_err(|_| format!("bad port in {url}"))?),
+        Some((h, p)) => (
+            h,
+            p.parse()
+                .map_err(|_| format!("bad port in {}", without_credentials(url)))?,
+        ),
         None => (hostport, 5672),
     };
     let path = path.split('?').next().unwrap_or("");
@@ -450,4 +480,28 @@ where
         cpu.as_secs_f64() * 1e6 / round_trips as f64
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_urls_lose_user_and_password_but_keep_where_they_point() {
+        assert_eq!(
+            without_credentials("amqp://alice:s3cret@rabbit:5673/%2f?heartbeat=5"),
+            "amqp://rabbit:5673/%2f?heartbeat=5"
+        );
+        assert_eq!(
+            without_credentials("amqp://alice:p@ss@rabbit"),
+            "amqp://rabbit"
+        );
+        assert_eq!(without_credentials("amqp://rabbit/v"), "amqp://rabbit/v");
+        for url in ["http://alice:s3cret@rabbit", "amqp://alice:s3cret@rabbit:x"] {
+            let error = url_parts(url).expect_err(url);
+            assert!(!error.contains("s3cret"), "{error}");
+        }
+        let parts = url_parts("amqp://alice:s3cret@rabbit:5672/%2f").expect("valid");
+        assert!(!format!("{parts:?}").contains("s3cret"));
+    }
 }

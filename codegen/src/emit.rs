@@ -3,7 +3,7 @@
 use proc_macro2::{Literal, TokenStream};
 use quote::{format_ident, quote};
 
-use crate::model::{camel, Direction, FieldGroup, Method, Model, ReplyKind, WireType};
+use crate::model::{camel, Direction, Field, FieldGroup, Method, Model, ReplyKind, WireType};
 
 /// Methods that the hand-written channel core owns rather than a generated stub:
 /// they open or close the channel, carry content, or must register state
@@ -178,7 +178,11 @@ fn method_struct(m: &Method) -> TokenStream {
     let field_defs = visible.iter().map(|f| {
         let ident = format_ident!("{}", f.ident);
         let ty = rust_type(f.wire);
-        let d = doc(&format!("`{}` ({}).", f.spec_name, wire_name(f.wire)));
+        let mut text = format!("`{}` ({}).", f.spec_name, wire_name(f.wire));
+        if f.secret {
+            text.push_str(" A credential: `Debug` prints only its length.");
+        }
+        let d = doc(&text);
         quote!(#d pub #ident: #ty,)
     });
 
@@ -254,10 +258,23 @@ fn method_struct(m: &Method) -> TokenStream {
         quote!(FieldInfo { name: #n, kind: #k, reserved: #r })
     });
     let variant = variant_ident(m);
+    let (derives, debug_impl) = if visible.iter().any(|f| f.secret) {
+        (
+            quote!(#[derive(Clone, PartialEq, Default)]),
+            redacting_debug(&name, &visible),
+        )
+    } else {
+        (
+            quote!(#[derive(Debug, Clone, PartialEq, Default)]),
+            quote!(),
+        )
+    };
     quote! {
         #struct_doc
-        #[derive(Debug, Clone, PartialEq, Default)]
+        #derives
         pub struct #name { #(#field_defs)* }
+
+        #debug_impl
 
         impl #name {
             /// What the spec says of this method.
@@ -298,6 +315,29 @@ fn method_struct(m: &Method) -> TokenStream {
                     Method::#variant(m) => Ok(m),
                     other => Err(other),
                 }
+            }
+        }
+    }
+}
+
+/// The `Debug` of a method with secret fields: what the derive would print,
+/// with each secret replaced by its length.
+fn redacting_debug(name: &proc_macro2::Ident, visible: &[&Field]) -> TokenStream {
+    let type_name = name.to_string();
+    let fields = visible.iter().map(|f| {
+        let ident = format_ident!("{}", f.ident);
+        let label = &f.ident;
+        if f.secret {
+            quote!(.field(#label, &format_args!("<redacted, {} bytes>", self.#ident.len())))
+        } else {
+            quote!(.field(#label, &self.#ident))
+        }
+    });
+    quote! {
+        /// Prints every field but the credential, of which only the length.
+        impl core::fmt::Debug for #name {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.debug_struct(#type_name) #(#fields)* .finish()
             }
         }
     }

@@ -48,6 +48,9 @@ pub struct Field {
     pub wire: WireType,
     /// Reserved: never exposed, always written as its zero value.
     pub reserved: bool,
+    /// A credential (see [`SECRET_FIELDS`]): its method's `Debug` shows only
+    /// its length.
+    pub secret: bool,
 }
 
 /// Consecutive fields as the codec sees them.
@@ -169,6 +172,21 @@ impl Model {
     }
 }
 
+/// The method fields that carry credentials, as (class, method, field) spec
+/// names. The spec marks no field as secret, so the list is explicit: the
+/// SASL responses (PLAIN's holds the password in clear, AMQPLAIN's a table
+/// with it) and the token `connection.update-secret` hands over. The
+/// generated `Debug` of their methods prints `<redacted, N bytes>` in their
+/// place, so that no log record or error message built from a method (the
+/// I/O task traces every frame) can carry a credential. Lowering fails if an
+/// entry names a field the spec lacks, so a renamed field is never silently
+/// printed again.
+pub const SECRET_FIELDS: &[(&str, &str, &str)] = &[
+    ("connection", "start-ok", "response"),
+    ("connection", "secure-ok", "response"),
+    ("connection", "update-secret", "new-secret"),
+];
+
 /// Turns a spec name into a Rust field identifier.
 pub fn field_ident(spec_name: &str) -> String {
     match spec_name {
@@ -246,7 +264,35 @@ fn lower_field(spec: &RawSpec, raw: &RawField) -> Result<Field, SpecError> {
         ident: field_ident(&raw.name),
         wire: resolve(spec, &raw.domain)?,
         reserved: raw.reserved,
+        secret: false,
     })
+}
+
+/// Marks the fields of [`SECRET_FIELDS`], failing on an entry that names
+/// nothing.
+fn mark_secrets(classes: &mut [Class]) -> Result<(), SpecError> {
+    for &(class_name, method_name, field_name) in SECRET_FIELDS {
+        let field = classes
+            .iter_mut()
+            .filter(|c| c.name == class_name)
+            .flat_map(|c| c.methods.iter_mut())
+            .filter(|m| m.name == method_name)
+            .flat_map(|m| m.fields.iter_mut())
+            .find(|f| f.spec_name == field_name && !f.reserved)
+            .ok_or_else(|| {
+                SpecError(format!(
+                    "secret field {class_name}.{method_name}.{field_name} is not in the spec"
+                ))
+            })?;
+        // The redacting `Debug` prints a length, which only strings have.
+        if !matches!(field.wire, WireType::ShortStr | WireType::LongStr) {
+            return Err(SpecError(format!(
+                "secret field {class_name}.{method_name}.{field_name} is not a string"
+            )));
+        }
+        field.secret = true;
+    }
+    Ok(())
 }
 
 /// Lowers a (merged) raw spec.
@@ -336,6 +382,11 @@ pub fn lower(spec: &RawSpec) -> Result<Model, SpecError> {
             methods,
         });
     }
+    mark_secrets(&mut classes)?;
+    // The overlay's codes come after the vendored ones; every list generated
+    // from them (`ReplyCode::ALL`, the `ReplyError` variants) reads best in
+    // numeric order.
+    reply_codes.sort_by_key(|c| c.value);
     Ok(Model {
         version: (spec.major, spec.minor, spec.revision),
         port: spec.port,
@@ -343,4 +394,51 @@ pub fn lower(spec: &RawSpec) -> Result<Model, SpecError> {
         reply_codes,
         classes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{merge, parse};
+
+    const SPEC: &str = include_str!("../../spec/amqp0-9-1.xml");
+    const OVERLAY: &str = include_str!("../../spec/rabbitmq-extensions.xml");
+
+    fn lower_texts(spec: &str, overlay: &str) -> Result<Model, SpecError> {
+        lower(&merge(parse(spec)?, parse(overlay)?))
+    }
+
+    #[test]
+    fn exactly_the_listed_credential_fields_are_secret() {
+        let model = lower_texts(SPEC, OVERLAY).expect("lower");
+        let mut secret: Vec<String> = model
+            .methods()
+            .flat_map(|m| {
+                m.fields
+                    .iter()
+                    .filter(|f| f.secret)
+                    .map(move |f| format!("{}.{}", m.full_name(), f.spec_name))
+            })
+            .collect();
+        secret.sort();
+        assert_eq!(
+            secret,
+            [
+                "connection.secure-ok.response",
+                "connection.start-ok.response",
+                "connection.update-secret.new-secret",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_listed_secret_field_missing_from_the_spec_fails_lowering() {
+        let renamed = OVERLAY.replace(r#"name="new-secret""#, r#"name="token""#);
+        assert_ne!(renamed, OVERLAY, "the overlay defines new-secret");
+        let error = lower_texts(SPEC, &renamed).expect_err("must fail");
+        assert!(
+            error.0.contains("connection.update-secret.new-secret"),
+            "{error}"
+        );
+    }
 }

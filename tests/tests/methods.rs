@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use amqp_client::prelude::*;
 use amqp_client::{
-    BasicProperties, Channel, Confirmation, ConsumeOptions, Error, FieldTable, ReplyError,
+    BasicProperties, Channel, Confirmation, ConsumeOptions, Error, FieldTable, ReplyCode,
+    ReplyError,
 };
 use amqp_client_tests::{
     connect, delete_queue, list_bindings, name, unique, wait_for_message_count,
@@ -512,6 +513,36 @@ async fn returns_without_confirm_mode_reach_the_returns_stream() {
         (312, unroutable.as_str())
     );
     assert_eq!(&message.body[..], b"lost?");
+    connection.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn an_unroutable_mandatory_publish_in_confirm_mode_is_returned_as_no_route() {
+    let connection = connect().await;
+    let channel = connection.open_channel().await.expect("channel");
+    channel
+        .confirm_select(confirm::Select::default())
+        .await
+        .expect("select");
+    let unroutable = unique("no-route");
+    let confirmation = channel
+        .basic_publish("", &unroutable, true, &BasicProperties::default(), "astray")
+        .await
+        .expect("publish")
+        .await
+        .expect("confirmation");
+    let Confirmation::Returned(message) = confirmation else {
+        panic!("expected a return, got {confirmation:?}");
+    };
+    assert_eq!(message.reply_code, ReplyCode::NO_ROUTE);
+    assert_eq!(ReplyError::from(message.reply_code), ReplyError::NoRoute);
+    assert_eq!(message.reply_code.to_string(), "312 NO_ROUTE");
+    assert_eq!(message.routing_key.as_str(), unroutable);
+    // A soft-error code, but carried by basic.return: the channel stays open.
+    channel
+        .basic_qos(basic::Qos::default())
+        .await
+        .expect("the channel is still open");
     connection.close().await.expect("close");
 }
 

@@ -13,7 +13,8 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 fn address(url: &str) -> Result<String, String> {
     let (scheme, rest) = url
         .split_once("://")
-        .ok_or_else(|| format!("AMQP_URL `{url}` has no scheme"))?;
+        // Not echoed: without its scheme it may still hold a password.
+        .ok_or_else(|| "AMQP_URL has no scheme: expected amqp:// or amqps://".to_owned())?;
     let default_port = match scheme {
         "amqp" => 5672,
         "amqps" => 5671,
@@ -126,5 +127,11 @@ mod tests {
             Ok("[::1]:5673")
         );
         assert!(address("http://x").is_err());
+    }
+
+    #[test]
+    fn a_refused_url_is_not_echoed_with_its_password() {
+        let error = address("guest:s3cret@rabbit:5672/%2f").expect_err("no scheme");
+        assert!(!error.contains("s3cret"), "{error}");
     }
 }

@@ -407,6 +407,8 @@ fn main() {
 
 async fn run(o: Options) -> Result<(), amqp_client::Error> {
     let config: Config = o.url.parse()?;
+    // The URL may hold a password: print only where it points.
+    let address = config.address();
     let connection = Connection::connect(config.recovery(RecoveryConfig::disabled())).await?;
     let setup = connection.open_channel().await?;
     setup
@@ -428,7 +430,7 @@ async fn run(o: Options) -> Result<(), amqp_client::Error> {
         o.size,
         o.confirm,
         o.prefetch,
-        o.peer.map_or(o.url.clone(), |k| format!("the {k:?} peer"))
+        o.peer.map_or(address, |k| format!("the {k:?} peer"))
     );
     if let Some(round_trips) = o.rpc {
         return rpc_round_trips(&connection, &o, round_trips).await;

@@ -34,8 +34,10 @@ pub struct ContentHeader {
     pub properties: ReceivedProperties,
 }
 
-/// One decoded frame.
-#[derive(Debug, Clone, PartialEq)]
+/// One decoded frame. Its `Debug` shows a body frame's length, not its
+/// bytes: the I/O task traces every frame, and message bodies (the
+/// application's data) must never reach a log.
+#[derive(Clone, PartialEq)]
 pub enum Frame {
     /// A method frame.
     Method {
@@ -60,6 +62,41 @@ pub enum Frame {
     },
     /// A heartbeat (always channel 0).
     Heartbeat,
+}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Frame::Method { channel, method } => f
+                .debug_struct("Method")
+                .field("channel", channel)
+                .field("method", method)
+                .finish(),
+            Frame::Header { channel, header } => f
+                .debug_struct("Header")
+                .field("channel", channel)
+                .field("header", header)
+                .finish(),
+            Frame::Body { channel, payload } => f
+                .debug_struct("Body")
+                .field("channel", channel)
+                .field("payload", &BodyLen(payload.len()))
+                .finish(),
+            Frame::Heartbeat => f.write_str("Heartbeat"),
+        }
+    }
+}
+
+/// Stands for a message body in `Debug` output: `<N bytes>`. Every type that
+/// holds a body prints it through this, so that no log record, panic or
+/// error message the library builds from one can carry the body itself.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BodyLen(pub usize);
+
+impl std::fmt::Debug for BodyLen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0)
+    }
 }
 
 impl Frame {

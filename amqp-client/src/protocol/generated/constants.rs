@@ -39,6 +39,8 @@ impl ReplyCode {
     pub const REPLY_SUCCESS: ReplyCode = ReplyCode(200u16);
     /// 311 `content-too-large`.
     pub const CONTENT_TOO_LARGE: ReplyCode = ReplyCode(311u16);
+    /// 312 `no-route`.
+    pub const NO_ROUTE: ReplyCode = ReplyCode(312u16);
     /// 313 `no-consumers`.
     pub const NO_CONSUMERS: ReplyCode = ReplyCode(313u16);
     /// 320 `connection-forced`.
@@ -75,6 +77,7 @@ impl ReplyCode {
     pub const ALL: &'static [ReplyCode] = &[
         ReplyCode::REPLY_SUCCESS,
         ReplyCode::CONTENT_TOO_LARGE,
+        ReplyCode::NO_ROUTE,
         ReplyCode::NO_CONSUMERS,
         ReplyCode::CONNECTION_FORCED,
         ReplyCode::INVALID_PATH,
@@ -101,6 +104,7 @@ impl ReplyCode {
         match self.0 {
             200u16 => Some("REPLY_SUCCESS"),
             311u16 => Some("CONTENT_TOO_LARGE"),
+            312u16 => Some("NO_ROUTE"),
             313u16 => Some("NO_CONSUMERS"),
             320u16 => Some("CONNECTION_FORCED"),
             402u16 => Some("INVALID_PATH"),
@@ -125,6 +129,7 @@ impl ReplyCode {
         match self.0 {
             200u16 => Some(ReplyKind::Success),
             311u16 => Some(ReplyKind::SoftError),
+            312u16 => Some(ReplyKind::SoftError),
             313u16 => Some(ReplyKind::SoftError),
             320u16 => Some(ReplyKind::HardError),
             402u16 => Some(ReplyKind::HardError),
@@ -159,6 +164,8 @@ impl ReplyCode {
 pub enum ReplyError {
     /// 311 `content-too-large`: closes the channel.
     ContentTooLarge,
+    /// 312 `no-route`: closes the channel.
+    NoRoute,
     /// 313 `no-consumers`: closes the channel.
     NoConsumers,
     /// 320 `connection-forced`: closes the connection.
@@ -199,6 +206,7 @@ impl ReplyError {
     pub const fn code(self) -> ReplyCode {
         match self {
             ReplyError::ContentTooLarge => ReplyCode::CONTENT_TOO_LARGE,
+            ReplyError::NoRoute => ReplyCode::NO_ROUTE,
             ReplyError::NoConsumers => ReplyCode::NO_CONSUMERS,
             ReplyError::ConnectionForced => ReplyCode::CONNECTION_FORCED,
             ReplyError::InvalidPath => ReplyCode::INVALID_PATH,
@@ -223,6 +231,7 @@ impl From<ReplyCode> for ReplyError {
     fn from(code: ReplyCode) -> Self {
         match code.0 {
             311u16 => ReplyError::ContentTooLarge,
+            312u16 => ReplyError::NoRoute,
             313u16 => ReplyError::NoConsumers,
             320u16 => ReplyError::ConnectionForced,
             402u16 => ReplyError::InvalidPath,

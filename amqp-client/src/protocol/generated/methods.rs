@@ -101,16 +101,30 @@ pub mod connection {
         }
     }
     /// `connection.start-ok` (10/11), sent by the client.
-    #[derive(Debug, Clone, PartialEq, Default)]
+    #[derive(Clone, PartialEq, Default)]
     pub struct StartOk {
         /// `client-properties` (table).
         pub client_properties: FieldTable,
         /// `mechanism` (shortstr).
         pub mechanism: ShortString,
-        /// `response` (longstr).
+        /// `response` (longstr). A credential: `Debug` prints only its length.
         pub response: Bytes,
         /// `locale` (shortstr).
         pub locale: ShortString,
+    }
+    /// Prints every field but the credential, of which only the length.
+    impl core::fmt::Debug for StartOk {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("StartOk")
+                .field("client_properties", &self.client_properties)
+                .field("mechanism", &self.mechanism)
+                .field(
+                    "response",
+                    &format_args!("<redacted, {} bytes>", self.response.len()),
+                )
+                .field("locale", &self.locale)
+                .finish()
+        }
     }
     impl StartOk {
         /// What the spec says of this method.
@@ -231,10 +245,21 @@ pub mod connection {
         }
     }
     /// `connection.secure-ok` (10/21), sent by the client.
-    #[derive(Debug, Clone, PartialEq, Default)]
+    #[derive(Clone, PartialEq, Default)]
     pub struct SecureOk {
-        /// `response` (longstr).
+        /// `response` (longstr). A credential: `Debug` prints only its length.
         pub response: Bytes,
+    }
+    /// Prints every field but the credential, of which only the length.
+    impl core::fmt::Debug for SecureOk {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("SecureOk")
+                .field(
+                    "response",
+                    &format_args!("<redacted, {} bytes>", self.response.len()),
+                )
+                .finish()
+        }
     }
     impl SecureOk {
         /// What the spec says of this method.
@@ -735,12 +760,24 @@ pub mod connection {
         }
     }
     /// `connection.update-secret` (10/70), sent by the client. Answered by `connection.update-secret-ok`.
-    #[derive(Debug, Clone, PartialEq, Default)]
+    #[derive(Clone, PartialEq, Default)]
     pub struct UpdateSecret {
-        /// `new-secret` (longstr).
+        /// `new-secret` (longstr). A credential: `Debug` prints only its length.
         pub new_secret: Bytes,
         /// `reason` (shortstr).
         pub reason: ShortString,
+    }
+    /// Prints every field but the credential, of which only the length.
+    impl core::fmt::Debug for UpdateSecret {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("UpdateSecret")
+                .field(
+                    "new_secret",
+                    &format_args!("<redacted, {} bytes>", self.new_secret.len()),
+                )
+                .field("reason", &self.reason)
+                .finish()
+        }
     }
     impl UpdateSecret {
         /// What the spec says of this method.
