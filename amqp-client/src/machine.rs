@@ -3587,6 +3587,22 @@ mod tests {
     }
 
     /// Puts channel `id` in confirm mode.
+    /// The broker confirms publishes up to `delivery_tag`.
+    fn broker_acks(
+        m: &mut Machine,
+        id: u16,
+        delivery_tag: u64,
+        multiple: bool,
+    ) -> Result<(), Error> {
+        m.handle_frame(Frame::Method {
+            channel: id,
+            method: Method::BasicAck(basic::Ack {
+                delivery_tag,
+                multiple,
+            }),
+        })
+    }
+
     fn confirm_mode(m: &mut Machine, now: Instant, id: u16) {
         let (select, _answer) = oneshot::channel();
         m.command(
@@ -3676,14 +3692,7 @@ mod tests {
         let mut answer = publish_one(&mut m, now, id, true).expect("confirm mode");
         written(&mut m);
         broker_returns(&mut m, id).expect("return");
-        m.handle_frame(Frame::Method {
-            channel: id,
-            method: Method::BasicAck(basic::Ack {
-                delivery_tag: 1,
-                multiple: false,
-            }),
-        })
-        .expect("ack");
+        broker_acks(&mut m, id, 1, false).expect("ack");
         assert!(matches!(
             answer.try_recv().expect("settled"),
             Ok(Confirmation::Returned(_))
@@ -3725,14 +3734,7 @@ mod tests {
         assert!(returned.try_recv().is_ok(), "it went to the returns stream");
         let mut answer = publish_one(&mut m, now, id, true).expect("confirm mode");
         written(&mut m);
-        m.handle_frame(Frame::Method {
-            channel: id,
-            method: Method::BasicAck(basic::Ack {
-                delivery_tag: 1,
-                multiple: false,
-            }),
-        })
-        .expect("ack");
+        broker_acks(&mut m, id, 1, false).expect("ack");
         assert_eq!(
             answer.try_recv().expect("settled").expect("ok"),
             Confirmation::Ack,
@@ -3751,26 +3753,12 @@ mod tests {
         written(&mut m);
         broker_returns(&mut m, id).expect("return 1");
         broker_returns(&mut m, id).expect("return 2");
-        m.handle_frame(Frame::Method {
-            channel: id,
-            method: Method::BasicAck(basic::Ack {
-                delivery_tag: 2,
-                multiple: true,
-            }),
-        })
-        .expect("one ack for both");
+        broker_acks(&mut m, id, 2, true).expect("one ack for both");
         // The next publish is routed and acked: nothing returned is left to
         // pin on it, and its own return would be accepted.
         let mut answer = publish_one(&mut m, now, id, true).expect("confirm mode");
         written(&mut m);
-        m.handle_frame(Frame::Method {
-            channel: id,
-            method: Method::BasicAck(basic::Ack {
-                delivery_tag: 3,
-                multiple: false,
-            }),
-        })
-        .expect("ack");
+        broker_acks(&mut m, id, 3, false).expect("ack");
         assert_eq!(
             answer.try_recv().expect("settled").expect("ok"),
             Confirmation::Ack

@@ -127,6 +127,19 @@ pub async fn connection_pid(connection_name: &str) -> String {
     panic!("connection {connection_name} never appeared in rabbitmqctl list_connections");
 }
 
+/// What the broker says of `queue` now (a passive declare): its message
+/// and consumer counts. Fails the test if the queue does not exist.
+pub async fn passive_declare(channel: &Channel, queue: &str) -> queue::DeclareOk {
+    channel
+        .queue_declare(queue::Declare {
+            queue: name(queue),
+            passive: true,
+            ..Default::default()
+        })
+        .await
+        .expect("passive declare")
+}
+
 /// Waits until `queue` holds `expected` messages (the broker routes
 /// asynchronously), failing after `within` with the count it last saw.
 pub async fn wait_for_message_count(
@@ -137,15 +150,7 @@ pub async fn wait_for_message_count(
 ) {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let count = channel
-            .queue_declare(queue::Declare {
-                queue: name(queue),
-                passive: true,
-                ..Default::default()
-            })
-            .await
-            .expect("passive declare")
-            .message_count;
+        let count = passive_declare(channel, queue).await.message_count;
         if count == expected {
             return;
         }

@@ -14,7 +14,7 @@ use amqp_client::{
 use amqp_client_tests::proxy::{Fault, FaultProxy};
 use amqp_client_tests::{
     broker_address, close_from_broker, config, connect, delete_queue, list_bindings, name,
-    recovered, unique, wait_for_event, wait_for_message_count, TestUser,
+    passive_declare, recovered, unique, wait_for_event, wait_for_message_count, TestUser,
 };
 use tokio::sync::mpsc;
 
@@ -66,15 +66,7 @@ fn forward(
 }
 
 async fn consumer_count(channel: &Channel, queue: &str) -> u32 {
-    channel
-        .queue_declare(queue::Declare {
-            queue: name(queue),
-            passive: true,
-            ..Default::default()
-        })
-        .await
-        .expect("passive declare")
-        .consumer_count
+    passive_declare(channel, queue).await.consumer_count
 }
 
 #[tokio::test]
@@ -453,15 +445,7 @@ async fn check_outcomes(confirms: Vec<amqp_client::PublishConfirm>, queue: &str)
     }
     let connection = connect().await;
     let channel = connection.open_channel().await.expect("channel");
-    let in_queue = channel
-        .queue_declare(queue::Declare {
-            queue: name(queue),
-            passive: true,
-            ..Default::default()
-        })
-        .await
-        .expect("passive declare")
-        .message_count;
+    let in_queue = passive_declare(&channel, queue).await.message_count;
     assert_eq!(acked + unknown, 1000);
     assert!(in_queue >= acked, "{in_queue} in the queue, {acked} acked");
     delete_queue(&channel, queue).await;
