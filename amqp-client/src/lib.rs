@@ -32,6 +32,7 @@ pub mod connection;
 pub mod consumer;
 mod credit;
 pub mod error;
+mod events;
 mod handshake;
 mod io;
 mod machine;
@@ -47,7 +48,7 @@ pub use connection::{
 };
 pub use consumer::{Consumer, Delivery, Envelope, GetMessage};
 pub use error::{CloseReason, Error, Initiator, Result};
-pub use machine::{Confirmation, RecoveryEvent, ReturnedMessage};
+pub use events::{Confirmation, RecoveryEvent, ReturnedMessage};
 pub use protocol::{
     BasicProperties, Decimal, FieldTable, FieldValue, ReplyCode, ReplyError, ShortString,
 };

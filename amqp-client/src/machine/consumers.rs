@@ -1,0 +1,184 @@
+//! Consumers: their slots, their position in a stream queue, and delivery
+//! back-pressure (deliveries parked for a full buffer, bounded in bytes).
+
+use super::*;
+
+/// A delivery as the machine hands it to a consumer's buffer.
+#[derive(Debug)]
+pub(crate) struct RawDelivery {
+    pub deliver: basic::Deliver,
+    pub content: Content,
+    /// The channel's connection epoch when it arrived: its tag is only
+    /// meaningful on the same epoch.
+    pub epoch: u64,
+}
+
+/// Why a consumer's stream ended.
+pub(crate) type ConsumerEnd = Arc<OnceLock<Error>>;
+
+pub(super) struct ConsumerSlot {
+    pub(super) deliveries: mpsc::Sender<RawDelivery>,
+    pub(super) end: ConsumerEnd,
+    pub(super) no_ack: bool,
+    /// The request, to consume again after a reconnect.
+    pub(super) consume: basic::Consume,
+    pub(super) position: StreamPosition,
+}
+
+/// The header in which RabbitMQ gives each delivery from a stream queue its
+/// offset, and the consume argument that says where to start.
+pub(super) const STREAM_OFFSET: &str = "x-stream-offset";
+
+/// Where a consumer is in a stream queue, so that after a reconnect it
+/// resumes after the last delivery the client took instead of at the offset
+/// it first asked for (which would deliver again from there, or skip what
+/// was published meanwhile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StreamPosition {
+    /// No delivery yet: whether the queue is a stream is not known.
+    Unknown,
+    /// Its deliveries carry no offset: not a stream queue.
+    NotAStream,
+    /// The offset of the last delivery handed to (or parked for) the consumer.
+    After(i64),
+}
+
+impl StreamPosition {
+    /// The position after a delivery with these properties.
+    pub(super) fn advance(self, properties: &ReceivedProperties) -> Self {
+        if self == Self::NotAStream {
+            return self;
+        }
+        match stream_offset(properties) {
+            Some(offset) => Self::After(offset),
+            None if self == Self::Unknown => Self::NotAStream,
+            None => self,
+        }
+    }
+}
+
+/// The stream offset a delivery carries, if any.
+pub(super) fn stream_offset(properties: &ReceivedProperties) -> Option<i64> {
+    properties
+        .get()
+        .headers
+        .as_ref()?
+        .get(STREAM_OFFSET)?
+        .as_i64()
+}
+
+/// Bytes of deliveries waiting for slow consumers beyond which the socket is
+/// no longer read.
+pub(super) const OVERFLOW_LIMIT: usize = 8 * 1024 * 1024;
+
+/// What a waiting delivery costs beyond its body and the property bytes it
+/// keeps: the method, the properties once read (368 bytes), the queue entry.
+pub(super) const QUEUED_DELIVERY_OVERHEAD: usize = 640;
+
+impl Machine {
+    /// The buffer the oldest waiting delivery needs room in.
+    pub(crate) fn parked_sender(&self) -> Option<mpsc::Sender<RawDelivery>> {
+        self.overflow.front().map(|(_, sender, _)| sender.clone())
+    }
+
+    /// Whether reading the socket must pause: too much is waiting for
+    /// consumers that do not keep up.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.overflow_bytes > OVERFLOW_LIMIT
+    }
+
+    pub(super) fn delivery_cost(delivery: &RawDelivery) -> usize {
+        delivery.content.body.len()
+            + delivery.content.properties.shared_len()
+            + QUEUED_DELIVERY_OVERHEAD
+    }
+
+    /// Room was made for the oldest waiting delivery; the ones after it go
+    /// too while their buffers take them.
+    pub(crate) fn unpark(&mut self, permit: mpsc::OwnedPermit<RawDelivery>, now: Instant) {
+        let was_paused = self.is_paused();
+        if let Some((_, _, delivery)) = self.overflow.pop_front() {
+            self.overflow_bytes -= Self::delivery_cost(&delivery);
+            permit.send(delivery);
+        }
+        // Reserved through the entry's own sender: a clone per delivery
+        // (two atomic increments, two decrements) was most of this loop.
+        while let Some((id, sender, delivery)) = self.overflow.pop_front() {
+            if let Ok(permit) = sender.try_reserve() {
+                self.overflow_bytes -= Self::delivery_cost(&delivery);
+                permit.send(delivery);
+                continue;
+            }
+            self.overflow.push_front((id, sender, delivery));
+            break;
+        }
+        if was_paused {
+            // Reading resumes now; the pause does not count as the peer's silence.
+            self.last_received = now;
+        }
+    }
+
+    /// The consumer of the oldest waiting delivery went away: its waiting
+    /// deliveries go back to the queue.
+    pub(crate) fn drop_parked(&mut self) {
+        let Some((_, gone, _)) = self.overflow.front() else {
+            return;
+        };
+        let gone = gone.clone();
+        let mut kept = VecDeque::new();
+        for (id, sender, delivery) in std::mem::take(&mut self.overflow) {
+            if !sender.same_channel(&gone) {
+                kept.push_back((id, sender, delivery));
+                continue;
+            }
+            self.overflow_bytes -= Self::delivery_cost(&delivery);
+            let no_ack = self
+                .channels
+                .get(&id)
+                .and_then(|c| c.consumers.get(&delivery.deliver.consumer_tag))
+                .is_some_and(|slot| slot.no_ack);
+            if !no_ack {
+                self.requeue(id, delivery.deliver.delivery_tag);
+            }
+        }
+        self.overflow = kept;
+    }
+
+    pub(super) fn end_consumer(&mut self, id: u16, tag: &ShortString, by_broker: bool) {
+        let Some(state) = self.channels.get_mut(&id) else {
+            return;
+        };
+        if let Some(slot) = state.consumers.remove(tag) {
+            let _ = slot.end.set(Error::ConsumerCancelled {
+                channel: id,
+                consumer_tag: tag.to_string(),
+                by_broker,
+            });
+            self.consumers_gone(vec![slot.consume.queue]);
+        }
+    }
+
+    /// Consumers on `queues` ended: auto-delete queues with none left are
+    /// forgotten, as the broker deletes them.
+    pub(super) fn consumers_gone(&mut self, queues: Vec<ShortString>) {
+        for queue in queues {
+            let others = self
+                .channels
+                .values()
+                .any(|c| c.consumers.values().any(|slot| slot.consume.queue == queue));
+            self.topology.consumer_gone(&queue, others);
+        }
+    }
+
+    /// A delivery for a consumer that is gone goes back to the queue.
+    pub(super) fn requeue(&mut self, id: u16, delivery_tag: u64) {
+        self.push_settlement(
+            id,
+            Settlement::Nack(basic::Nack {
+                delivery_tag,
+                multiple: false,
+                requeue: true,
+            }),
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! Content assembly: a delivery, return or get-ok's header and body frames
+//! joined into one message, with bodies that grow with what arrives.
+
+use super::*;
+
+/// Message content: properties and body.
+#[derive(Clone, PartialEq)]
+pub(crate) struct Content {
+    pub properties: ReceivedProperties,
+    pub body: Bytes,
+}
+
+impl std::fmt::Debug for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Content { properties, body } = self;
+        f.debug_struct("Content")
+            .field("properties", properties)
+            .field("body", &BodyLen(body.len()))
+            .finish()
+    }
+}
+
+/// The body of a message on its way to the wire. A newtype only so that a
+/// [`Command`] in a log record or panic message shows the body's length.
+#[derive(Clone, PartialEq)]
+pub(crate) struct PublishBody(pub Bytes);
+
+impl std::fmt::Debug for PublishBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        BodyLen(self.0.len()).fmt(f)
+    }
+}
+
+pub(super) enum AssemblyTarget {
+    Deliver(basic::Deliver),
+    Return(basic::Return),
+    Get(basic::GetOk),
+}
+
+pub(super) struct Assembly {
+    pub(super) target: AssemblyTarget,
+    pub(super) header: Option<(ReceivedProperties, u64)>,
+    pub(super) body: BodyBuffer,
+}
+
+/// The body of a message in the making: one frame's slice is kept as it is
+/// (no copy); several are joined into one buffer that grows with the bytes
+/// received. Never sized by the header alone: a peer could announce
+/// `max_body_size` on every channel and send two small frames.
+pub(super) enum BodyBuffer {
+    Empty,
+    One(Bytes),
+    Many(Vec<u8>),
+}
+
+impl BodyBuffer {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            BodyBuffer::Empty => 0,
+            BodyBuffer::One(b) => b.len(),
+            BodyBuffer::Many(b) => b.len(),
+        }
+    }
+
+    /// Adds a frame's payload; `expected` is the body size the header
+    /// announced, which the caller checked the payload does not exceed.
+    pub(super) fn push(&mut self, payload: Bytes, expected: usize) {
+        *self = match std::mem::replace(self, BodyBuffer::Empty) {
+            BodyBuffer::Empty => BodyBuffer::One(payload),
+            BodyBuffer::One(first) => {
+                let mut joined = Vec::new();
+                Self::grow(&mut joined, first.len() + payload.len(), expected);
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&payload);
+                BodyBuffer::Many(joined)
+            }
+            BodyBuffer::Many(mut joined) => {
+                Self::grow(&mut joined, payload.len(), expected);
+                joined.extend_from_slice(&payload);
+                BodyBuffer::Many(joined)
+            }
+        }
+    }
+
+    /// Makes room for `more` bytes by doubling (so a large body is copied
+    /// about once more in all, as with a `Vec`'s own growth), but never past
+    /// `expected`: a complete body fills its buffer exactly, and a header
+    /// that lies costs at most twice the bytes that actually came.
+    pub(super) fn grow(joined: &mut Vec<u8>, more: usize, expected: usize) {
+        let needed = joined.len() + more;
+        if needed > joined.capacity() {
+            let target = needed.saturating_mul(2).min(expected).max(needed);
+            joined.reserve_exact(target - joined.len());
+        }
+    }
+
+    pub(super) fn into_bytes(self) -> Bytes {
+        match self {
+            BodyBuffer::Empty => Bytes::new(),
+            BodyBuffer::One(b) => b,
+            BodyBuffer::Many(b) => Bytes::from(b),
+        }
+    }
+}
+
+impl Machine {
+    pub(super) fn content_header(&mut self, id: u16, header: ContentHeader) -> Result<(), Error> {
+        let max = self.settings.max_body_size;
+        let assembly = self
+            .channels
+            .get_mut(&id)
+            .and_then(|s| s.assembling.as_mut())
+            .filter(|a| a.header.is_none())
+            .ok_or_else(|| {
+                unexpected(format!(
+                    "content header on channel {id} without a method that carries content"
+                ))
+            })?;
+        if header.body_size > max {
+            return Err(unexpected(format!(
+                "content body of {} bytes on channel {id} exceeds the {max}-byte limit",
+                header.body_size
+            )));
+        }
+        assembly.header = Some((header.properties, header.body_size));
+        if header.body_size == 0 {
+            self.complete_content(id)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn content_body(&mut self, id: u16, payload: Bytes) -> Result<(), Error> {
+        let assembly = self
+            .channels
+            .get_mut(&id)
+            .and_then(|s| s.assembling.as_mut())
+            .ok_or_else(|| {
+                unexpected(format!(
+                    "content body on channel {id} without a content header"
+                ))
+            })?;
+        let Some((_, size)) = &assembly.header else {
+            return Err(unexpected(format!(
+                "content body on channel {id} before its header"
+            )));
+        };
+        let size = *size as usize;
+        if assembly.body.len() + payload.len() > size {
+            return Err(unexpected(format!(
+                "content body on channel {id} longer than its header's {size} bytes"
+            )));
+        }
+        assembly.body.push(payload, size);
+        if assembly.body.len() == size {
+            self.complete_content(id)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn complete_content(&mut self, id: u16) -> Result<(), Error> {
+        let Some(state) = self.channels.get_mut(&id) else {
+            return Ok(());
+        };
+        let Some(assembly) = state.assembling.take() else {
+            return Ok(());
+        };
+        let Some((properties, _)) = assembly.header else {
+            return Ok(());
+        };
+        let content = Content {
+            properties,
+            body: assembly.body.into_bytes(),
+        };
+        match assembly.target {
+            AssemblyTarget::Deliver(deliver) => {
+                let slot = state.consumers.get_mut(&deliver.consumer_tag);
+                // Assemblies complete in the order their methods arrived, so
+                // tags are recorded in the broker's order.
+                let outstanding = slot.as_ref().is_none_or(|slot| !slot.no_ack);
+                state.unsettled.delivered(deliver.delivery_tag, outstanding);
+                let Some(slot) = slot else {
+                    // A consumer cancelled with no-wait (or forgotten during
+                    // recovery) can still receive what was in flight: back to
+                    // the queue with it.
+                    tracing::debug!(channel = id, tag = %deliver.consumer_tag, "delivery for a cancelled consumer requeued");
+                    let tag = deliver.delivery_tag;
+                    self.requeue(id, tag);
+                    return Ok(());
+                };
+                let no_ack = slot.no_ack;
+                slot.position = slot.position.advance(&content.properties);
+                let delivery = RawDelivery {
+                    deliver,
+                    content,
+                    epoch: state.epoch.load(Ordering::Acquire),
+                };
+                // Behind this consumer's deliveries that already wait, if any.
+                let waiting = self
+                    .overflow
+                    .iter()
+                    .any(|(_, sender, _)| sender.same_channel(&slot.deliveries));
+                let sent = if waiting {
+                    Err(mpsc::error::TrySendError::Full(delivery))
+                } else {
+                    slot.deliveries.try_send(delivery)
+                };
+                match sent {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(delivery)) => {
+                        self.overflow_bytes += Self::delivery_cost(&delivery);
+                        self.overflow
+                            .push_back((id, slot.deliveries.clone(), delivery));
+                    }
+                    Err(mpsc::error::TrySendError::Closed(delivery)) => {
+                        if !no_ack {
+                            self.requeue(id, delivery.deliver.delivery_tag);
+                        }
+                    }
+                }
+            }
+            AssemblyTarget::Return(ret) => {
+                let message = ReturnedMessage {
+                    reply_code: ReplyCode(ret.reply_code),
+                    reply_text: ret.reply_text,
+                    exchange: ret.exchange,
+                    routing_key: ret.routing_key,
+                    properties: content.properties,
+                    body: content.body,
+                };
+                // While confirm.select waits for its select-ok, returns are
+                // of publishes sent before it, which no ack follows.
+                let selecting = state.in_flight
+                    && state.rpcs.front().is_some_and(|pending| {
+                        pending.info.id == crate::protocol::methods::confirm::Select::INFO.id
+                    });
+                if let Some(confirms) = state.confirms.as_mut().filter(|_| !selecting) {
+                    // A return precedes the ack of its publish, which is
+                    // still pending: more returns waiting than publishes
+                    // pending is the peer's error (and unbounded growth).
+                    if confirms.returned.len() >= confirms.pending.len() {
+                        return Err(unexpected(format!(
+                            "basic.return on channel {id} with {} returns already waiting for the acks of {} pending publishes",
+                            confirms.returned.len(),
+                            confirms.pending.len()
+                        )));
+                    }
+                    confirms.returned.push_back(message);
+                } else if let Some(returns) = &state.returns {
+                    if returns.try_send(message).is_err() {
+                        tracing::warn!(
+                            channel = id,
+                            "returned message dropped: the returns buffer is full or closed"
+                        );
+                    }
+                } else {
+                    tracing::warn!(
+                        channel = id,
+                        "returned message dropped: no returns listener"
+                    );
+                }
+            }
+            AssemblyTarget::Get(get_ok) => {
+                self.complete_rpc(
+                    id,
+                    Reply {
+                        method: Method::BasicGetOk(get_ok),
+                        content: Some(content),
+                        epoch: 0,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,268 @@
+//! The connection's protocol state, free of I/O: frames and commands go in,
+//! frames to write come out, and time is an argument. It owns channel ids,
+//! the one-RPC-at-a-time rule per channel, content assembly, publisher
+//! confirms, consumers, heartbeats and the fair scheduling of outgoing frames.
+//! The I/O task (`io.rs`) drives it; tests drive it without sockets.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::credit::CreditReturns;
+use crate::topology::Topology;
+use crate::unsettled::{Settled, Unsettled};
+
+use crate::error::{CloseReason, Error, Initiator};
+use crate::protocol::frame::{self, BodyLen, ContentHeader, Frame, FRAME_OVERHEAD};
+use crate::protocol::methods::{basic, channel, connection, Method};
+use crate::protocol::{
+    FieldValue, MethodId, MethodInfo, ReceivedProperties, ReplyCode, ShortString,
+};
+
+mod channels;
+mod commands;
+mod confirms;
+mod consumers;
+mod content;
+mod inbound;
+mod outgoing;
+mod recovery;
+mod timers;
+
+pub(crate) use self::channels::Reply;
+use self::channels::*;
+pub(crate) use self::commands::Command;
+pub(crate) use self::confirms::ConfirmSender;
+use self::confirms::*;
+use self::consumers::*;
+pub(crate) use self::consumers::{ConsumerEnd, RawDelivery};
+use self::content::*;
+pub(crate) use self::content::{Content, PublishBody};
+pub(crate) use self::outgoing::Settlement;
+use self::outgoing::*;
+use self::recovery::*;
+pub(crate) use self::recovery::{Blocked, Flag, Recovering};
+use crate::events::{Confirmation, RecoveryEvent, ReturnedMessage};
+
+/// Settings the machine runs with.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat: Duration,
+    pub close_timeout: Duration,
+    pub max_body_size: u64,
+    /// Whether a lost connection is recovered (else it fails).
+    pub recover: bool,
+    /// Whether topology is re-created on recovery.
+    pub recover_topology: bool,
+}
+
+#[derive(Debug)]
+enum State {
+    Open,
+    /// The application asked to close; waiting for close-ok until the deadline.
+    Closing {
+        deadline: Instant,
+    },
+    /// The connection was lost; waiting for a new socket.
+    Interrupted,
+    /// A new socket is up; channels, topology and consumers are coming back.
+    Recovering,
+    /// Over: only flushing what is left to write.
+    Closed,
+}
+
+/// The connection state machine.
+pub(crate) struct Machine {
+    settings: Settings,
+    state: State,
+    channels: ChannelMap,
+    /// Channels with frames to send, served round-robin.
+    ready: VecDeque<u16>,
+    /// Connection frames (channel 0) and the close-ok of channels already
+    /// forgotten, sent before any channel's queue.
+    control: VecDeque<(u16, Method)>,
+    heartbeat_due: bool,
+    secret_replies: VecDeque<oneshot::Sender<Result<(), Error>>>,
+    last_received: Instant,
+    last_sent: Instant,
+    /// Why the connection ended; shared with every handle.
+    error: Arc<OnceLock<Error>>,
+    blocked: Blocked,
+    /// Deliveries waiting for room in their consumer's buffer, in arrival
+    /// order. While there are any, the socket is still read (RPC replies and
+    /// confirms keep flowing, so a consumer that awaits a call while its
+    /// buffer is full does not deadlock); once they hold more than
+    /// `OVERFLOW_LIMIT` bytes, reading stops and TCP pushes back.
+    overflow: VecDeque<(u16, mpsc::Sender<RawDelivery>, RawDelivery)>,
+    overflow_bytes: usize,
+    /// Credit of publishes written since the last batch.
+    credit_returns: CreditReturns,
+    topology: Topology,
+    recovery: Option<RecoveryRun>,
+    /// `true` while the connection is lost or recovering; handles wait on it.
+    recovering: Recovering,
+    events: broadcast::Sender<RecoveryEvent>,
+    last_loss: Option<Error>,
+    /// The application's connection.close, held until the channels' queues
+    /// are written.
+    closing_frame: Option<Method>,
+    /// The close was put in the write buffer; its timeout starts when written.
+    close_written: bool,
+}
+
+fn unexpected(what: String) -> Error {
+    Error::UnexpectedFrame(what)
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+impl Machine {
+    pub(crate) fn new(
+        settings: Settings,
+        now: Instant,
+        error: Arc<OnceLock<Error>>,
+        blocked: Blocked,
+        recovering: Recovering,
+        events: broadcast::Sender<RecoveryEvent>,
+    ) -> Self {
+        Self {
+            topology: Topology::default(),
+            recovery: None,
+            recovering,
+            events,
+            last_loss: None,
+            closing_frame: None,
+            close_written: false,
+            settings,
+            state: State::Open,
+            channels: ChannelMap::default(),
+            ready: VecDeque::new(),
+            control: VecDeque::new(),
+            heartbeat_due: false,
+            secret_replies: VecDeque::new(),
+            last_received: now,
+            last_sent: now,
+            error,
+            blocked,
+            overflow: VecDeque::new(),
+            overflow_bytes: 0,
+            credit_returns: CreditReturns::default(),
+        }
+    }
+
+    /// Whether nothing more will happen but flushing.
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Whether commands from handles are still taken.
+    pub(crate) fn accepts_commands(&self) -> bool {
+        matches!(self.state, State::Open)
+    }
+
+    fn closed_error(&self) -> Error {
+        self.error.get().cloned().unwrap_or_else(|| {
+            Error::connection_closed(CloseReason {
+                code: ReplyCode::REPLY_SUCCESS,
+                text: "connection closed".to_owned(),
+                method: None,
+                initiator: Initiator::Application,
+            })
+        })
+    }
+
+    fn channel_gone(id: u16) -> Error {
+        Error::channel_closed(
+            id,
+            CloseReason {
+                code: ReplyCode::CHANNEL_ERROR,
+                text: format!("channel {id} is not open"),
+                method: None,
+                initiator: Initiator::Library,
+            },
+        )
+    }
+
+    /// The peer broke the protocol: tell it why (best effort) and fail everything.
+    pub(crate) fn protocol_error(&mut self, error: Error) {
+        if self.is_closed() {
+            return;
+        }
+        let code = match &error {
+            Error::Protocol(e) => e.reply_code(),
+            _ => ReplyCode::UNEXPECTED_FRAME,
+        };
+        let close = Method::ConnectionClose(connection::Close {
+            reply_code: code.code(),
+            reply_text: ShortString::new(truncate(&error.to_string(), 255)).unwrap_or_default(),
+            class_id: 0,
+            method_id: 0,
+        });
+        self.connection_lost(error);
+        // Told to the peer (best effort) before the socket is dropped.
+        self.control.push_back((0, close));
+    }
+
+    /// Whether a socket is attached (not lost, not over).
+    fn has_socket(&self) -> bool {
+        matches!(
+            self.state,
+            State::Open | State::Closing { .. } | State::Recovering
+        )
+    }
+
+    /// Whether the connection is lost and waits for a new socket.
+    pub(crate) fn is_interrupted(&self) -> bool {
+        matches!(self.state, State::Interrupted)
+    }
+
+    /// Ends the connection with `error`, failing everything that waits.
+    pub(crate) fn fail(&mut self, error: Error) {
+        if !self.is_closed() && self.recovery.is_some() || self.is_interrupted() {
+            let _ = self.events.send(RecoveryEvent::Failed {
+                error: error.clone(),
+            });
+        }
+        self.recovery = None;
+        self.recovering.set(false);
+        // Publishers waiting for an unblock learn the error instead.
+        self.blocked.set(None);
+        let _ = self.error.set(error);
+        let error = self.closed_error();
+        for (_, mut state) in self.channels.drain() {
+            state.fail(&error);
+        }
+        for reply in self.secret_replies.drain(..) {
+            let _ = reply.send(Err(error.clone()));
+        }
+        self.ready.clear();
+        self.overflow.clear();
+        self.overflow_bytes = 0;
+        self.state = State::Closed;
+    }
+
+    fn finish(&mut self) {
+        let error = self.closed_error();
+        self.fail(error);
+    }
+
+    /// Why the connection ended, once it has.
+    pub(crate) fn error(&self) -> Option<&Error> {
+        self.error.get()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,411 @@
+//! The connection lost and recovered: what a loss keeps and drops, and the
+//! steps that re-open channels and re-create topology and consumers.
+
+use super::*;
+
+/// A state the machine shows the handles: a flag for their fast path (every
+/// call checks it, and a watch's `borrow` takes a lock) and a watch for those
+/// that must wait. The flag is up while the value is not its default.
+///
+/// Only the machine holds the watch's sender, so that those waiting on it
+/// learn when the machine is gone.
+#[derive(Debug)]
+pub(crate) struct Signal<T> {
+    pub(super) flag: Flag,
+    pub(super) watch: watch::Sender<T>,
+}
+
+/// The handles' view of a [`Signal`]'s flag.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Flag(Arc<std::sync::atomic::AtomicBool>);
+
+impl Flag {
+    /// Whether the signal's value is other than the default now.
+    pub(crate) fn is_up(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Whether the connection is recovering.
+pub(crate) type Recovering = Signal<bool>;
+
+/// `Some(reason)` while the broker blocks publishers.
+pub(crate) type Blocked = Signal<Option<String>>;
+
+impl<T: Default + PartialEq> Signal<T> {
+    pub(crate) fn new() -> (Self, watch::Receiver<T>) {
+        let (watch, receiver) = watch::channel(T::default());
+        let flag = Flag::default();
+        (Self { flag, watch }, receiver)
+    }
+
+    pub(super) fn set(&self, value: T) {
+        self.flag.0.store(value != T::default(), Ordering::Release);
+        self.watch.send_replace(value);
+    }
+
+    /// The flag, for the handles.
+    pub(crate) fn flag(&self) -> Flag {
+        self.flag.clone()
+    }
+}
+
+/// A step of recovery, run one at a time.
+#[derive(Debug)]
+pub(super) enum Step {
+    Open(u16),
+    Call(u16, Method),
+    /// A queue declaration whose name the broker may change (the old name).
+    Declare(u16, Method, ShortString),
+    Close(u16),
+}
+
+impl Step {
+    pub(super) fn channel(&self) -> u16 {
+        match self {
+            Step::Open(id) | Step::Call(id, _) | Step::Declare(id, _, _) | Step::Close(id) => *id,
+        }
+    }
+}
+
+pub(super) struct RecoveryRun {
+    pub(super) steps: VecDeque<Step>,
+    /// The channel whose step is on the wire.
+    pub(super) waiting: Option<u16>,
+    /// Old → new names of server-named queues.
+    pub(super) renamed: HashMap<ShortString, ShortString>,
+    /// The queue declaration on the wire, with the name it had.
+    pub(super) declaring: Option<ShortString>,
+}
+
+/// Points a binding or consume at a server-named queue's new name.
+pub(super) fn rename_queue_in(method: &mut Method, renamed: &HashMap<ShortString, ShortString>) {
+    let queue = match method {
+        Method::QueueBind(bind) => &mut bind.queue,
+        Method::BasicConsume(consume) => &mut consume.queue,
+        _ => return,
+    };
+    if let Some(new) = renamed.get(queue) {
+        *queue = new.clone();
+    }
+}
+
+impl Machine {
+    /// The socket is gone (or must be dropped): recover when configured,
+    /// fail otherwise.
+    pub(crate) fn connection_lost(&mut self, error: Error) {
+        match self.state {
+            State::Closed | State::Interrupted => {}
+            State::Closing { .. } => self.fail(error),
+            State::Open | State::Recovering if !self.settings.recover => self.fail(error),
+            State::Open | State::Recovering => self.interrupt(error),
+        }
+    }
+
+    /// Why the connection was last lost (once), for the error handlers.
+    pub(crate) fn take_loss(&mut self) -> Option<Error> {
+        self.last_loss.take()
+    }
+
+    pub(super) fn interrupt(&mut self, error: Error) {
+        tracing::warn!(%error, "connection lost; recovering");
+        self.last_loss = Some(error.clone());
+        let gone: Vec<u16> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| {
+                c.internal || c.hook_owned || c.phase == Phase::Closing || c.open_reply.is_some()
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some(mut state) = self.channels.remove(&id) {
+                let closing = state.phase == Phase::Closing;
+                let replies: Vec<_> = state.close_replies.drain(..).collect();
+                state.fail(&error);
+                if closing {
+                    // The application's close is as good as done.
+                    for reply in replies {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+            }
+        }
+        // Parked deliveries are dropped with the socket: a stream consumer
+        // resumes at the first of its own (walked backwards, so it is the
+        // first that sets the position last).
+        for (id, _, delivery) in self.overflow.iter().rev() {
+            let Some(slot) = self
+                .channels
+                .get_mut(id)
+                .and_then(|c| c.consumers.get_mut(&delivery.deliver.consumer_tag))
+            else {
+                continue;
+            };
+            if let (StreamPosition::After(_), Some(offset)) =
+                (slot.position, stream_offset(&delivery.content.properties))
+            {
+                slot.position = StreamPosition::After(offset - 1);
+            }
+        }
+        for state in self.channels.values_mut() {
+            state.interrupt(&error);
+        }
+        for reply in self.secret_replies.drain(..) {
+            let _ = reply.send(Err(error.clone()));
+        }
+        self.control.clear();
+        self.ready.clear();
+        self.heartbeat_due = false;
+        self.overflow.clear();
+        self.overflow_bytes = 0;
+        self.recovery = None;
+        self.state = State::Interrupted;
+        self.recovering.set(true);
+        // A new connection is not blocked until its broker says so.
+        self.blocked.set(None);
+        let _ = self.events.send(RecoveryEvent::Recovering { cause: error });
+    }
+
+    /// A new socket is up: re-open channels (same ids) with their QoS,
+    /// confirm and tx modes, re-create the topology, then the consumers.
+    pub(crate) fn resume(
+        &mut self,
+        channel_max: u16,
+        frame_max: u32,
+        heartbeat: Duration,
+        now: Instant,
+    ) {
+        self.settings.channel_max = channel_max;
+        self.settings.frame_max = frame_max;
+        self.settings.heartbeat = heartbeat;
+        self.last_received = now;
+        self.last_sent = now;
+        self.state = State::Recovering;
+        let mut ids: Vec<u16> = self.channels.keys().copied().collect();
+        ids.sort_unstable();
+        let mut steps = VecDeque::new();
+        for id in &ids {
+            let Some(state) = self.channels.get(id) else {
+                continue;
+            };
+            steps.push_back(Step::Open(*id));
+            for qos in &state.qos {
+                steps.push_back(Step::Call(*id, Method::BasicQos(qos.clone())));
+            }
+            if state.confirms.is_some() {
+                steps.push_back(Step::Call(
+                    *id,
+                    Method::ConfirmSelect(crate::protocol::methods::confirm::Select {
+                        no_wait: false,
+                    }),
+                ));
+            }
+            if state.tx {
+                steps.push_back(Step::Call(
+                    *id,
+                    Method::TxSelect(crate::protocol::methods::tx::Select {}),
+                ));
+            }
+        }
+        let plan = if self.settings.recover_topology {
+            self.topology.plan()
+        } else {
+            Vec::new()
+        };
+        if !plan.is_empty() {
+            if let Some(t) = self.allocate_channel() {
+                let mut state =
+                    ChannelState::new(Arc::new(OnceLock::new()), Arc::new(AtomicU64::new(0)), None);
+                state.internal = true;
+                state.phase = Phase::Lost;
+                self.channels.insert(t, state);
+                steps.push_back(Step::Open(t));
+                for (method, old_name) in plan {
+                    match old_name {
+                        Some(old) => steps.push_back(Step::Declare(t, method, old)),
+                        None => steps.push_back(Step::Call(t, method)),
+                    }
+                }
+                steps.push_back(Step::Close(t));
+            }
+        }
+        for id in &ids {
+            let Some(state) = self.channels.get(id) else {
+                continue;
+            };
+            let mut consumers: Vec<&ConsumerSlot> = state.consumers.values().collect();
+            consumers.sort_by(|a, b| a.consume.consumer_tag.cmp(&b.consume.consumer_tag));
+            for slot in consumers {
+                let mut consume = slot.consume.clone();
+                if let StreamPosition::After(offset) = slot.position {
+                    consume.arguments.insert(
+                        ShortString::from_static(STREAM_OFFSET),
+                        FieldValue::I64(offset + 1),
+                    );
+                }
+                steps.push_back(Step::Call(*id, Method::BasicConsume(consume)));
+            }
+        }
+        self.recovery = Some(RecoveryRun {
+            steps,
+            waiting: None,
+            renamed: HashMap::new(),
+            declaring: None,
+        });
+        self.advance_recovery();
+    }
+
+    /// Puts the next recovery step on the wire, or finishes recovery.
+    pub(super) fn advance_recovery(&mut self) {
+        loop {
+            let Some(run) = self.recovery.as_mut() else {
+                return;
+            };
+            run.waiting = None;
+            run.declaring = None;
+            let Some(step) = run.steps.pop_front() else {
+                self.recovery = None;
+                self.state = State::Open;
+                self.recovering.set(false);
+                tracing::info!("connection recovered");
+                let _ = self.events.send(RecoveryEvent::Recovered);
+                return;
+            };
+            match step {
+                Step::Open(id) => {
+                    let Some(state) = self.channels.get_mut(&id) else {
+                        continue;
+                    };
+                    state.phase = Phase::Opening;
+                    state
+                        .out
+                        .push_back(Outgoing::Method(Box::new(Method::ChannelOpen(
+                            channel::Open {},
+                        ))));
+                    run.waiting = Some(id);
+                    self.schedule(id);
+                    return;
+                }
+                Step::Call(id, method) | Step::Declare(id, method, _)
+                    if !self
+                        .channels
+                        .get(&id)
+                        .is_some_and(|c| c.phase == Phase::Open) =>
+                {
+                    tracing::debug!(
+                        channel = id,
+                        method = method.info().name,
+                        "recovery step skipped: channel gone"
+                    );
+                }
+                Step::Call(id, mut method) => {
+                    rename_queue_in(&mut method, &run.renamed);
+                    if let Method::BasicConsume(consume) = &method {
+                        // The consumer's record follows the rename.
+                        let queue = consume.queue.clone();
+                        let tag = consume.consumer_tag.clone();
+                        if let Some(slot) = self
+                            .channels
+                            .get_mut(&id)
+                            .and_then(|c| c.consumers.get_mut(&tag))
+                        {
+                            slot.consume.queue = queue;
+                        } else {
+                            continue;
+                        }
+                    }
+                    let Some(run) = self.recovery.as_mut() else {
+                        return;
+                    };
+                    run.waiting = Some(id);
+                    if let Some(state) = self.channels.get_mut(&id) {
+                        state.rpcs.push_back(PendingRpc::step(method));
+                    }
+                    self.pump_rpc(id);
+                    return;
+                }
+                Step::Declare(id, method, old) => {
+                    run.waiting = Some(id);
+                    run.declaring = Some(old);
+                    if let Some(state) = self.channels.get_mut(&id) {
+                        state.rpcs.push_back(PendingRpc::step(method));
+                    }
+                    self.pump_rpc(id);
+                    return;
+                }
+                Step::Close(id) => {
+                    let Some(state) = self.channels.get_mut(&id) else {
+                        continue;
+                    };
+                    state.phase = Phase::Closing;
+                    state
+                        .out
+                        .push_back(Outgoing::Method(Box::new(Method::ChannelClose(
+                            channel::Close {
+                                reply_code: ReplyCode::REPLY_SUCCESS.code(),
+                                reply_text: ShortString::from_static("recovery done"),
+                                class_id: 0,
+                                method_id: 0,
+                            },
+                        ))));
+                    run.waiting = Some(id);
+                    self.schedule(id);
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn step_succeeded(&mut self, reply: &Method) {
+        let Some(run) = self.recovery.as_mut() else {
+            return;
+        };
+        if let (Some(old), Method::QueueDeclareOk(ok)) = (run.declaring.take(), reply) {
+            if ok.queue != old {
+                tracing::info!(old = %old, new = %ok.queue, "server-named queue renamed by recovery");
+                run.renamed.insert(old.clone(), ok.queue.clone());
+                self.topology.rename_queue(&old, &ok.queue);
+                let _ = self.events.send(RecoveryEvent::QueueRenamed {
+                    old: old.to_string(),
+                    new: ok.queue.to_string(),
+                });
+            }
+        }
+        self.advance_recovery();
+    }
+
+    /// A step closed its channel: report it; recovery's own channel is
+    /// opened again, an application channel stays closed.
+    pub(super) fn step_failed(&mut self, id: u16, internal: bool, error: Error) {
+        tracing::warn!(channel = id, %error, "recovery step failed");
+        let method = match &error {
+            Error::ChannelClosed { reason, .. } => reason
+                .method
+                .and_then(|m| {
+                    crate::protocol::methods::ALL_METHODS
+                        .iter()
+                        .find(|i| i.id == m)
+                })
+                .map_or("channel", |i| i.name),
+            _ => "channel",
+        };
+        let _ = self
+            .events
+            .send(RecoveryEvent::StepFailed { method, error });
+        if internal {
+            let mut state =
+                ChannelState::new(Arc::new(OnceLock::new()), Arc::new(AtomicU64::new(0)), None);
+            state.internal = true;
+            state.phase = Phase::Lost;
+            // The close-ok for the old incarnation goes out first (control queue).
+            self.channels.insert(id, state);
+            if let Some(run) = self.recovery.as_mut() {
+                run.steps.push_front(Step::Open(id));
+            }
+        } else if let Some(run) = self.recovery.as_mut() {
+            run.steps.retain(|step| step.channel() != id);
+        }
+        self.advance_recovery();
+    }
+}

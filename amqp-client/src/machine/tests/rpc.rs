@@ -1,0 +1,115 @@
+//! Synchronous calls: one in flight per channel, replies in order, closes.
+
+use super::*;
+
+#[test]
+fn one_rpc_at_a_time_per_channel_and_replies_in_order() {
+    let now = Instant::now();
+    let (mut m, _) = machine(now);
+    let id = open_channel(&mut m, now);
+    let (first_tx, mut first) = oneshot::channel();
+    let (second_tx, mut second) = oneshot::channel();
+    m.command(
+        Command::Rpc {
+            channel: id,
+            method: Box::new(declare("a")),
+            reply: first_tx,
+        },
+        now,
+    );
+    m.command(
+        Command::Rpc {
+            channel: id,
+            method: Box::new(declare("b")),
+            reply: second_tx,
+        },
+        now,
+    );
+    let sent = written(&mut m);
+    assert_eq!(sent.len(), 1, "the second call waits for the first reply");
+    let ok = |q: &'static str| Frame::Method {
+        channel: id,
+        method: Method::QueueDeclareOk(queue::DeclareOk {
+            queue: ShortString::from_static(q),
+            message_count: 0,
+            consumer_count: 0,
+        }),
+    };
+    m.handle_frame(ok("a")).expect("reply");
+    assert!(matches!(
+        first.try_recv(),
+        Ok(Ok(Reply {
+            method: Method::QueueDeclareOk(_),
+            ..
+        }))
+    ));
+    assert!(second.try_recv().is_err(), "not answered yet");
+    assert_eq!(written(&mut m).len(), 1, "now the second goes out");
+    m.handle_frame(ok("b")).expect("reply");
+    assert!(second.try_recv().is_ok());
+}
+
+#[test]
+fn a_reply_that_answers_nothing_is_a_protocol_error() {
+    let now = Instant::now();
+    let (mut m, _) = machine(now);
+    let id = open_channel(&mut m, now);
+    let err = m
+        .handle_frame(Frame::Method {
+            channel: id,
+            method: Method::TxCommitOk(crate::protocol::methods::tx::CommitOk {}),
+        })
+        .expect_err("unexpected");
+    assert!(matches!(err, Error::UnexpectedFrame(_)), "{err}");
+}
+
+#[test]
+fn a_broker_channel_close_fails_the_pending_call_with_its_reason_and_frees_the_id() {
+    let now = Instant::now();
+    let (mut m, _) = machine(now);
+    let id = open_channel(&mut m, now);
+    let (reply, mut answer) = oneshot::channel();
+    m.command(
+        Command::Rpc {
+            channel: id,
+            method: Box::new(declare("missing")),
+            reply,
+        },
+        now,
+    );
+    written(&mut m);
+    m.handle_frame(Frame::Method {
+        channel: id,
+        method: Method::ChannelClose(channel::Close {
+            reply_code: 404,
+            reply_text: ShortString::from_static("NOT_FOUND - no queue 'missing'"),
+            class_id: 50,
+            method_id: 10,
+        }),
+    })
+    .expect("close");
+    let err = answer.try_recv().expect("answered").expect_err("failed");
+    assert_eq!(
+        err.reply_error(),
+        Some(crate::protocol::ReplyError::NotFound)
+    );
+    assert!(matches!(
+        written(&mut m).as_slice(),
+        [Frame::Method {
+            method: Method::ChannelCloseOk(_),
+            ..
+        }]
+    ));
+    assert_eq!(open_channel(&mut m, now), id, "the id is recycled");
+}
+
+#[test]
+fn commands_and_queued_frames_fit_inline_copies() {
+    // Larger values are moved with a `memcpy` call, several times per
+    // publish and per ack (see `Command::Rpc`).
+    let sizes = (
+        std::mem::size_of::<Command>(),
+        std::mem::size_of::<Outgoing>(),
+    );
+    assert!(sizes.0 <= 128 && sizes.1 <= 128, "{sizes:?}");
+}
