@@ -33,6 +33,16 @@ pub struct CloseReason {
 }
 
 impl CloseReason {
+    /// A close the application asked for, with `code` and `text`.
+    pub(crate) fn by_application(code: ReplyCode, text: impl Into<String>) -> Self {
+        Self {
+            code,
+            text: text.into(),
+            method: None,
+            initiator: Initiator::Application,
+        }
+    }
+
     /// The typed error of the reply code.
     pub fn error(&self) -> ReplyError {
         ReplyError::from(self.code)

@@ -267,12 +267,12 @@ impl Driver {
                         .unwrap_or_else(|| lost(std::io::ErrorKind::NotConnected.into())));
                 }
                 if self.commands.is_sender_gone() && self.control_done {
-                    return Err(Error::connection_closed(crate::error::CloseReason {
-                        code: ReplyCode::REPLY_SUCCESS,
-                        text: "connection dropped by the application during recovery".to_owned(),
-                        method: None,
-                        initiator: crate::error::Initiator::Application,
-                    }));
+                    return Err(Error::connection_closed(
+                        crate::error::CloseReason::by_application(
+                            ReplyCode::REPLY_SUCCESS,
+                            "connection dropped by the application during recovery",
+                        ),
+                    ));
                 }
                 tokio::select! {
                     () = tokio::time::sleep_until(wake) => break,

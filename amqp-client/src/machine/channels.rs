@@ -335,19 +335,14 @@ impl Machine {
             return;
         }
         state.phase = Phase::Closing;
-        let reason = CloseReason {
-            code: ReplyCode::REPLY_SUCCESS,
-            text: "closed by the application".to_owned(),
-            method: None,
-            initiator: Initiator::Application,
-        };
+        let reason = CloseReason::by_application(ReplyCode::REPLY_SUCCESS, APPLICATION_CLOSE);
         let _ = state.closed.set(Error::channel_closed(id, reason));
         state
             .out
             .push_back(Outgoing::Method(Box::new(Method::ChannelClose(
                 channel::Close {
                     reply_code: ReplyCode::REPLY_SUCCESS.code(),
-                    reply_text: ShortString::from_static("closed by the application"),
+                    reply_text: ShortString::from_static(APPLICATION_CLOSE),
                     class_id: 0,
                     method_id: 0,
                 },

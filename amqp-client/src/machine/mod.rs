@@ -36,6 +36,7 @@ mod timers;
 pub(crate) use self::channels::Reply;
 use self::channels::*;
 pub(crate) use self::commands::Command;
+use self::commands::APPLICATION_CLOSE;
 pub(crate) use self::confirms::ConfirmSender;
 use self::confirms::*;
 use self::consumers::*;
@@ -174,12 +175,10 @@ impl Machine {
 
     fn closed_error(&self) -> Error {
         self.error.get().cloned().unwrap_or_else(|| {
-            Error::connection_closed(CloseReason {
-                code: ReplyCode::REPLY_SUCCESS,
-                text: "connection closed".to_owned(),
-                method: None,
-                initiator: Initiator::Application,
-            })
+            Error::connection_closed(CloseReason::by_application(
+                ReplyCode::REPLY_SUCCESS,
+                "connection closed",
+            ))
         })
     }
 

@@ -91,6 +91,19 @@ pub(super) fn rename_queue_in(method: &mut Method, renamed: &HashMap<ShortString
 }
 
 impl Machine {
+    /// Drops the recovery step that would consume again as `tag` on
+    /// `channel`; whether there was one.
+    pub(super) fn drop_consume_step(&mut self, channel: u16, tag: &ShortString) -> bool {
+        let Some(run) = self.recovery.as_mut() else {
+            return false;
+        };
+        let before = run.steps.len();
+        run.steps.retain(|step| {
+            !matches!(step, Step::Call(id, Method::BasicConsume(c)) if *id == channel && c.consumer_tag == *tag)
+        });
+        run.steps.len() != before
+    }
+
     /// The socket is gone (or must be dropped): recover when configured,
     /// fail otherwise.
     pub(crate) fn connection_lost(&mut self, error: Error) {
