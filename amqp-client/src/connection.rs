@@ -2,34 +2,29 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::channel::Channel;
-use crate::command_queue::{command_queue, CommandSender, TrySendError};
+use crate::command_queue::command_queue;
 use crate::config::Config;
-use crate::error::{Error, Initiator};
+use crate::connect::{config_for_attempt, jitter, open_stream, CredentialsProvider};
+pub use crate::connect::{ConnectInfo, Credentials, ProviderError};
+use crate::error::Error;
 use crate::events::RecoveryEvent;
-use crate::handshake;
-use crate::io::Driver;
+use crate::io::{Driver, OnReconnect, Socket};
+pub use crate::link::ServerInfo;
+use crate::link::{ErrorHandler, Inner, Shared, PUBLISH_BUFFER_BYTES};
 use crate::machine::{Command, Machine, Settings};
-use crate::protocol::frame::{self, FrameDecoder};
-use crate::protocol::methods::{connection, Method};
-use crate::protocol::{FieldTable, MethodInfo, ReplyCode, ShortString};
-use crate::transport::{self, Stream};
+use crate::protocol::methods::connection;
+use crate::protocol::{ReplyCode, ShortString};
 
 /// How many commands may wait for the I/O task before senders wait in turn.
 const COMMAND_QUEUE: usize = 4096;
-
-/// Publishes queued in the client (not yet written to the socket) may hold
-/// at most this many bytes; beyond it `basic_publish` waits.
-pub(crate) const PUBLISH_BUFFER_BYTES: u64 = 64 * 1024 * 1024;
-
-type ErrorHandler = Box<dyn Fn(&Error) + Send + Sync>;
 
 /// The on-connect hook: runs after the first connect and after every
 /// reconnect, on a task of its own, with the connection.
@@ -38,364 +33,6 @@ pub(crate) type OnConnect = Arc<
         + Send
         + Sync,
 >;
-
-/// What the on-connect hook is told about the connect it runs after.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ConnectInfo {
-    /// 0 after the first connect, `n` after the `n`-th reconnect.
-    pub reconnects: u64,
-    /// Which attempt of this connect succeeded (1: the first try).
-    pub attempt: u32,
-    /// `host:port` of the broker connected to.
-    pub address: String,
-}
-
-impl ConnectInfo {
-    /// Whether the hook runs after a reconnect (not the first connect).
-    pub fn is_reconnect(&self) -> bool {
-        self.reconnects > 0
-    }
-}
-
-/// A user and secret for one connect attempt, from a
-/// [credentials provider](ConnectionBuilder::credentials_provider).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    /// The user name.
-    pub user: String,
-    /// The password or token.
-    pub secret: String,
-}
-
-impl Credentials {
-    /// Credentials of `user` with `secret`.
-    pub fn new(user: impl Into<String>, secret: impl Into<String>) -> Self {
-        Self {
-            user: user.into(),
-            secret: secret.into(),
-        }
-    }
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("user", &self.user)
-            .field("secret", &"<redacted>")
-            .finish()
-    }
-}
-
-/// The error a credentials provider may fail with.
-pub type ProviderError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Called before each connect attempt for the credentials to use.
-pub(crate) type CredentialsProvider = Arc<
-    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Credentials, ProviderError>> + Send>>
-        + Send
-        + Sync,
->;
-
-/// State shared by the I/O task and every handle.
-pub(crate) struct Shared {
-    /// Why the connection ended; set once.
-    pub error: Arc<OnceLock<Error>>,
-    /// `Some(outcome)` once the I/O task has finished.
-    pub finished: watch::Sender<Option<Result<(), Error>>>,
-    /// `Some(reason)` while the broker blocks publishers.
-    pub blocked: watch::Receiver<Option<String>>,
-    /// `true` while the connection is lost or being recovered.
-    pub recovering: watch::Receiver<bool>,
-    /// The same, readable without a lock.
-    pub recovering_now: crate::machine::Flag,
-    /// The same as `blocked`, readable without a lock.
-    pub blocked_now: crate::machine::Flag,
-    /// Recovery's reports.
-    pub events: broadcast::Sender<RecoveryEvent>,
-    /// The frame_max negotiated with the broker now connected: a reconnect
-    /// may get another one, and frames are checked against it before they
-    /// are queued (0: no limit).
-    pub frame_max: AtomicU32,
-    error_handlers: Mutex<Vec<ErrorHandler>>,
-    /// The secret of the latest `update_secret`: later connects use it.
-    secret: Mutex<Option<String>>,
-    /// Called before each reconnect attempt, when set.
-    pub credentials_provider: Option<CredentialsProvider>,
-}
-
-impl Shared {
-    /// The config for the next connect attempt: the credentials provider's
-    /// answer, else the secret of the latest `update_secret`, else `config`'s.
-    pub(crate) async fn config_for_attempt(&self, config: &Config) -> Result<Config, Error> {
-        let stored = self.secret.lock().ok().and_then(|secret| secret.clone());
-        config_for_attempt(config, self.credentials_provider.as_ref(), stored).await
-    }
-
-    /// Calls every error handler with `error`.
-    pub(crate) fn report(&self, error: &Error) {
-        if let Ok(handlers) = self.error_handlers.lock() {
-            for handler in handlers.iter() {
-                handler(error);
-            }
-        }
-    }
-
-    /// Called by the I/O task when it ends.
-    pub(crate) fn finish(&self, error: Option<Error>) {
-        let error = error.or_else(|| self.error.get().cloned());
-        let outcome = match error {
-            Some(Error::ConnectionClosed { reason, .. })
-                if reason.initiator == Initiator::Application
-                    && reason.code == ReplyCode::REPLY_SUCCESS =>
-            {
-                tracing::info!("connection closed");
-                Ok(())
-            }
-            Some(error) => {
-                tracing::info!(%error, "connection ended");
-                self.report(&error);
-                Err(error)
-            }
-            None => Ok(()),
-        };
-        self.finished.send_replace(Some(outcome));
-    }
-
-    /// The frame_max of the broker now connected (0: no limit).
-    pub(crate) fn frame_max(&self) -> u32 {
-        self.frame_max.load(Ordering::Acquire)
-    }
-}
-
-/// Refuses a frame of `size` bytes (framing included) over `frame_max`.
-pub(crate) fn check_frame_size(
-    what: &'static str,
-    size: usize,
-    frame_max: u32,
-) -> Result<(), Error> {
-    // 0 is the protocol's "no limit".
-    if frame_max != 0 && size > frame_max as usize {
-        return Err(Error::FrameTooLarge {
-            what,
-            size,
-            frame_max,
-        });
-    }
-    Ok(())
-}
-
-/// Negotiated values and what the broker said of itself, as of the first
-/// connect (a reconnect may negotiate others: see [`Connection::frame_max`]).
-#[derive(Debug, Clone)]
-pub struct ServerInfo {
-    /// Highest usable channel id.
-    pub channel_max: u16,
-    /// Largest frame, framing included.
-    pub frame_max: u32,
-    /// Heartbeat interval in seconds (0: none).
-    pub heartbeat: u16,
-    /// The broker's `server-properties` (product, version, capabilities…).
-    pub properties: FieldTable,
-}
-
-pub(crate) struct Inner {
-    pub commands: CommandSender,
-    pub control: mpsc::UnboundedSender<Command>,
-    pub shared: Arc<Shared>,
-    pub info: ServerInfo,
-    pub config: Config,
-    pub next_consumer: std::sync::atomic::AtomicU64,
-    /// Bounds what publishers may queue in the client (bodies included).
-    pub publish_budget: Arc<crate::credit::PublishBudget>,
-}
-
-impl Inner {
-    /// The error that ended the connection, or a generic one if the I/O task
-    /// vanished without saying.
-    pub(crate) fn closed_error(&self) -> Error {
-        self.shared.error.get().cloned().unwrap_or_else(|| {
-            Error::ConnectionLost(Arc::new(std::io::Error::other(
-                "the connection task has ended",
-            )))
-        })
-    }
-
-    /// Queues an ack, nack or reject for the I/O task (never waits).
-    pub(crate) fn settle(&self, command: Command) {
-        self.commands.settle(command);
-    }
-
-    /// Queues `command` if that needs no waiting: the connection is not
-    /// recovering or closed and the queue has room. Otherwise hands it back
-    /// for [`send`](Self::send), which waits (and reports a closed connection).
-    pub(crate) fn try_send(&self, command: Command) -> Result<(), Command> {
-        if self.shared.recovering_now.is_up() || self.shared.error.get().is_some() {
-            return Err(command);
-        }
-        self.commands.try_send(command).map_err(|e| match e {
-            TrySendError::Full(command) | TrySendError::Closed(command) => command,
-        })
-    }
-
-    /// Refuses `method` when its frame would exceed the broker's frame_max,
-    /// before it is queued. It is encoded to be measured: calls and no-wait
-    /// methods are not per message, unlike publishes (see `Channel::encode_head`).
-    pub(crate) fn check_method_frame(&self, channel: u16, method: &Method) -> Result<(), Error> {
-        self.check_frame_of(channel, method.info(), |buf| method.encode_args(buf))
-    }
-
-    /// [`check_method_frame`](Self::check_method_frame) of the method of
-    /// `info` whose arguments `args` writes, without building a [`Method`].
-    pub(crate) fn check_frame_of(
-        &self,
-        channel: u16,
-        info: &'static MethodInfo,
-        args: impl FnOnce(&mut BytesMut),
-    ) -> Result<(), Error> {
-        let frame_max = self.shared.frame_max();
-        let mut scratch = BytesMut::new();
-        frame::write_method_frame(&mut scratch, channel, info.id, args);
-        check_frame_size(info.name, scratch.len(), frame_max)
-    }
-
-    pub(crate) async fn send(&self, command: Command) -> Result<(), Error> {
-        self.wait_while_recovering().await?;
-        self.commands
-            .send(command)
-            .await
-            .map_err(|_| self.closed_error())
-    }
-
-    /// Awaits the I/O task's answer, bounded by the call timeout.
-    pub(crate) async fn within_call_timeout<T>(
-        &self,
-        call: &'static str,
-        answer: oneshot::Receiver<Result<T, Error>>,
-    ) -> Result<T, Error> {
-        let answered = async { answer.await.map_err(|_| self.closed_error())? };
-        self.bounded(call, answered).await
-    }
-
-    /// Runs `wait` within the call timeout, failing with
-    /// [`Error::CallTimeout`] when it expires.
-    pub(crate) async fn bounded<T>(
-        &self,
-        call: &'static str,
-        wait: impl Future<Output = Result<T, Error>>,
-    ) -> Result<T, Error> {
-        match self.config.call_timeout {
-            None => wait.await,
-            Some(timeout) => tokio::time::timeout(timeout, wait)
-                .await
-                .unwrap_or(Err(Error::CallTimeout { call, timeout })),
-        }
-    }
-
-    /// Calls made while the connection recovers wait for it (bounded by
-    /// the recovery call timeout) instead of failing at once.
-    pub(crate) async fn wait_while_recovering(&self) -> Result<(), Error> {
-        if self.shared.recovering_now.is_up() {
-            let timeout = self.config.recovery.call_timeout;
-            let mut recovering = self.shared.recovering.clone();
-            if tokio::time::timeout(timeout, recovering.wait_for(|r| !*r))
-                .await
-                .is_err()
-            {
-                return Err(Error::RecoveryTimeout(timeout));
-            }
-        }
-        match self.shared.error.get() {
-            Some(error) => Err(error.clone()),
-            None => Ok(()),
-        }
-    }
-}
-
-/// `config` with the credentials a connect attempt uses (see
-/// [`Shared::config_for_attempt`]).
-async fn config_for_attempt(
-    config: &Config,
-    provider: Option<&CredentialsProvider>,
-    stored_secret: Option<String>,
-) -> Result<Config, Error> {
-    let mut config = config.clone();
-    if let Some(provider) = provider {
-        let credentials = provider()
-            .await
-            .map_err(|e| Error::CredentialsProvider(Arc::from(e)))?;
-        config.user = credentials.user;
-        config.password = credentials.secret;
-    } else if let Some(secret) = stored_secret {
-        config.password = secret;
-    }
-    Ok(config)
-}
-
-/// Opens a stream to one of `config`'s addresses, starting after `last`
-/// (so that a lost node is tried last), and runs the handshake.
-pub(crate) async fn open_stream(
-    config: &Config,
-    last: Option<usize>,
-) -> Result<(Stream, handshake::Negotiated, usize), Error> {
-    let addresses = config.addresses();
-    let start = last.map_or(0, |i| i + 1);
-    let mut last_error = None;
-    for k in 0..addresses.len() {
-        let index = (start + k) % addresses.len();
-        let target = config.at(&addresses[index]);
-        let address = target.address();
-        tracing::debug!(%address, vhost = %target.vhost, "connecting");
-        let timeout = target.connection_timeout;
-        let opened = tokio::time::timeout(timeout, async {
-            let mut stream = transport::connect(&target).await?;
-            let negotiated = handshake::handshake(&mut stream, &target).await?;
-            Ok::<_, Error>((stream, negotiated))
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::Timeout {
-                address: address.clone(),
-                timeout,
-            })
-        });
-        match opened {
-            Ok((stream, negotiated)) => {
-                tracing::info!(
-                    %address,
-                    channel_max = negotiated.channel_max,
-                    frame_max = negotiated.frame_max,
-                    heartbeat = negotiated.heartbeat,
-                    "connected"
-                );
-                return Ok((stream, negotiated, index));
-            }
-            // Wrong credentials or vhost are the same on every node.
-            Err(e @ (Error::AuthenticationFailed { .. } | Error::VhostRefused { .. })) => {
-                return Err(e)
-            }
-            Err(e) => {
-                tracing::debug!(%address, error = %e, "connect failed");
-                last_error = Some(e);
-            }
-        }
-    }
-    Err(last_error.unwrap_or_else(|| Error::Connect {
-        address: config.address(),
-        source: Arc::new(std::io::Error::other("no address to connect to")),
-    }))
-}
-
-/// A number in [0.5, 1.0) for backoff jitter; no RNG dependency needed for that.
-pub(crate) fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    // A multiplicative hash spreads nearby nanosecond counts apart.
-    let mixed = nanos.wrapping_mul(2_654_435_761) >> 8;
-    0.5 + f64::from(mixed % 1_000_000) / 2_000_000.0
-}
 
 /// Sets up a connection before it opens: the on-connect hook and error
 /// handlers must exist before the first connect to see it.
@@ -625,29 +262,35 @@ impl Connection {
             next_consumer: std::sync::atomic::AtomicU64::new(1),
             publish_budget: crate::credit::PublishBudget::new(PUBLISH_BUFFER_BYTES),
         });
-        let (reader, writer) = stream.into_split();
         let info = ConnectInfo {
             reconnects: 0,
             attempt: attempt + 1,
             address: config.at(&config.addresses()[address_index]).address(),
         };
-        let driver = Driver {
-            reader,
-            writer,
+        let on_reconnect = hook.clone().map(|hook| {
+            // Weak: the I/O task must not keep the connection alive.
+            let handle = Arc::downgrade(&inner);
+            Box::new(move |info| {
+                if let Some(connection) = Connection::from_weak(&handle) {
+                    connection.run_hook(hook.clone(), info);
+                }
+            }) as OnReconnect
+        });
+        let socket = Socket {
+            stream,
+            frame_max: negotiated.frame_max,
+            leftover: negotiated.leftover,
+            address_index,
+        };
+        let driver = Driver::new(
             machine,
-            decoder: FrameDecoder::new(negotiated.frame_max),
-            read_buf: negotiated.leftover,
-            commands: commands_rx,
-            control: control_rx,
+            socket,
+            commands_rx,
+            control_rx,
             shared,
             config,
-            handle: Arc::downgrade(&inner),
-            hook: hook.clone(),
-            address_index,
-            reconnects: 0,
-            commands_done: false,
-            control_done: false,
-        };
+            on_reconnect,
+        );
         tokio::spawn(driver.run());
         let connection = Connection {
             inner,

@@ -1,12 +1,15 @@
 //! Consumers as streams of deliveries, and the messages `basic.get` fetches.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::channel::Channel;
+use crate::channel::{Channel, ConsumeOptions};
 use crate::error::Error;
 use crate::machine::{Command, ConsumerEnd, Content, RawDelivery, Settlement};
 use crate::protocol::frame::BodyLen;
@@ -284,6 +287,103 @@ impl Drop for Consumer {
                     tag: self.tag.clone(),
                     requeue,
                 });
+        }
+    }
+}
+
+/// Consuming and getting: on `Channel`, defined here because they build
+/// this module's types (so that this module depends on the channel's, not
+/// both ways).
+impl Channel {
+    /// Starts a consumer on `queue`; its deliveries come as a stream.
+    pub async fn basic_consume(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> Result<Consumer, Error> {
+        self.check()?;
+        let tag = if options.consumer_tag.is_empty() {
+            let n = self
+                .inner
+                .conn
+                .next_consumer
+                .fetch_add(1, Ordering::Relaxed);
+            // Short enough to be stored inline by ShortString.
+            ShortString::new(format!("ctag-{}.{n}", self.inner.id))?
+        } else {
+            ShortString::new(&options.consumer_tag)?
+        };
+        let consume = basic::Consume {
+            queue: ShortString::new(queue)?,
+            consumer_tag: tag.clone(),
+            no_local: options.no_local,
+            no_ack: options.no_ack,
+            exclusive: options.exclusive,
+            no_wait: false,
+            arguments: options.arguments,
+        };
+        let no_ack = consume.no_ack;
+        self.inner
+            .conn
+            .check_frame_of(self.inner.id, &basic::Consume::INFO, |buf| {
+                consume.encode_args(buf)
+            })?;
+        let (deliveries, receiver) = mpsc::channel(self.inner.conn.config.consumer_buffer);
+        let end = Arc::new(OnceLock::new());
+        let (reply, answer) = oneshot::channel();
+        self.send_command(Command::Consume {
+            channel: self.inner.id,
+            consume: Box::new(consume),
+            deliveries,
+            end: end.clone(),
+            reply,
+        })
+        .await?;
+        self.answer("basic.consume", answer).await?;
+        Ok(Consumer::new(tag, self.clone(), no_ack, receiver, end))
+    }
+
+    /// Starts a consumer and calls `handler` for each delivery, one at a
+    /// time, on a task of its own. The task ends when the consumer does, with
+    /// the reason (`Ok` for a cancel by the application).
+    pub async fn basic_consume_with<F, Fut>(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+        mut handler: F,
+    ) -> Result<tokio::task::JoinHandle<Result<(), Error>>, Error>
+    where
+        F: FnMut(Delivery) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let mut consumer = self.basic_consume(queue, options).await?;
+        Ok(tokio::spawn(async move {
+            while let Some(delivery) = consumer.next().await {
+                handler(delivery?).await;
+            }
+            Ok(())
+        }))
+    }
+
+    /// Fetches one message from `queue`; `None` when it is empty.
+    pub async fn basic_get(&self, queue: &str, no_ack: bool) -> Result<Option<GetMessage>, Error> {
+        let reply = self
+            .rpc(Method::BasicGet(basic::Get {
+                queue: ShortString::new(queue)?,
+                no_ack,
+            }))
+            .await?;
+        let epoch = reply.epoch;
+        match (reply.method, reply.content) {
+            (Method::BasicGetEmpty(_), _) => Ok(None),
+            (Method::BasicGetOk(get_ok), Some(content)) => {
+                Ok(Some(GetMessage::new(get_ok, content, epoch, self.clone())))
+            }
+            (other, _) => Err(crate::protocol::UnexpectedReply {
+                request: &basic::Get::INFO,
+                reply: other.info(),
+            }
+            .into()),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! takes commands from handles, keeps time for heartbeats, writes what the
 //! machine produces in large batches, and reconnects when the socket is lost.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -11,13 +11,14 @@ use tokio::sync::mpsc;
 
 use crate::command_queue::CommandReceiver;
 use crate::config::Config;
-use crate::connection::{jitter, open_stream, ConnectInfo, Connection, Inner, OnConnect, Shared};
+use crate::connect::{jitter, open_stream, ConnectInfo};
 use crate::error::Error;
 use crate::events::RecoveryEvent;
+use crate::link::Shared;
 use crate::machine::{Command, Machine, RawDelivery};
 use crate::protocol::frame::FrameDecoder;
 use crate::protocol::ReplyCode;
-use crate::transport::{Reader, Writer};
+use crate::transport::{Reader, Stream, Writer};
 
 /// How much the task writes per batch before it looks at the socket again.
 const WRITE_BATCH: usize = 256 * 1024;
@@ -27,27 +28,38 @@ const READ_CHUNK: usize = 64 * 1024;
 /// socket is dropped.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub(crate) struct Driver {
-    pub reader: Reader,
-    pub writer: Writer,
-    pub machine: Machine,
-    pub decoder: FrameDecoder,
-    pub read_buf: BytesMut,
-    pub commands: CommandReceiver,
-    pub control: mpsc::UnboundedReceiver<Command>,
-    pub shared: Arc<Shared>,
-    pub config: Config,
-    /// The handles' shared state, to give the on-connect hook a connection
-    /// without keeping the connection alive from here.
-    pub handle: Weak<Inner>,
-    pub hook: Option<OnConnect>,
-    /// The address the current socket is connected to.
+/// Called after each reconnect (the connection runs its on-connect hook).
+pub(crate) type OnReconnect = Box<dyn Fn(ConnectInfo) + Send + Sync>;
+
+/// A socket that finished the handshake.
+pub(crate) struct Socket {
+    pub stream: Stream,
+    /// The frame limit negotiated on it.
+    pub frame_max: u32,
+    /// Bytes read past the handshake.
+    pub leftover: BytesMut,
+    /// Which of the config's addresses it is connected to.
     pub address_index: usize,
+}
+
+pub(crate) struct Driver {
+    reader: Reader,
+    writer: Writer,
+    machine: Machine,
+    decoder: FrameDecoder,
+    read_buf: BytesMut,
+    commands: CommandReceiver,
+    control: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<Shared>,
+    config: Config,
+    on_reconnect: Option<OnReconnect>,
+    /// The address the current socket is connected to.
+    address_index: usize,
     /// How many times the connection was re-established.
-    pub reconnects: u64,
+    reconnects: u64,
     /// Every handle is gone and the command queue is empty.
-    pub commands_done: bool,
-    pub control_done: bool,
+    commands_done: bool,
+    control_done: bool,
 }
 
 async fn reserve(
@@ -71,6 +83,34 @@ fn lost(e: std::io::Error) -> Error {
 }
 
 impl Driver {
+    pub(crate) fn new(
+        machine: Machine,
+        socket: Socket,
+        commands: CommandReceiver,
+        control: mpsc::UnboundedReceiver<Command>,
+        shared: Arc<Shared>,
+        config: Config,
+        on_reconnect: Option<OnReconnect>,
+    ) -> Self {
+        let (reader, writer) = socket.stream.into_split();
+        Self {
+            reader,
+            writer,
+            machine,
+            decoder: FrameDecoder::new(socket.frame_max),
+            read_buf: socket.leftover,
+            commands,
+            control,
+            shared,
+            config,
+            on_reconnect,
+            address_index: socket.address_index,
+            reconnects: 0,
+            commands_done: false,
+            control_done: false,
+        }
+    }
+
     /// Decodes and handles the frames in the read buffer, stopping early when
     /// a consumer's buffer is full.
     fn handle_input(&mut self) {
@@ -319,10 +359,8 @@ impl Driver {
                         Duration::from_secs(u64::from(negotiated.heartbeat)),
                         Instant::now(),
                     );
-                    if let (Some(hook), Some(connection)) =
-                        (self.hook.clone(), Connection::from_weak(&self.handle))
-                    {
-                        connection.run_hook(hook, info);
+                    if let Some(on_reconnect) = &self.on_reconnect {
+                        on_reconnect(info);
                     }
                     return Ok(());
                 }

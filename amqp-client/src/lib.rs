@@ -28,6 +28,7 @@
 pub mod channel;
 mod command_queue;
 pub mod config;
+mod connect;
 pub mod connection;
 pub mod consumer;
 mod credit;
@@ -35,6 +36,7 @@ pub mod error;
 mod events;
 mod handshake;
 mod io;
+mod link;
 mod machine;
 pub mod protocol;
 mod topology;

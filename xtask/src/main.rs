@@ -7,6 +7,7 @@
 //! - `test` runs `broker`, then every test of the workspace.
 
 mod broker;
+mod layering;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -1,8 +1,17 @@
 //! The connection's protocol state, free of I/O: frames and commands go in,
-//! frames to write come out, and time is an argument. It owns channel ids,
-//! the one-RPC-at-a-time rule per channel, content assembly, publisher
-//! confirms, consumers, heartbeats and the fair scheduling of outgoing frames.
-//! The I/O task (`io.rs`) drives it; tests drive it without sockets.
+//! frames to write come out, and time is an argument. The I/O task (`io.rs`)
+//! drives it; `tests/` drives it without sockets. One concern per file:
+//!
+//! - this file: the [`Machine`], its states and settings, failing and finishing;
+//! - `commands.rs`: what the handles ask, one method per command;
+//! - `inbound.rs`: frames from the broker, and the replies that complete calls;
+//! - `channels.rs`: per-channel state and the one call in flight per channel;
+//! - `outgoing.rs`: each channel's frame queue, served round-robin, and
+//!   settlements coalesced against the unsettled tags;
+//! - `content.rs`: content assembly; `confirms.rs`: publisher confirms;
+//! - `consumers.rs`: consumers, stream offsets and delivery back-pressure;
+//! - `recovery.rs`: what a lost connection keeps, and the recovery steps;
+//! - `timers.rs`: heartbeats and the close deadline.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
