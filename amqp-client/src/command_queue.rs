@@ -14,11 +14,10 @@
 //! number is bounded by the consumers' buffers, and acking must not wait
 //! behind publishes.
 
-use std::sync::{Arc, Mutex, MutexGuard};
-
-use tokio::sync::Notify;
+use std::sync::Arc;
 
 use crate::machine::Command;
+use crate::sync::{Mutex, MutexGuard, Notify};
 
 /// Why a command was not queued; the command is handed back.
 #[derive(Debug)]

@@ -9,10 +9,9 @@
 //! in one subtraction per write batch ([`CreditReturns`]); the lock is taken
 //! only while someone waits.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::Notify;
+use crate::sync::{AtomicU64, AtomicUsize, Notify, Ordering};
 
 /// The budget, in bytes.
 #[derive(Debug)]

@@ -36,6 +36,7 @@ mod handshake;
 mod io;
 mod machine;
 pub mod protocol;
+mod sync;
 mod topology;
 mod transport;
 mod unsettled;
