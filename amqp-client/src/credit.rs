@@ -93,19 +93,15 @@ impl PublishBudget {
     pub(crate) async fn take(self: &Arc<Self>, bytes: u64) -> Credit {
         if !self.try_take(bytes) {
             loop {
-                self.waiters.fetch_add(1, Ordering::AcqRel);
+                let _counted = Waiter::count(&self.waiters);
                 let returned = self.returned.notified();
                 tokio::pin!(returned);
                 // Registered before the check: a return in between is not missed.
                 returned.as_mut().enable();
-                let taken = self.try_take_waiting(bytes);
-                if !taken {
-                    returned.await;
-                }
-                self.waiters.fetch_sub(1, Ordering::AcqRel);
-                if taken {
+                if self.try_take_waiting(bytes) {
                     break;
                 }
+                returned.await;
             }
         }
         Credit {
@@ -125,6 +121,24 @@ impl PublishBudget {
     #[cfg(test)]
     pub(crate) fn used(&self) -> u64 {
         self.used.load(Ordering::Acquire)
+    }
+}
+
+/// A publisher counted in `waiters` until this drops, even when its `take`
+/// is dropped while it waits (a timeout, a `select!`): counted for ever, it
+/// would make every later give-back take `Notify`'s lock to wake nobody.
+struct Waiter<'a>(&'a AtomicUsize);
+
+impl<'a> Waiter<'a> {
+    fn count(waiters: &'a AtomicUsize) -> Self {
+        waiters.fetch_add(1, Ordering::AcqRel);
+        Self(waiters)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -198,6 +212,18 @@ mod tests {
         let huge = budget.take(1000).await;
         assert_eq!(budget.used(), 1000);
         drop(huge);
+    }
+
+    #[tokio::test]
+    async fn a_take_dropped_while_it_waits_stops_counting_as_a_waiter() {
+        let budget = PublishBudget::new(100);
+        let held = budget.take(100).await;
+        let gave_up =
+            tokio::time::timeout(std::time::Duration::from_millis(20), budget.take(50)).await;
+        assert!(gave_up.is_err(), "no credit left");
+        assert_eq!(budget.waiters.load(Ordering::Acquire), 0);
+        drop(held);
+        assert_eq!(budget.used(), 0);
     }
 
     #[tokio::test]
