@@ -14,11 +14,10 @@
 //! number is bounded by the consumers' buffers, and acking must not wait
 //! behind publishes.
 
-use std::sync::{Arc, Mutex, MutexGuard};
-
-use tokio::sync::Notify;
+use std::sync::Arc;
 
 use crate::machine::Command;
+use crate::sync::{Mutex, MutexGuard, Notify};
 
 /// Why a command was not queued; the command is handed back.
 #[derive(Debug)]
@@ -392,5 +391,199 @@ mod tests {
             .expect("woken");
         later.await.expect("task");
         assert_eq!(tags(&mut receiver), [7]);
+    }
+}
+
+/// loom explores every interleaving of these threads over the queue's lock
+/// and its two `Notify`s (a model of tokio's, see `crate::sync`). A lost
+/// wake-up shows as loom's "deadlock" failure: every thread waits and none
+/// will wake it.
+#[cfg(all(test, amqp_client_loom))]
+mod loom_models {
+    use super::*;
+    use crate::machine::Settlement;
+    use crate::protocol::methods::basic;
+    use crate::sync::explore;
+    use loom::future::block_on;
+    use loom::thread;
+
+    /// Tags from here on are settlements; below, commands.
+    const FIRST_SETTLEMENT_TAG: u64 = 100;
+
+    fn ack(tag: u64) -> Command {
+        Command::Settle {
+            channel: 1,
+            settlement: Settlement::Ack(basic::Ack {
+                delivery_tag: tag,
+                multiple: false,
+            }),
+            epoch: 0,
+        }
+    }
+
+    fn tag(command: &Command) -> u64 {
+        match command {
+            Command::Settle {
+                settlement: Settlement::Ack(ack),
+                ..
+            } => ack.delivery_tag,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// A command whose drop shows: `Arc::strong_count(&witness)` falls back to
+    /// one once the command is gone.
+    fn witnessed_command() -> (Command, Arc<std::sync::OnceLock<crate::Error>>) {
+        let witness = Arc::new(std::sync::OnceLock::new());
+        let (reply, _answer) = tokio::sync::oneshot::channel();
+        let command = Command::OpenChannel {
+            closed: witness.clone(),
+            epoch: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            hook_owned: false,
+            reply,
+        };
+        (command, witness)
+    }
+
+    /// Takes batches until `count` entries came, checking that no batch holds
+    /// more than `capacity` commands. The caller still holds the sender, so
+    /// only the wake-up of a push can end a wait here.
+    fn take_until(receiver: &mut CommandReceiver, count: usize, capacity: usize) -> Vec<u64> {
+        let mut taken = Vec::new();
+        while taken.len() < count {
+            block_on(receiver.ready());
+            let batch: Vec<u64> = receiver.take().map(|command| tag(&command)).collect();
+            let commands = batch.iter().filter(|&&tag| tag < FIRST_SETTLEMENT_TAG);
+            assert!(
+                commands.count() <= capacity,
+                "a batch holds more commands than the bound: {batch:?}"
+            );
+            taken.extend(batch);
+        }
+        taken
+    }
+
+    /// Drops the caller's sender and waits for the receiver to learn that the
+    /// last one is gone.
+    fn wait_until_done(receiver: &CommandReceiver, sender: Arc<CommandSender>) {
+        drop(sender);
+        block_on(receiver.ready());
+        assert!(
+            receiver.is_done(),
+            "ready with nothing queued and a sender left"
+        );
+    }
+
+    #[test]
+    fn two_senders_pushing_while_the_receiver_takes_lose_duplicate_and_reorder_nothing() {
+        explore(3, || {
+            let (sender, mut receiver) = command_queue(4);
+            let sender = Arc::new(sender);
+            let first = thread::spawn({
+                let sender = sender.clone();
+                move || {
+                    sender.try_send(ack(1)).expect("room");
+                    sender.try_send(ack(2)).expect("room");
+                }
+            });
+            let second = thread::spawn({
+                let sender = sender.clone();
+                move || {
+                    sender.settle(ack(FIRST_SETTLEMENT_TAG + 1));
+                    sender.try_send(ack(11)).expect("room");
+                }
+            });
+            let taken = take_until(&mut receiver, 4, 4);
+            wait_until_done(&receiver, sender);
+            first.join().expect("first sender");
+            second.join().expect("second sender");
+
+            let position = |tag| taken.iter().position(|&taken| taken == tag);
+            assert!(position(1) < position(2), "first sender's order: {taken:?}");
+            assert!(
+                position(FIRST_SETTLEMENT_TAG + 1) < position(11),
+                "second sender's order: {taken:?}"
+            );
+            let mut each_once = taken.clone();
+            each_once.sort_unstable();
+            assert_eq!(each_once, [1, 2, 11, FIRST_SETTLEMENT_TAG + 1], "{taken:?}");
+        });
+    }
+
+    #[test]
+    fn senders_waiting_for_room_are_all_woken_by_takes_and_the_bound_holds() {
+        explore(2, || {
+            let (sender, mut receiver) = command_queue(1);
+            sender.try_send(ack(1)).expect("room");
+            let sender = Arc::new(sender);
+            let waiting: Vec<_> = [2, 3]
+                .map(|tag| {
+                    let sender = sender.clone();
+                    thread::spawn(move || block_on(sender.send(ack(tag))).expect("open"))
+                })
+                .into();
+            let mut taken = take_until(&mut receiver, 3, 1);
+            wait_until_done(&receiver, sender);
+            for sender in waiting {
+                sender.join().expect("sender");
+            }
+            taken.sort_unstable();
+            assert_eq!(taken, [1, 2, 3]);
+        });
+    }
+
+    #[test]
+    fn closing_wakes_a_sender_waiting_for_room_and_keeps_what_was_queued() {
+        loom::model(|| {
+            let (sender, mut receiver) = command_queue(1);
+            sender.try_send(ack(1)).expect("room");
+            let sender = Arc::new(sender);
+            let waiting = thread::spawn({
+                let sender = sender.clone();
+                move || block_on(sender.send(ack(2))).map_err(|refused| tag(&refused))
+            });
+            receiver.close();
+            assert_eq!(
+                waiting.join().expect("sender"),
+                Err(2),
+                "the queue stays full until the close, so the command comes back"
+            );
+            assert!(matches!(
+                sender.try_send(ack(3)),
+                Err(TrySendError::Closed(_))
+            ));
+            let taken: Vec<u64> = receiver.take().map(|command| tag(&command)).collect();
+            assert_eq!(taken, [1]);
+        });
+    }
+
+    #[test]
+    fn a_receiver_dropped_while_a_sender_pushes_leaves_no_command_behind() {
+        loom::model(|| {
+            let (sender, receiver) = command_queue(2);
+            let sender = Arc::new(sender);
+            let (command, witness) = witnessed_command();
+            let pushing = thread::spawn({
+                let sender = sender.clone();
+                move || match sender.try_send(command) {
+                    Ok(()) => None,
+                    Err(TrySendError::Closed(refused)) => Some(refused),
+                    Err(TrySendError::Full(_)) => panic!("two commands fit"),
+                }
+            });
+            drop(receiver);
+            let refused = pushing.join().expect("sender");
+            // Queued or refused, the command is dropped or handed back now,
+            // while the sender lives: none waits in the queue for a receiver
+            // that will never take it.
+            assert_eq!(
+                Arc::strong_count(&witness),
+                1 + usize::from(refused.is_some())
+            );
+            assert!(matches!(
+                sender.try_send(ack(1)),
+                Err(TrySendError::Closed(_))
+            ));
+        });
     }
 }

@@ -9,10 +9,9 @@
 //! in one subtraction per write batch ([`CreditReturns`]); the lock is taken
 //! only while someone waits.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::Notify;
+use crate::sync::{AtomicU64, AtomicUsize, Notify, Ordering};
 
 /// The budget, in bytes.
 #[derive(Debug)]
@@ -40,14 +39,46 @@ impl PublishBudget {
         })
     }
 
+    /// Whether `bytes` more fit in the budget while `used` are queued. A
+    /// message larger than the whole budget goes when nothing else is queued.
+    fn fits(&self, used: u64, bytes: u64) -> bool {
+        used + bytes <= self.limit || used == 0
+    }
+
+    /// Takes `bytes` if the budget has them: one atomic add when it does.
     fn try_take(&self, bytes: u64) -> bool {
         let before = self.used.fetch_add(bytes, Ordering::AcqRel);
-        // A message larger than the whole budget goes when nothing else is queued.
-        if before + bytes <= self.limit || before == 0 {
+        if self.fits(before, bytes) {
             return true;
         }
-        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        // For a moment these bytes were counted as used, and a waiting
+        // publisher's check may have been refused because of them: like
+        // credit given back, taking them back must wake it.
+        self.give_back(bytes);
         false
+    }
+
+    /// [`try_take`](Self::try_take) for a publisher counted in `waiters`:
+    /// a refusal counts nothing, not even for a moment, so it wakes nobody
+    /// (two waiters refused in turn would otherwise wake each other for as
+    /// long as the budget stays spent). A refusal still writes `used` back
+    /// unchanged: as a read-modify-write it is ordered with every give-back,
+    /// so a give-back after it sees this publisher in `waiters`.
+    fn try_take_waiting(&self, bytes: u64) -> bool {
+        let mut current = self.used.load(Ordering::Acquire);
+        loop {
+            let fits = self.fits(current, bytes);
+            let next = if fits { current + bytes } else { current };
+            match self.used.compare_exchange_weak(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return fits,
+                Err(actual) => current = actual,
+            }
+        }
     }
 
     /// Takes `bytes` of credit if the budget has it now.
@@ -60,27 +91,22 @@ impl PublishBudget {
 
     /// Takes `bytes` of credit, waiting while the budget is spent.
     pub(crate) async fn take(self: &Arc<Self>, bytes: u64) -> Credit {
-        loop {
-            if self.try_take(bytes) {
-                return Credit {
-                    budget: self.clone(),
-                    bytes,
-                };
+        if !self.try_take(bytes) {
+            loop {
+                let _counted = Waiter::count(&self.waiters);
+                let returned = self.returned.notified();
+                tokio::pin!(returned);
+                // Registered before the check: a return in between is not missed.
+                returned.as_mut().enable();
+                if self.try_take_waiting(bytes) {
+                    break;
+                }
+                returned.await;
             }
-            self.waiters.fetch_add(1, Ordering::AcqRel);
-            let returned = self.returned.notified();
-            tokio::pin!(returned);
-            // Registered before the re-check: a return in between is not missed.
-            returned.as_mut().enable();
-            if self.try_take(bytes) {
-                self.waiters.fetch_sub(1, Ordering::AcqRel);
-                return Credit {
-                    budget: self.clone(),
-                    bytes,
-                };
-            }
-            returned.await;
-            self.waiters.fetch_sub(1, Ordering::AcqRel);
+        }
+        Credit {
+            budget: self.clone(),
+            bytes,
         }
     }
 
@@ -95,6 +121,24 @@ impl PublishBudget {
     #[cfg(test)]
     pub(crate) fn used(&self) -> u64 {
         self.used.load(Ordering::Acquire)
+    }
+}
+
+/// A publisher counted in `waiters` until this drops, even when its `take`
+/// is dropped while it waits (a timeout, a `select!`): counted for ever, it
+/// would make every later give-back take `Notify`'s lock to wake nobody.
+struct Waiter<'a>(&'a AtomicUsize);
+
+impl<'a> Waiter<'a> {
+    fn count(waiters: &'a AtomicUsize) -> Self {
+        waiters.fetch_add(1, Ordering::AcqRel);
+        Self(waiters)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -171,6 +215,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_take_dropped_while_it_waits_stops_counting_as_a_waiter() {
+        let budget = PublishBudget::new(100);
+        let held = budget.take(100).await;
+        let gave_up =
+            tokio::time::timeout(std::time::Duration::from_millis(20), budget.take(50)).await;
+        assert!(gave_up.is_err(), "no credit left");
+        assert_eq!(budget.waiters.load(Ordering::Acquire), 0);
+        drop(held);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
     async fn credit_kept_for_returning_goes_back_at_once_and_wakes_a_waiting_publisher() {
         let budget = PublishBudget::new(100);
         let other = PublishBudget::new(100);
@@ -199,5 +255,95 @@ mod tests {
             0,
             "dropping the returns gives back what they keep"
         );
+    }
+}
+
+/// loom explores every interleaving of these threads over the budget's
+/// atomics and its `Notify` (a model of tokio's, see `crate::sync`). A lost
+/// wake-up shows as loom's "deadlock" failure: every thread waits and none
+/// will wake it.
+#[cfg(all(test, amqp_client_loom))]
+mod loom_models {
+    use super::*;
+    use crate::sync::explore;
+    use loom::future::block_on;
+    use loom::thread;
+
+    #[test]
+    fn concurrent_publishers_never_overspend_and_none_is_left_waiting() {
+        // Three preemptions reach the lost wake-up between two refused
+        // publishers that loom found here.
+        explore(3, || {
+            const LIMIT: u64 = 10;
+            let budget = PublishBudget::new(LIMIT);
+            // What the holders of credit say they hold; over the limit is
+            // an overspend, whatever `used` says.
+            let held = Arc::new(AtomicU64::new(6));
+            let first = budget.try_credit(6).expect("the budget is unused");
+            let publishers: Vec<_> = (0..2)
+                .map(|_| {
+                    let budget = budget.clone();
+                    let held = held.clone();
+                    thread::spawn(move || {
+                        let credit = block_on(budget.take(6));
+                        let now = held.fetch_add(6, Ordering::SeqCst) + 6;
+                        assert!(now <= LIMIT, "{now} bytes of credit out of {LIMIT}");
+                        held.fetch_sub(6, Ordering::SeqCst);
+                        drop(credit);
+                    })
+                })
+                .collect();
+            held.fetch_sub(6, Ordering::SeqCst);
+            drop(first);
+            for publisher in publishers {
+                publisher.join().expect("publisher");
+            }
+            assert_eq!(budget.used(), 0);
+        });
+    }
+
+    #[test]
+    fn a_publisher_refused_credit_does_not_strand_one_that_waits() {
+        explore(3, || {
+            let budget = PublishBudget::new(10);
+            let first = budget.try_credit(6).expect("the budget is unused");
+            let waiting = thread::spawn({
+                let budget = budget.clone();
+                move || drop(block_on(budget.take(6)))
+            });
+            // Tries once and gives up: its bytes, counted for a moment,
+            // can refuse the waiting publisher's check after the credit
+            // it waits for came back.
+            let trying = thread::spawn({
+                let budget = budget.clone();
+                move || drop(budget.try_credit(6))
+            });
+            drop(first);
+            waiting.join().expect("waiting publisher");
+            trying.join().expect("trying publisher");
+            assert_eq!(budget.used(), 0);
+        });
+    }
+
+    #[test]
+    fn credit_given_back_by_drop_and_by_the_write_batch_comes_back_once_and_wakes_the_waiter() {
+        explore(4, || {
+            let budget = PublishBudget::new(10);
+            let mut returns = CreditReturns::default();
+            returns.push(budget.try_credit(4).expect("room"));
+            let dropped = budget.try_credit(6).expect("room");
+            let waiting = thread::spawn({
+                let budget = budget.clone();
+                move || block_on(budget.take(10))
+            });
+            let dropping = thread::spawn(move || drop(dropped));
+            returns.give_back();
+            let whole_budget = waiting.join().expect("publisher");
+            dropping.join().expect("dropping");
+            assert_eq!(budget.used(), 10, "each return counted once");
+            drop(whole_budget);
+            drop(returns);
+            assert_eq!(budget.used(), 0);
+        });
     }
 }

@@ -39,6 +39,7 @@ mod io;
 mod link;
 mod machine;
 pub mod protocol;
+mod sync;
 mod topology;
 mod transport;
 mod unsettled;
