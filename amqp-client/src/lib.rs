@@ -32,6 +32,9 @@ pub mod connection;
 pub mod consumer;
 mod credit;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod io;
 mod machine;
