@@ -153,7 +153,8 @@ impl Channel {
         self.inner.id
     }
 
-    /// How many times the connection was recovered under this channel.
+    /// The channel's epoch: a value of its own on the connection, new at each
+    /// reconnect (delivery tags are only meaningful within one).
     pub(crate) fn epoch(&self) -> u64 {
         self.inner.epoch.load(Ordering::Acquire)
     }
@@ -440,10 +441,16 @@ impl ChannelRpc for Channel {
     async fn send(&self, method: Method) -> Result<(), Error> {
         self.check()?;
         self.inner.conn.check_method_frame(self.inner.id, &method)?;
+        let is_confirm_select = matches!(method, Method::ConfirmSelect(_));
         self.send_command(Command::Send {
             channel: self.inner.id,
             method: Box::new(method),
         })
-        .await
+        .await?;
+        if is_confirm_select {
+            // Publishes from now on get confirmations, as after an awaited select.
+            self.inner.confirm_mode.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 }

@@ -279,6 +279,28 @@ fn decode_part(text: &str, part: &'static str) -> Result<String, UrlError> {
         .map_err(|_| UrlError::Encoding { part })
 }
 
+/// The path of `text` as written. The URL parser removes `.` and `..`
+/// segments (`%2e` included), which would make `amqp://host/%2e` name the
+/// default vhost instead of `.`, and `amqp://host/a/..` a valid one.
+///
+/// Only called on a text the URL parser accepted with an authority, so,
+/// once the characters that parser ignores are left out, it reads
+/// `scheme://authority[/path][?query][#fragment]`.
+fn path_as_written(text: &str) -> String {
+    let text: String = text
+        .trim_matches(|c: char| c <= ' ')
+        .chars()
+        .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
+        .collect();
+    let after_scheme = text.split_once("://").map_or("", |(_, rest)| rest);
+    let Some(start) = after_scheme.find(['/', '?', '#']) else {
+        return String::new();
+    };
+    let rest = &after_scheme[start..];
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    rest[..end].to_owned()
+}
+
 fn query_number<T: FromStr>(name: &str, value: &str) -> Result<T, UrlError> {
     value.parse().map_err(|_| UrlError::Query {
         name: name.to_owned(),
@@ -302,6 +324,13 @@ impl FromStr for Config {
             }
             other => return Err(UrlError::Scheme(other.to_owned())),
         }
+        // `amqp:vhost` and `amqp:/vhost` parse as URLs without an authority,
+        // whose path is not the vhost segment the rest of this reads.
+        if !url.has_authority() {
+            return Err(UrlError::Syntax(
+                "no `//` after the scheme: expected `amqp://host/vhost`".to_owned(),
+            ));
+        }
         if let Some(host) = url.host_str().filter(|h| !h.is_empty()) {
             config.host = host
                 .trim_start_matches('[')
@@ -317,7 +346,7 @@ impl FromStr for Config {
         if let Some(password) = url.password() {
             config.password = decode_part(password, "password")?;
         }
-        let path = url.path();
+        let path = path_as_written(text);
         // `amqp://host` and `amqp://host/` both mean the default vhost `/`.
         if path.len() > 1 {
             let raw = &path[1..];
@@ -606,6 +635,37 @@ mod tests {
             assert!(!display.contains(password), "{display}");
             assert!(!debug.contains(password), "{debug}");
         }
+    }
+
+    #[test]
+    fn dot_segments_are_vhost_names_not_path_steps() {
+        for (url, vhost) in [
+            ("amqp://h/.", "."),
+            ("amqp://h/%2e", "."),
+            ("amqp://h/%2E%2e", ".."),
+            ("amqp://h/..", ".."),
+            ("amqp://h/.hidden", ".hidden"),
+            (" amqp://h/%2f\t", "/"),
+        ] {
+            let config: Config = url.parse().expect(url);
+            assert_eq!(config.vhost, vhost, "{url}");
+        }
+        for url in ["amqp://h/a/..", "amqp://h/./x", "amqp://h/../"] {
+            let error = url.parse::<Config>().expect_err(url);
+            assert!(matches!(error, UrlError::Vhost(_)), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_url_without_an_authority_is_refused() {
+        for url in ["amqp:myvhost", "amqp:/myvhost", "amqp:.%2E", "amqps:h"] {
+            let error = url.parse::<Config>().expect_err(url);
+            assert!(matches!(error, UrlError::Syntax(_)), "{url}: {error}");
+        }
+        assert!(matches!(
+            "http:h".parse::<Config>(),
+            Err(UrlError::Scheme(scheme)) if scheme == "http"
+        ));
     }
 
     #[test]

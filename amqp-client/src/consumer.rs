@@ -284,8 +284,10 @@ impl Drop for Consumer {
                 .control
                 .send(Command::ForgetConsumer {
                     channel: self.channel.id(),
+                    channel_epoch: self.channel.inner.epoch.clone(),
                     tag: self.tag.clone(),
                     requeue,
+                    requeue_epoch: epoch,
                 });
         }
     }

@@ -34,6 +34,9 @@ pub mod consumer;
 mod credit;
 pub mod error;
 mod events;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod io;
 mod link;

@@ -1,4 +1,4 @@
-//! Writes a small seed corpus for the fuzz targets into `corpus/<target>/`
+//! Writes a small seed corpus for each fuzz target into `corpus/<target>/`
 //! (relative to the current directory; run it from `amqp-client/fuzz`):
 //!
 //! ```text
@@ -159,11 +159,43 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) {
     fs::write(dir.join(name), bytes).expect("write seed");
 }
 
+/// URLs with every part a URL can have, and some that are refused.
+const URLS: [(&str, &str); 10] = [
+    (
+        "full",
+        "amqp://user%40x:p%2Fw@rabbit.local:5673/my%2fvhost?heartbeat=5&frame_max=8192&channel_max=10&connection_timeout=1500&call_timeout=2500&auth_mechanism=amqplain",
+    ),
+    ("default", "amqp:///"),
+    (
+        "tls",
+        "amqps://guest:guest@rabbit:5671/%2f?cacertfile=%2Fetc%2Fca.pem&server_name_indication=rabbit",
+    ),
+    ("ipv6", "amqp://[::1]:5000/v"),
+    ("ipv4", "amqp://127.0.0.1/"),
+    ("named", "amqp://h/?connection_name=orders+service"),
+    ("dot_vhost", "amqp://h/%2e"),
+    ("bad_vhost", "amqp://h/a/b"),
+    ("bad_query", "amqp://h/?heartbeat=70000"),
+    ("no_authority", "amqp:vhost"),
+];
+
 fn main() {
     let frames = Path::new("corpus/frame_decoder");
     let table_dir = Path::new("corpus/table_decoder");
-    fs::create_dir_all(frames).expect("mkdir");
-    fs::create_dir_all(table_dir).expect("mkdir");
+    let url_dir = Path::new("corpus/url");
+    let machine_dir = Path::new("corpus/machine");
+    for dir in [frames, table_dir, url_dir, machine_dir] {
+        fs::create_dir_all(dir).expect("mkdir");
+    }
+
+    for (name, url) in URLS {
+        write(url_dir, name, url.as_bytes());
+    }
+    // Programs the machine harness runs far: in its own format, so the
+    // harness writes them.
+    for (name, program) in amqp_client::fuzzing::machine_seeds() {
+        write(machine_dir, name, &program);
+    }
 
     for (name, table) in tables() {
         let mut buf = BytesMut::new();
@@ -202,5 +234,5 @@ fn main() {
     write_heartbeat(&mut stream);
     write(frames, "stream", &stream);
 
-    println!("seeds written to {} and {}", frames.display(), table_dir.display());
+    println!("seeds written to corpus/{{frame_decoder,table_decoder,url,machine}}");
 }

@@ -143,6 +143,9 @@ pub(super) struct ChannelState {
     pub(super) hook_owned: bool,
     /// Delivery tags the broker holds unacknowledged, for coalescing acks.
     pub(super) unsettled: Unsettled,
+    /// Tags of the no-ack consumers that ended most recently (a bounded
+    /// few): what still arrives for them must not be nacked.
+    pub(super) ended_no_ack: VecDeque<ShortString>,
     /// Whether the `basic.get` on the wire asked for no ack.
     pub(super) get_no_ack: bool,
     /// The `active` of the latest `channel.flow` while its `Outgoing::FlowOk`
@@ -176,6 +179,7 @@ impl ChannelState {
             returns: None,
             unsettled: Unsettled::default(),
             get_no_ack: false,
+            ended_no_ack: VecDeque::new(),
             flow_ok: None,
         }
     }
@@ -215,7 +219,6 @@ impl ChannelState {
     /// The connection was lost: fail what was in flight (its outcome is
     /// unknown), keep what recovery re-creates.
     pub(super) fn interrupt(&mut self, error: &Error) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
         // Consumers nobody holds any more (dropped, or whose consume failed)
         // are not re-created.
         self.consumers

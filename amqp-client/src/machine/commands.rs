@@ -56,8 +56,13 @@ pub(crate) enum Command {
     /// (`requeue`) and what still arrives for it.
     ForgetConsumer {
         channel: u16,
+        /// The epoch of the consumer's channel: a channel whose id was
+        /// reused since has another.
+        channel_epoch: Arc<AtomicU64>,
         tag: ShortString,
+        /// Buffered delivery tags, of epoch `requeue_epoch`.
         requeue: Vec<u64>,
+        requeue_epoch: u64,
     },
     WaitForConfirms {
         channel: u16,
@@ -105,9 +110,21 @@ impl Machine {
             Command::CloseChannel { channel, reply } => self.close_channel(channel, reply),
             Command::ForgetConsumer {
                 channel,
+                channel_epoch,
                 tag,
                 requeue,
-            } => self.forget_consumer(channel, tag, requeue),
+                requeue_epoch,
+            } => {
+                // The consumer's channel is gone (and the id maybe reused): so is the consumer.
+                let same_channel = self
+                    .channels
+                    .get(&channel)
+                    .is_some_and(|state| Arc::ptr_eq(&state.epoch, &channel_epoch));
+                if same_channel {
+                    let current = channel_epoch.load(Ordering::Acquire) == requeue_epoch;
+                    self.forget_consumer(channel, tag, if current { requeue } else { Vec::new() });
+                }
+            }
             other if recovering => self.refuse(other),
             Command::Publish {
                 channel,
@@ -213,6 +230,7 @@ impl Machine {
             let _ = reply.send(Err(Error::ChannelsExhausted(self.settings.channel_max)));
             return;
         };
+        epoch.store(self.fresh_epoch(), Ordering::Release);
         let mut state = ChannelState::new(closed, epoch, Some(reply));
         state.hook_owned = hook_owned;
         self.channels.insert(id, state);
@@ -234,6 +252,11 @@ impl Machine {
         if records(&method) && !self.channels.get(&channel).is_some_and(|c| c.hook_owned) {
             // A no-wait declaration: recorded as sent.
             self.topology.observe(&method, None);
+        }
+        if let (Method::ConfirmSelect(_), Some(state)) = (&*method, self.channels.get_mut(&channel))
+        {
+            // The broker numbers publishes from the select on, answered or not.
+            state.confirms.get_or_insert_with(Confirms::new);
         }
         self.push_method(channel, method);
     }
@@ -306,12 +329,7 @@ impl Machine {
             }
             // No-ack deliveries are settled as sent: the broker answers a
             // nack of one with 406 and closes the channel.
-            let no_ack = self
-                .channels
-                .get(&channel)
-                .and_then(|state| state.consumers.get(&tag))
-                .is_some_and(|slot| slot.no_ack);
-            if !no_ack {
+            if !self.settled_as_sent(channel, &tag) {
                 for delivery_tag in requeue {
                     self.requeue(channel, delivery_tag);
                 }

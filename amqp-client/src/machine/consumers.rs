@@ -27,6 +27,10 @@ pub(super) struct ConsumerSlot {
 
 /// The header in which RabbitMQ gives each delivery from a stream queue its
 /// offset, and the consume argument that says where to start.
+/// How many ended no-ack consumers a channel remembers, for deliveries
+/// that were in flight when they ended.
+pub(super) const ENDED_NO_ACK_REMEMBERED: usize = 16;
+
 pub(super) const STREAM_OFFSET: &str = "x-stream-offset";
 
 /// Where a consumer is in a stream queue, so that after a reconnect it
@@ -132,16 +136,29 @@ impl Machine {
                 continue;
             }
             self.overflow_bytes -= Self::delivery_cost(&delivery);
-            let no_ack = self
+            // Only on the channel incarnation that received it (not after a
+            // reconnect, nor on a new channel that reused the id).
+            let current = self
                 .channels
                 .get(&id)
-                .and_then(|c| c.consumers.get(&delivery.deliver.consumer_tag))
-                .is_some_and(|slot| slot.no_ack);
-            if !no_ack {
+                .is_some_and(|c| c.epoch.load(Ordering::Acquire) == delivery.epoch);
+            if current && !self.settled_as_sent(id, &delivery.deliver.consumer_tag) {
                 self.requeue(id, delivery.deliver.delivery_tag);
             }
         }
         self.overflow = kept;
+    }
+
+    /// Whether deliveries to consumer `tag` on channel `id` count as settled
+    /// once sent (a no-ack consumer, current or recently ended): nacking one
+    /// would close the channel with 406.
+    pub(super) fn settled_as_sent(&self, id: u16, tag: &ShortString) -> bool {
+        self.channels
+            .get(&id)
+            .is_some_and(|state| match state.consumers.get(tag) {
+                Some(slot) => slot.no_ack,
+                None => state.ended_no_ack.contains(tag),
+            })
     }
 
     pub(super) fn end_consumer(&mut self, id: u16, tag: &ShortString, by_broker: bool) {
@@ -149,6 +166,14 @@ impl Machine {
             return;
         };
         if let Some(slot) = state.consumers.remove(tag) {
+            if slot.no_ack {
+                // Deliveries still in flight for it are settled as sent:
+                // never to be nacked (see `complete_content`).
+                if state.ended_no_ack.len() == ENDED_NO_ACK_REMEMBERED {
+                    state.ended_no_ack.pop_front();
+                }
+                state.ended_no_ack.push_back(tag.clone());
+            }
             let _ = slot.end.set(Error::ConsumerCancelled {
                 channel: id,
                 consumer_tag: tag.to_string(),

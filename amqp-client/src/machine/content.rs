@@ -174,20 +174,23 @@ impl Machine {
         match assembly.target {
             AssemblyTarget::Deliver(deliver) => {
                 let slot = state.consumers.get_mut(&deliver.consumer_tag);
+                let no_ack = match &slot {
+                    Some(slot) => slot.no_ack,
+                    None => state.ended_no_ack.contains(&deliver.consumer_tag),
+                };
                 // Assemblies complete in the order their methods arrived, so
                 // tags are recorded in the broker's order.
-                let outstanding = slot.as_ref().is_none_or(|slot| !slot.no_ack);
-                state.unsettled.delivered(deliver.delivery_tag, outstanding);
+                state.unsettled.delivered(deliver.delivery_tag, !no_ack);
                 let Some(slot) = slot else {
                     // A consumer cancelled with no-wait (or forgotten during
                     // recovery) can still receive what was in flight: back to
-                    // the queue with it.
-                    tracing::debug!(channel = id, tag = %deliver.consumer_tag, "delivery for a cancelled consumer requeued");
-                    let tag = deliver.delivery_tag;
-                    self.requeue(id, tag);
+                    // the queue with it, unless the broker counts it settled.
+                    if !no_ack {
+                        tracing::debug!(channel = id, tag = %deliver.consumer_tag, "delivery for a cancelled consumer requeued");
+                        self.requeue(id, deliver.delivery_tag);
+                    }
                     return Ok(());
                 };
-                let no_ack = slot.no_ack;
                 slot.position = slot.position.advance(&content.properties);
                 let delivery = RawDelivery {
                     deliver,

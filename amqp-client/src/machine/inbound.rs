@@ -87,6 +87,19 @@ impl Machine {
                 method.info().name
             )));
         }
+        // Until its open-ok on this socket, a channel (new, or waiting to be
+        // re-opened after a reconnect) hears only the answer to its open.
+        let heard = match state.phase {
+            Phase::Lost => false,
+            Phase::Opening => matches!(method, Method::ChannelOpenOk(_) | Method::ChannelClose(_)),
+            Phase::Open | Phase::Closing => true,
+        };
+        if !heard {
+            return Err(unexpected(format!(
+                "{} on channel {id}, which is not open on this connection",
+                method.info().name
+            )));
+        }
         match method {
             Method::ChannelOpenOk(_) => {
                 if state.phase != Phase::Opening {

@@ -101,6 +101,11 @@ pub(crate) struct Machine {
     secret_replies: VecDeque<oneshot::Sender<Result<(), Error>>>,
     last_received: Instant,
     last_sent: Instant,
+    /// The next channel epoch: each channel open and each reconnect gives a
+    /// channel a value never used before on this connection, so that a tag
+    /// of an earlier incarnation (before a reconnect, or of a closed channel
+    /// whose id was reused) is never taken for a current one.
+    next_epoch: u64,
     /// Why the connection ended; shared with every handle.
     error: Arc<OnceLock<Error>>,
     blocked: Blocked,
@@ -164,6 +169,7 @@ impl Machine {
             secret_replies: VecDeque::new(),
             last_received: now,
             last_sent: now,
+            next_epoch: 1,
             error,
             blocked,
             overflow: VecDeque::new(),
@@ -180,6 +186,13 @@ impl Machine {
     /// Whether commands from handles are still taken.
     pub(crate) fn accepts_commands(&self) -> bool {
         matches!(self.state, State::Open)
+    }
+
+    /// A channel epoch never used before on this connection.
+    fn fresh_epoch(&mut self) -> u64 {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        epoch
     }
 
     fn closed_error(&self) -> Error {

@@ -158,11 +158,15 @@ impl Machine {
             if let (StreamPosition::After(_), Some(offset)) =
                 (slot.position, stream_offset(&delivery.content.properties))
             {
-                slot.position = StreamPosition::After(offset - 1);
+                // Saturating: the offset is the peer's to choose.
+                slot.position = StreamPosition::After(offset.saturating_sub(1));
             }
         }
         for state in self.channels.values_mut() {
             state.interrupt(&error);
+            // Tags from before the reconnect mean nothing to the new channel.
+            state.epoch.store(self.next_epoch, Ordering::Release);
+            self.next_epoch += 1;
         }
         for reply in self.secret_replies.drain(..) {
             let _ = reply.send(Err(error.clone()));
@@ -254,7 +258,7 @@ impl Machine {
                 if let StreamPosition::After(offset) = slot.position {
                     consume.arguments.insert(
                         ShortString::from_static(STREAM_OFFSET),
-                        FieldValue::I64(offset + 1),
+                        FieldValue::I64(offset.saturating_add(1)),
                     );
                 }
                 steps.push_back(Step::Call(*id, Method::BasicConsume(consume)));
@@ -328,6 +332,9 @@ impl Machine {
                             continue;
                         }
                     }
+                    if !self.step_fits(id, &method) {
+                        continue;
+                    }
                     let Some(run) = self.recovery.as_mut() else {
                         return;
                     };
@@ -339,6 +346,12 @@ impl Machine {
                     return;
                 }
                 Step::Declare(id, method, old) => {
+                    if !self.step_fits(id, &method) {
+                        continue;
+                    }
+                    let Some(run) = self.recovery.as_mut() else {
+                        return;
+                    };
                     run.waiting = Some(id);
                     run.declaring = Some(old);
                     if let Some(state) = self.channels.get_mut(&id) {
@@ -368,6 +381,40 @@ impl Machine {
                 }
             }
         }
+    }
+
+    /// Whether a recovery step's frame fits the frame_max negotiated on the
+    /// new connection (a smaller one than before, or a stream consumer's
+    /// added offset, can push it over). One that does not is skipped and
+    /// reported; a consumer that cannot consume again ends with the error.
+    fn step_fits(&mut self, id: u16, method: &Method) -> bool {
+        let mut encoded = BytesMut::new();
+        frame::write_method(&mut encoded, id, method);
+        let frame_max = self.settings.frame_max;
+        if frame_max == 0 || encoded.len() <= frame_max as usize {
+            return true;
+        }
+        let error = Error::FrameTooLarge {
+            what: method.info().name,
+            size: encoded.len(),
+            frame_max,
+        };
+        tracing::warn!(channel = id, %error, "recovery step skipped");
+        if let Method::BasicConsume(consume) = method {
+            let slot = self
+                .channels
+                .get_mut(&id)
+                .and_then(|state| state.consumers.remove(&consume.consumer_tag));
+            if let Some(slot) = slot {
+                let _ = slot.end.set(error.clone());
+                self.consumers_gone(vec![slot.consume.queue]);
+            }
+        }
+        let _ = self.events.send(RecoveryEvent::StepFailed {
+            method: method.info().name,
+            error,
+        });
+        false
     }
 
     pub(super) fn step_succeeded(&mut self, reply: &Method) {

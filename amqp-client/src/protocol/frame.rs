@@ -3,7 +3,8 @@
 //! Decoding follows tokio-util's `Decoder` contract: `Ok(None)` asks for more
 //! bytes, `Ok(Some(frame))` consumes exactly one frame, `Err` means the stream
 //! is corrupt. A frame's size is checked against frame_max before any room is
-//! reserved for it, and payloads are handed out as slices of the read buffer.
+//! reserved for it, no more than `RESERVE_AHEAD` is reserved before its
+//! bytes arrive, and payloads are handed out as slices of the read buffer.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -111,6 +112,13 @@ impl Frame {
     }
 }
 
+/// Room a partly received frame gets reserved in the read buffer at most,
+/// ahead of its bytes. A frame at RabbitMQ's default frame_max (128 KiB) is
+/// read into room made once; a larger one grows the buffer as its bytes
+/// come. The announced size alone is not trusted with an allocation: with
+/// no frame_max negotiated (`u32::MAX`), a 7-byte prefix could ask for 4 GiB.
+const RESERVE_AHEAD: usize = 1 << 20;
+
 /// Decodes frames from a read buffer, enforcing a frame size limit.
 #[derive(Debug, Clone)]
 pub struct FrameDecoder {
@@ -171,7 +179,7 @@ impl FrameDecoder {
         // `total` ≤ max_frame_size ≤ u32::MAX, so this fits a usize.
         let total = total as usize;
         if buf.len() < total {
-            buf.reserve(total - buf.len());
+            buf.reserve((total - buf.len()).min(RESERVE_AHEAD));
             return Ok(None);
         }
         let end = buf[total - 1];
@@ -414,4 +422,46 @@ pub fn write_publish(
 #[inline]
 pub fn write_heartbeat(buf: &mut BytesMut) {
     buf.put_slice(&[FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, FRAME_END]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_announced_under_an_unlimited_frame_max_reserves_a_bounded_room() {
+        // Found by the machine fuzz target: with no frame_max negotiated,
+        // the 7-byte prefix of a 3 GiB frame made the decoder reserve 3 GiB.
+        let mut buf = BytesMut::new();
+        buf.put_u8(FRAME_BODY);
+        buf.put_u16(1);
+        buf.put_u32(3 << 30);
+        let mut decoder = FrameDecoder::new(u32::MAX);
+        assert!(decoder
+            .decode(&mut buf)
+            .expect("within frame_max")
+            .is_none());
+        assert!(
+            buf.capacity() <= RESERVE_AHEAD + 64,
+            "{} bytes reserved ahead of a frame",
+            buf.capacity()
+        );
+        // A frame larger than the room reserved ahead still decodes once
+        // its bytes are all there.
+        let body = vec![7u8; 3 * RESERVE_AHEAD];
+        let mut whole = BytesMut::new();
+        write_body(&mut whole, 1, &body, u32::MAX);
+        let mut buf = BytesMut::new();
+        for piece in whole.chunks(64 * 1024) {
+            buf.extend_from_slice(piece);
+            if let Some(frame) = decoder.decode(&mut buf).expect("valid") {
+                assert!(
+                    matches!(frame, Frame::Body { ref payload, .. } if payload[..] == body[..])
+                );
+                assert!(buf.is_empty());
+                return;
+            }
+        }
+        panic!("the whole frame did not decode");
+    }
 }

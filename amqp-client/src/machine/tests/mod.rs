@@ -157,12 +157,14 @@ fn send(m: &mut Machine, now: Instant, id: u16, method: Method) {
     );
 }
 
+/// What `Delivery::ack` (or nack, reject) of a current delivery sends.
 fn settle(m: &mut Machine, now: Instant, id: u16, method: Method) {
+    let epoch = m.channels[&id].epoch.load(Ordering::Acquire);
     m.command(
         Command::Settle {
             channel: id,
             settlement: Settlement::of(&method).expect("a settlement"),
-            epoch: 0,
+            epoch,
         },
         now,
     );

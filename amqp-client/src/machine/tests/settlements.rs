@@ -189,8 +189,10 @@ fn forgetting_a_no_ack_consumer_cancels_it_without_nacking_its_deliveries() {
         m.command(
             Command::ForgetConsumer {
                 channel: id,
+                channel_epoch: m.channels[&id].epoch.clone(),
                 tag: ShortString::from_static("t"),
                 requeue: vec![2, 3],
+                requeue_epoch: m.channels[&id].epoch.load(Ordering::Acquire),
             },
             now,
         );
