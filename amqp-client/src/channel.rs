@@ -220,23 +220,17 @@ impl Channel {
                     .unwrap_or_else(|| self.inner.conn.closed_error())),
             }
         };
-        let Some(timeout) = self.inner.conn.config.call_timeout else {
-            return answered.await;
-        };
-        match tokio::time::timeout(timeout, answered).await {
-            Ok(result) => result,
-            Err(_) => {
-                let error = Error::CallTimeout { call, timeout };
+        let result = self.inner.conn.bounded(call, answered).await;
+        if let Err(error @ Error::CallTimeout { .. }) = &result {
+            if self.inner.closed.set(error.clone()).is_ok() {
                 tracing::warn!(channel = self.inner.id, %error, "closing the channel");
-                if self.inner.closed.set(error.clone()).is_ok() {
-                    let _ = self.inner.conn.control.send(Command::CloseChannel {
-                        channel: self.inner.id,
-                        reply: None,
-                    });
-                }
-                Err(error)
+                let _ = self.inner.conn.control.send(Command::CloseChannel {
+                    channel: self.inner.id,
+                    reply: None,
+                });
             }
         }
+        result
     }
 
     pub(crate) async fn rpc(&self, method: Method) -> Result<Reply, Error> {
