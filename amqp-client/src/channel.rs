@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::Error;
 use crate::events::{Confirmation, ReturnedMessage};
 use crate::link::{check_frame_size, Inner as ConnectionInner};
-use crate::machine::{Command, PublishBody, Reply, Settlement};
+use crate::machine::{ChannelRef, Command, PublishBody, Reply, Settlement};
 use crate::protocol::constants::FRAME_MIN_SIZE;
 use crate::protocol::frame;
 use crate::protocol::methods::{basic, Method};
@@ -26,6 +26,8 @@ const QUEUED_MESSAGE_OVERHEAD: usize = 256;
 
 pub(crate) struct ChannelInner {
     pub id: u16,
+    /// What commands name: the id with the incarnation this handle opened.
+    pub target: ChannelRef,
     /// Where publishers encode method and header frames: one buffer carved
     /// into `Bytes` per publish, so encoding allocates only when it is used up.
     scratch: std::sync::Mutex<bytes::BytesMut>,
@@ -42,7 +44,7 @@ impl Drop for ChannelInner {
         // control queue is unbounded, so this never blocks or spawns).
         if self.closed.get().is_none() {
             let _ = self.conn.control.send(Command::CloseChannel {
-                channel: self.id,
+                channel: self.target,
                 reply: None,
             });
         }
@@ -131,14 +133,15 @@ impl Future for ConfirmationFuture {
 
 impl Channel {
     pub(crate) fn new(
-        id: u16,
+        target: ChannelRef,
         closed: Arc<OnceLock<Error>>,
         epoch: Arc<AtomicU64>,
         conn: Arc<ConnectionInner>,
     ) -> Self {
         Self {
             inner: Arc::new(ChannelInner {
-                id,
+                id: target.id,
+                target,
                 scratch: std::sync::Mutex::new(bytes::BytesMut::new()),
                 closed,
                 epoch,
@@ -225,7 +228,7 @@ impl Channel {
             if self.inner.closed.set(error.clone()).is_ok() {
                 tracing::warn!(channel = self.inner.id, %error, "closing the channel");
                 let _ = self.inner.conn.control.send(Command::CloseChannel {
-                    channel: self.inner.id,
+                    channel: self.inner.target,
                     reply: None,
                 });
             }
@@ -240,7 +243,7 @@ impl Channel {
         let is_confirm_select = matches!(method, Method::ConfirmSelect(_));
         let (reply, answer) = oneshot::channel();
         self.send_command(Command::Rpc {
-            channel: self.inner.id,
+            channel: self.inner.target,
             method: Box::new(method),
             reply,
         })
@@ -268,7 +271,7 @@ impl Channel {
         let (reply, answer) = oneshot::channel();
         // Through the command queue: behind what was published on the channel.
         self.send_command(Command::CloseChannel {
-            channel: self.inner.id,
+            channel: self.inner.target,
             reply: Some(reply),
         })
         .await?;
@@ -346,7 +349,7 @@ impl Channel {
             None => Box::pin(conn.publish_budget.take(bytes)).await,
         };
         let command = Command::Publish {
-            channel: self.inner.id,
+            channel: self.inner.target,
             head,
             body: PublishBody(body),
             confirm,
@@ -404,7 +407,7 @@ impl Channel {
         self.check()?;
         let (reply, answer) = oneshot::channel();
         self.send_command(Command::WaitForConfirms {
-            channel: self.inner.id,
+            channel: self.inner.target,
             reply,
         })
         .await?;
@@ -417,7 +420,7 @@ impl Channel {
     pub async fn returns(&self, capacity: usize) -> Result<mpsc::Receiver<ReturnedMessage>, Error> {
         let (returns, receiver) = mpsc::channel(capacity.max(1));
         self.send_command(Command::SetReturns {
-            channel: self.inner.id,
+            channel: self.inner.target,
             returns,
         })
         .await?;
@@ -437,7 +440,7 @@ impl ChannelRpc for Channel {
         self.inner.conn.check_method_frame(self.inner.id, &method)?;
         let is_confirm_select = matches!(method, Method::ConfirmSelect(_));
         self.send_command(Command::Send {
-            channel: self.inner.id,
+            channel: self.inner.target,
             method: Box::new(method),
         })
         .await?;

@@ -363,12 +363,12 @@ impl Connection {
                 reply,
             })
             .await?;
-        let id = self
+        let opened = self
             .inner
             .within_call_timeout("channel.open", answer)
             .await?;
-        tracing::debug!(channel = id, "channel opened");
-        Ok(Channel::new(id, closed, epoch, self.inner.clone()))
+        tracing::debug!(channel = opened.id, "channel opened");
+        Ok(Channel::new(opened, closed, epoch, self.inner.clone()))
     }
 
     /// Runs `body` with a fresh channel and closes the channel afterwards,

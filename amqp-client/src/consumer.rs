@@ -334,7 +334,7 @@ impl Channel {
         let end = Arc::new(OnceLock::new());
         let (reply, answer) = oneshot::channel();
         self.send_command(Command::Consume {
-            channel: self.inner.id,
+            channel: self.inner.target,
             consume: Box::new(consume),
             deliveries,
             end: end.clone(),

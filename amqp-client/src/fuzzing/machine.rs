@@ -55,7 +55,8 @@ use crate::credit::PublishBudget;
 use crate::error::Error;
 use crate::events::{Confirmation, ReturnedMessage};
 use crate::machine::{
-    Blocked, Command, Machine, PublishBody, RawDelivery, Recovering, Reply, Settings, Settlement,
+    Blocked, ChannelRef, Command, Machine, PublishBody, RawDelivery, Recovering, Reply, Settings,
+    Settlement,
 };
 use crate::protocol::frame::{self, Frame, FrameDecoder, FRAME_OVERHEAD};
 use crate::protocol::methods::{basic, channel, confirm, connection, exchange, queue, tx, Method};
@@ -247,6 +248,7 @@ fn op_of(byte: u8) -> Op {
 /// A channel handle of the application.
 struct AppChannel {
     id: u16,
+    target: ChannelRef,
     closed: Arc<OnceLock<Error>>,
     epoch: Arc<AtomicU64>,
     /// Set once its `confirm.select` was answered, as `Channel` does.
@@ -256,7 +258,7 @@ struct AppChannel {
 /// A call whose answer the application awaits.
 enum Call {
     Open {
-        answer: oneshot::Receiver<Result<u16, Error>>,
+        answer: oneshot::Receiver<Result<ChannelRef, Error>>,
         closed: Arc<OnceLock<Error>>,
         epoch: Arc<AtomicU64>,
     },
@@ -453,6 +455,9 @@ struct Harness {
     next_publish: u64,
     next_consumer: u64,
     reached: Reached,
+    /// `AMQP_FUZZ_TRACE` is set: each step and frame is printed, to read
+    /// what a failing input did.
+    trace: bool,
 }
 
 impl Harness {
@@ -501,11 +506,20 @@ impl Harness {
             next_publish: 0,
             next_consumer: 0,
             reached: Reached::default(),
+            trace: std::env::var_os("AMQP_FUZZ_TRACE").is_some(),
         }
     }
 
     fn step(&mut self, input: &mut Choices<'_>) {
         let op = op_of(input.byte());
+        if self.trace {
+            let channels: Vec<_> = self
+                .channels
+                .iter()
+                .map(|c| (c.id, c.target.incarnation, c.closed.get().is_some()))
+                .collect();
+            eprintln!("step {op:?}; channels (id, incarnation, closed): {channels:?}");
+        }
         match op {
             Op::OpenChannel => self.open_channel(input),
             Op::CloseChannel => self.close_channel(input),
@@ -617,11 +631,10 @@ impl Harness {
         let Some(index) = self.usable_channel(input) else {
             return;
         };
-        let id = self.channels[index].id;
         if input.flag() {
             let (reply, answer) = oneshot::channel();
             if self.queue(Command::CloseChannel {
-                channel: id,
+                channel: self.channels[index].target,
                 reply: Some(reply),
             }) {
                 self.calls.push(Call::Done {
@@ -631,7 +644,7 @@ impl Harness {
             }
         } else {
             self.control.push_back(Command::CloseChannel {
-                channel: id,
+                channel: self.channels[index].target,
                 reply: None,
             });
         }
@@ -658,7 +671,7 @@ impl Harness {
         };
         if channel.closed.set(timeout).is_ok() {
             self.control.push_back(Command::CloseChannel {
-                channel: channel.id,
+                channel: channel.target,
                 reply: None,
             });
         }
@@ -818,7 +831,7 @@ impl Harness {
         let request = method.info();
         let (reply, answer) = oneshot::channel();
         if self.queue(Command::Rpc {
-            channel: id,
+            channel: self.channels[index].target,
             method: Box::new(method),
             reply,
         }) {
@@ -912,7 +925,7 @@ impl Harness {
         };
         if !self.too_large(id, &method) {
             self.queue(Command::Send {
-                channel: id,
+                channel: self.channels[index].target,
                 method: Box::new(method),
             });
         }
@@ -958,7 +971,7 @@ impl Harness {
             (None, None)
         };
         let queued = self.queue(Command::Publish {
-            channel: id,
+            channel: self.channels[index].target,
             head: head.freeze(),
             body: PublishBody(Bytes::from(vec![b'b'; size])),
             confirm,
@@ -1006,7 +1019,7 @@ impl Harness {
         let tag = consume.consumer_tag.clone();
         let no_ack = consume.no_ack;
         let queued = self.queue(Command::Consume {
-            channel: id,
+            channel: self.channels[index].target,
             consume: Box::new(consume),
             deliveries,
             end: end.clone(),
@@ -1164,7 +1177,7 @@ impl Harness {
         };
         let (reply, answer) = oneshot::channel();
         if self.queue(Command::WaitForConfirms {
-            channel: self.channels[index].id,
+            channel: self.channels[index].target,
             reply,
         }) {
             self.calls.push(Call::Confirms {
@@ -1183,7 +1196,7 @@ impl Harness {
         }
         let (returns, receiver) = mpsc::channel(1 + input.below(2));
         if self.queue(Command::SetReturns {
-            channel: self.channels[index].id,
+            channel: self.channels[index].target,
             returns,
         }) {
             self.returns.push(receiver);
@@ -1261,7 +1274,8 @@ impl Harness {
                 epoch,
             } => match answer.try_recv() {
                 Err(oneshot::error::TryRecvError::Empty) => false,
-                Ok(Ok(id)) => {
+                Ok(Ok(target)) => {
+                    let id = target.id;
                     assert!(
                         (1..=self.channel_max).contains(&id),
                         "channel id {id} outside 1..={}",
@@ -1277,6 +1291,7 @@ impl Harness {
                     self.reached.channels_opened += 1;
                     let channel = AppChannel {
                         id,
+                        target,
                         closed: closed.clone(),
                         epoch: epoch.clone(),
                         confirm_mode: false,
@@ -1369,6 +1384,9 @@ impl Harness {
             };
             match socket.decoder.decode(&mut socket.inbound) {
                 Ok(Some(frame)) => {
+                    if self.trace {
+                        eprintln!("  broker: {frame:?}");
+                    }
                     let seen = frame.clone();
                     match self.machine.handle_frame(frame) {
                         Ok(()) => self.broker_frame_taken(seen),
@@ -2017,6 +2035,9 @@ impl Harness {
         let Some(socket) = self.socket.as_mut() else {
             return;
         };
+        if self.trace {
+            eprintln!("  client: {frame:?}");
+        }
         let channel = frame.channel();
         let method = match frame {
             Frame::Heartbeat => return,
@@ -2221,7 +2242,10 @@ impl Harness {
         let (reply, mut called) = oneshot::channel();
         self.machine.command(
             Command::Rpc {
-                channel: 1,
+                channel: ChannelRef {
+                    id: 1,
+                    incarnation: 1,
+                },
                 method: Box::new(Method::BasicQos(basic::Qos::default())),
                 reply,
             },
@@ -2231,7 +2255,10 @@ impl Harness {
         let (confirm, mut confirmed) = oneshot::channel();
         self.machine.command(
             Command::Publish {
-                channel: 1,
+                channel: ChannelRef {
+                    id: 1,
+                    incarnation: 1,
+                },
                 head: Bytes::new(),
                 body: PublishBody(Bytes::new()),
                 confirm: Some(confirm),
@@ -2244,8 +2271,16 @@ impl Harness {
             "publish after close"
         );
         let (reply, mut waited) = oneshot::channel();
-        self.machine
-            .command(Command::WaitForConfirms { channel: 1, reply }, self.now);
+        self.machine.command(
+            Command::WaitForConfirms {
+                channel: ChannelRef {
+                    id: 1,
+                    incarnation: 1,
+                },
+                reply,
+            },
+            self.now,
+        );
         assert!(matches!(waited.try_recv(), Ok(Err(_))), "wait after close");
         let mut buf = BytesMut::new();
         self.machine.write_frames(&mut buf, usize::MAX);
@@ -2509,6 +2544,18 @@ mod tests {
             (RESUME, &[0, 2]),
         ]);
         run(&program(RECOVERING, &steps));
+    }
+
+    /// Regression, the input the fuzzer found (run with `AMQP_FUZZ_TRACE=1`
+    /// to read it): during a recovery the broker closes channel 1, a new
+    /// channel gets id 1 again, and a `basic.consume` the old channel's
+    /// handle had queued meanwhile was taken for the new channel, whose
+    /// deliveries then reached the old handle's consumer.
+    #[test]
+    fn regression_a_command_of_a_closed_channel_reaches_the_channel_reusing_its_id() {
+        run(include_bytes!(
+            "../../fuzz/regressions/machine-command-of-a-closed-channel-reaches-its-successor"
+        ));
     }
 
     /// Regression: a parked delivery's stream

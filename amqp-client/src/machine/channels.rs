@@ -114,13 +114,26 @@ impl std::hash::Hasher for ChannelIdHasher {
     }
 }
 
+/// A channel as a handle names it: its id, and the incarnation the id had
+/// when the handle opened it. Ids are reused once a channel closes, and a
+/// command still queued from a handle of the closed channel must not reach
+/// the channel that reuses its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ChannelRef {
+    pub id: u16,
+    pub incarnation: u64,
+}
+
 pub(super) type ChannelMap =
     HashMap<u16, ChannelState, std::hash::BuildHasherDefault<ChannelIdHasher>>;
 
 pub(super) struct ChannelState {
     pub(super) closed: Arc<OnceLock<Error>>,
     pub(super) phase: Phase,
-    pub(super) open_reply: Option<oneshot::Sender<Result<u16, Error>>>,
+    pub(super) open_reply: Option<oneshot::Sender<Result<ChannelRef, Error>>>,
+    /// Which opening of the id this is (see [`ChannelRef`]); 0 for the
+    /// channels recovery opens for itself, which no handle names.
+    pub(super) incarnation: u64,
     pub(super) close_replies: Vec<oneshot::Sender<Result<(), Error>>>,
     pub(super) rpcs: VecDeque<PendingRpc>,
     pub(super) in_flight: bool,
@@ -157,9 +170,10 @@ impl ChannelState {
     pub(super) fn new(
         closed: Arc<OnceLock<Error>>,
         epoch: Arc<AtomicU64>,
-        open_reply: Option<oneshot::Sender<Result<u16, Error>>>,
+        open_reply: Option<oneshot::Sender<Result<ChannelRef, Error>>>,
     ) -> Self {
         Self {
+            incarnation: 0,
             closed,
             epoch,
             qos: Vec::new(),
@@ -310,14 +324,28 @@ impl Machine {
 
     /// The channel a command is for, or why it cannot take one: unknown, or
     /// closed (then with the error that closed it).
-    pub(super) fn usable_channel(&mut self, id: u16) -> Result<&mut ChannelState, Error> {
+    /// The channel a handle's command names, unless it closed (or its id
+    /// now belongs to another channel).
+    pub(super) fn usable_channel(
+        &mut self,
+        target: ChannelRef,
+    ) -> Result<&mut ChannelState, Error> {
+        let id = target.id;
         match self.channels.get_mut(&id) {
+            Some(state) if state.incarnation != target.incarnation => Err(Self::channel_gone(id)),
             None => Err(Self::channel_gone(id)),
             Some(state) => match state.closed.get() {
                 Some(error) => Err(error.clone()),
                 None => Ok(state),
             },
         }
+    }
+
+    /// Whether `target` is the channel now open under its id.
+    pub(super) fn is_current(&self, target: ChannelRef) -> bool {
+        self.channels
+            .get(&target.id)
+            .is_some_and(|c| c.incarnation == target.incarnation)
     }
 
     pub(super) fn channel_is_usable(&self, id: u16) -> bool {

@@ -11,7 +11,7 @@ pub(crate) enum Command {
         epoch: Arc<AtomicU64>,
         /// Opened by the on-connect hook: not recovered (the hook re-creates it).
         hook_owned: bool,
-        reply: oneshot::Sender<Result<u16, Error>>,
+        reply: oneshot::Sender<Result<ChannelRef, Error>>,
     },
     // Methods are boxed here and in `Outgoing`: a `Method` is 136 bytes, and
     // a command or frame that large is copied with a `memcpy` call at every
@@ -19,12 +19,12 @@ pub(crate) enum Command {
     // a fifth of the CPU time of a publish. Publishes and settlements, the
     // per-message commands, carry no `Method`.
     Rpc {
-        channel: u16,
+        channel: ChannelRef,
         method: Box<Method>,
         reply: oneshot::Sender<Result<Reply, Error>>,
     },
     Send {
-        channel: u16,
+        channel: ChannelRef,
         method: Box<Method>,
     },
     /// An ack, nack or reject of a delivery of `epoch`: a stale one is
@@ -37,7 +37,7 @@ pub(crate) enum Command {
     /// A publish whose method and header frames the publisher encoded (off
     /// the I/O task); the body is split into frames when it is written.
     Publish {
-        channel: u16,
+        channel: ChannelRef,
         head: Bytes,
         body: PublishBody,
         confirm: Option<ConfirmSender>,
@@ -46,7 +46,7 @@ pub(crate) enum Command {
         credit: Option<crate::credit::Credit>,
     },
     Consume {
-        channel: u16,
+        channel: ChannelRef,
         consume: Box<basic::Consume>,
         deliveries: mpsc::Sender<RawDelivery>,
         end: ConsumerEnd,
@@ -65,15 +65,15 @@ pub(crate) enum Command {
         requeue_epoch: u64,
     },
     WaitForConfirms {
-        channel: u16,
+        channel: ChannelRef,
         reply: oneshot::Sender<Result<bool, Error>>,
     },
     SetReturns {
-        channel: u16,
+        channel: ChannelRef,
         returns: mpsc::Sender<ReturnedMessage>,
     },
     CloseChannel {
-        channel: u16,
+        channel: ChannelRef,
         reply: Option<oneshot::Sender<Result<(), Error>>>,
     },
     /// `connection.update-secret`, carried as the method itself so that its
@@ -148,7 +148,7 @@ impl Machine {
                     confirms.pending.push_back((seq, confirm));
                 }
                 self.push_out(
-                    channel,
+                    channel.id,
                     Outgoing::Publish {
                         head: Some(head),
                         body: body.0,
@@ -191,7 +191,7 @@ impl Machine {
             } => match self.usable_channel(channel) {
                 Ok(state) => {
                     state.rpcs.push_back(PendingRpc::user(method, reply));
-                    self.pump_rpc(channel);
+                    self.pump_rpc(channel.id);
                 }
                 Err(error) => {
                     let _ = reply.send(Err(error));
@@ -207,7 +207,7 @@ impl Machine {
             } => self.consume(channel, *consume, deliveries, end, reply),
             Command::WaitForConfirms { channel, reply } => self.wait_for_confirms(channel, reply),
             Command::SetReturns { channel, returns } => {
-                if let Some(state) = self.channels.get_mut(&channel) {
+                if let Ok(state) = self.usable_channel(channel) {
                     state.returns = Some(returns);
                 }
             }
@@ -224,14 +224,17 @@ impl Machine {
         closed: Arc<OnceLock<Error>>,
         epoch: Arc<AtomicU64>,
         hook_owned: bool,
-        reply: oneshot::Sender<Result<u16, Error>>,
+        reply: oneshot::Sender<Result<ChannelRef, Error>>,
     ) {
         let Some(id) = self.allocate_channel() else {
             let _ = reply.send(Err(Error::ChannelsExhausted(self.settings.channel_max)));
             return;
         };
-        epoch.store(self.fresh_epoch(), Ordering::Release);
+        // The first epoch is unique on the connection: it names the incarnation.
+        let incarnation = self.fresh_epoch();
+        epoch.store(incarnation, Ordering::Release);
         let mut state = ChannelState::new(closed, epoch, Some(reply));
+        state.incarnation = incarnation;
         state.hook_owned = hook_owned;
         self.channels.insert(id, state);
         self.push_out(
@@ -241,7 +244,11 @@ impl Machine {
     }
 
     /// A method sent without awaiting a reply (no-wait, or one that has none).
-    fn send(&mut self, channel: u16, method: Box<Method>) {
+    fn send(&mut self, target: ChannelRef, method: Box<Method>) {
+        if !self.is_current(target) {
+            return;
+        }
+        let channel = target.id;
         if let Method::BasicCancel(cancel) = &*method {
             // no-wait cancel: the consumer ends now.
             self.end_consumer(channel, &cancel.consumer_tag, false);
@@ -263,13 +270,14 @@ impl Machine {
 
     fn consume(
         &mut self,
-        channel: u16,
+        target: ChannelRef,
         consume: basic::Consume,
         deliveries: mpsc::Sender<RawDelivery>,
         end: ConsumerEnd,
         reply: oneshot::Sender<Result<Reply, Error>>,
     ) {
-        let state = match self.usable_channel(channel) {
+        let channel = target.id;
+        let state = match self.usable_channel(target) {
             Ok(state) => state,
             Err(error) => {
                 let _ = reply.send(Err(error));
@@ -297,8 +305,13 @@ impl Machine {
         self.pump_rpc(channel);
     }
 
-    fn wait_for_confirms(&mut self, channel: u16, reply: oneshot::Sender<Result<bool, Error>>) {
-        let state = match self.usable_channel(channel) {
+    fn wait_for_confirms(
+        &mut self,
+        target: ChannelRef,
+        reply: oneshot::Sender<Result<bool, Error>>,
+    ) {
+        let channel = target.id;
+        let state = match self.usable_channel(target) {
             Ok(state) => state,
             Err(error) => {
                 let _ = reply.send(Err(error));
@@ -370,8 +383,18 @@ impl Machine {
     /// The application closes a channel. Open (on this connection or, during
     /// recovery, already on the new one), it sends `channel.close` and
     /// answers `reply` at close-ok; lost with the old connection, it is done.
-    fn close_channel(&mut self, channel: u16, reply: Option<oneshot::Sender<Result<(), Error>>>) {
-        let Some(state) = self.channels.get_mut(&channel) else {
+    fn close_channel(
+        &mut self,
+        target: ChannelRef,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    ) {
+        let channel = target.id;
+        let state = match self.channels.get_mut(&channel) {
+            Some(state) if state.incarnation == target.incarnation => Some(state),
+            // Its id was reused since: that channel is not this handle's.
+            _ => None,
+        };
+        let Some(state) = state else {
             if let Some(reply) = reply {
                 let _ = reply.send(Ok(()));
             }

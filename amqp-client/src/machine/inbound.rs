@@ -106,10 +106,14 @@ impl Machine {
                     return Err(unexpected(format!("channel.open-ok on open channel {id}")));
                 }
                 state.phase = Phase::Open;
+                let opened = ChannelRef {
+                    id,
+                    incarnation: state.incarnation,
+                };
                 let abandoned = state
                     .open_reply
                     .take()
-                    .is_some_and(|reply| reply.send(Ok(id)).is_err());
+                    .is_some_and(|reply| reply.send(Ok(opened)).is_err());
                 if abandoned {
                     // The caller stopped waiting (a call timeout): no handle
                     // will ever use or close it.

@@ -42,8 +42,8 @@ mod outgoing;
 mod recovery;
 mod timers;
 
-pub(crate) use self::channels::Reply;
 use self::channels::*;
+pub(crate) use self::channels::{ChannelRef, Reply};
 pub(crate) use self::commands::Command;
 use self::commands::APPLICATION_CLOSE;
 pub(crate) use self::confirms::ConfirmSender;

@@ -10,7 +10,7 @@ fn confirms_settle_single_and_multiple_acks_and_nacks() {
     let (select, _select_answer) = oneshot::channel();
     m.command(
         Command::Rpc {
-            channel: id,
+            channel: target(&m, id),
             method: Box::new(Method::ConfirmSelect(confirm::Select { no_wait: false })),
             reply: select,
         },
@@ -27,7 +27,7 @@ fn confirms_settle_single_and_multiple_acks_and_nacks() {
         let (tx, rx) = oneshot::channel();
         m.command(
             Command::Publish {
-                channel: id,
+                channel: target(&m, id),
                 head: publish_head(id, 1),
                 body: PublishBody(Bytes::from_static(b"x")),
                 confirm: Some(tx),
@@ -40,7 +40,7 @@ fn confirms_settle_single_and_multiple_acks_and_nacks() {
     let (wait_tx, mut wait) = oneshot::channel();
     m.command(
         Command::WaitForConfirms {
-            channel: id,
+            channel: target(&m, id),
             reply: wait_tx,
         },
         now,
@@ -134,7 +134,7 @@ fn a_return_of_a_publish_sent_before_confirm_select_is_not_taken_for_a_confirm()
     let (returns, mut returned) = mpsc::channel(4);
     m.command(
         Command::SetReturns {
-            channel: id,
+            channel: target(&m, id),
             returns,
         },
         now,
@@ -145,7 +145,7 @@ fn a_return_of_a_publish_sent_before_confirm_select_is_not_taken_for_a_confirm()
     let (select, _answer) = oneshot::channel();
     m.command(
         Command::Rpc {
-            channel: id,
+            channel: target(&m, id),
             method: Box::new(Method::ConfirmSelect(confirm::Select { no_wait: false })),
             reply: select,
         },

@@ -12,7 +12,7 @@ fn content_is_assembled_across_body_frames_and_rejected_out_of_order() {
     let tag = ShortString::from_static("t");
     m.command(
         Command::Consume {
-            channel: id,
+            channel: target(&m, id),
             consume: Box::new(basic::Consume {
                 consumer_tag: tag.clone(),
                 ..Default::default()

@@ -46,7 +46,7 @@ fn a_stream_consumer_resumes_after_the_last_delivery_handed_over_not_after_parke
     let (reply, _answer) = oneshot::channel();
     m.command(
         Command::Consume {
-            channel: id,
+            channel: target(&m, id),
             consume: Box::new(basic::Consume {
                 consumer_tag: ShortString::from_static("s"),
                 ..Default::default()

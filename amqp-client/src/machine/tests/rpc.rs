@@ -11,7 +11,7 @@ fn one_rpc_at_a_time_per_channel_and_replies_in_order() {
     let (second_tx, mut second) = oneshot::channel();
     m.command(
         Command::Rpc {
-            channel: id,
+            channel: target(&m, id),
             method: Box::new(declare("a")),
             reply: first_tx,
         },
@@ -19,7 +19,7 @@ fn one_rpc_at_a_time_per_channel_and_replies_in_order() {
     );
     m.command(
         Command::Rpc {
-            channel: id,
+            channel: target(&m, id),
             method: Box::new(declare("b")),
             reply: second_tx,
         },
@@ -71,7 +71,7 @@ fn a_broker_channel_close_fails_the_pending_call_with_its_reason_and_frees_the_i
     let (reply, mut answer) = oneshot::channel();
     m.command(
         Command::Rpc {
-            channel: id,
+            channel: target(&m, id),
             method: Box::new(declare("missing")),
             reply,
         },
@@ -112,4 +112,74 @@ fn commands_and_queued_frames_fit_inline_copies() {
         std::mem::size_of::<Outgoing>(),
     );
     assert!(sizes.0 <= 128 && sizes.1 <= 128, "{sizes:?}");
+}
+
+/// A command a handle queued before its channel was closed by the broker
+/// must not act on the next channel that gets the same id.
+#[test]
+fn commands_of_a_closed_channel_do_not_reach_the_channel_reusing_its_id() {
+    let now = Instant::now();
+    let (mut m, _) = machine(now);
+    let id = open_channel(&mut m, now);
+    let old = target(&m, id);
+    m.handle_frame(Frame::Method {
+        channel: id,
+        method: Method::ChannelClose(channel::Close {
+            reply_code: 404,
+            reply_text: ShortString::from_static("NOT_FOUND"),
+            class_id: 50,
+            method_id: 10,
+        }),
+    })
+    .expect("channel.close");
+    assert!(matches!(
+        written(&mut m).as_slice(),
+        [Frame::Method {
+            method: Method::ChannelCloseOk(_),
+            ..
+        }]
+    ));
+    let reused = open_channel(&mut m, now);
+    assert_eq!(reused, id, "the id is reused");
+    assert_ne!(target(&m, id), old);
+
+    let (reply, mut answer) = oneshot::channel();
+    m.command(
+        Command::Rpc {
+            channel: old,
+            method: Box::new(declare("a")),
+            reply,
+        },
+        now,
+    );
+    assert!(matches!(
+        answer.try_recv(),
+        Ok(Err(Error::ChannelClosed { .. }))
+    ));
+    let (confirm, mut confirmed) = oneshot::channel();
+    m.command(
+        Command::Publish {
+            channel: old,
+            head: publish_head(id, 1),
+            body: PublishBody(Bytes::from_static(b"x")),
+            confirm: Some(confirm),
+            credit: None,
+        },
+        now,
+    );
+    assert!(matches!(confirmed.try_recv(), Ok(Err(_))));
+    let (reply, mut closed) = oneshot::channel();
+    m.command(
+        Command::CloseChannel {
+            channel: old,
+            reply: Some(reply),
+        },
+        now,
+    );
+    assert!(matches!(closed.try_recv(), Ok(Ok(()))), "already closed");
+    assert!(
+        written(&mut m).is_empty(),
+        "nothing reached the new channel"
+    );
+    assert!(m.channel_is_usable(id), "the new channel is still open");
 }

@@ -8,15 +8,15 @@ fn a_long_body_on_one_channel_does_not_hold_back_another() {
     let (mut m, _) = machine(now);
     let a = open_channel(&mut m, now);
     let b = open_channel(&mut m, now);
-    let publish = |channel, body: Bytes| Command::Publish {
+    let publish = |channel: ChannelRef, body: Bytes| Command::Publish {
         channel,
-        head: publish_head(channel, body.len() as u64),
+        head: publish_head(channel.id, body.len() as u64),
         body: PublishBody(body),
         confirm: None,
         credit: None,
     };
-    m.command(publish(a, Bytes::from(vec![0u8; 100_000])), now);
-    m.command(publish(b, Bytes::from_static(b"small")), now);
+    m.command(publish(target(&m, a), Bytes::from(vec![0u8; 100_000])), now);
+    m.command(publish(target(&m, b), Bytes::from_static(b"small")), now);
     let frames = written(&mut m);
     let small_done = frames
         .iter()

@@ -139,7 +139,7 @@ fn a_transaction_channel_sends_every_settlement_as_it_is() {
     let (reply, _answer) = oneshot::channel();
     m.command(
         Command::Rpc {
-            channel: id,
+            channel: target(&m, id),
             method: Box::new(Method::TxSelect(crate::protocol::methods::tx::Select {})),
             reply,
         },
