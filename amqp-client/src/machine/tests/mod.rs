@@ -110,7 +110,7 @@ fn consume_and_deliver(
     let (reply, _answer) = oneshot::channel();
     m.command(
         Command::Consume {
-            channel: target(&m, id),
+            channel: target(m, id),
             consume: Box::new(basic::Consume {
                 consumer_tag: ShortString::from_static("t"),
                 no_ack,
@@ -150,7 +150,7 @@ fn consume_and_deliver(
 fn send(m: &mut Machine, now: Instant, id: u16, method: Method) {
     m.command(
         Command::Send {
-            channel: target(&m, id),
+            channel: target(m, id),
             method: Box::new(method),
         },
         now,
@@ -203,7 +203,7 @@ fn confirm_mode(m: &mut Machine, now: Instant, id: u16) {
     let (select, _answer) = oneshot::channel();
     m.command(
         Command::Rpc {
-            channel: target(&m, id),
+            channel: target(m, id),
             method: Box::new(Method::ConfirmSelect(confirm::Select { no_wait: false })),
             reply: select,
         },
@@ -227,7 +227,7 @@ fn publish_one(
     let (tx, rx) = oneshot::channel();
     m.command(
         Command::Publish {
-            channel: target(&m, id),
+            channel: target(m, id),
             head: publish_head(id, 0),
             body: PublishBody(Bytes::new()),
             confirm: confirm.then_some(tx),
