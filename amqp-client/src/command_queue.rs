@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use crate::machine::Command;
+use crate::ports::Command;
 use crate::sync::{Mutex, MutexGuard, Notify};
 
 /// Why a command was not queued; the command is handed back.

@@ -16,10 +16,11 @@ use crate::connect::{config_for_attempt, jitter, open_stream, CredentialsProvide
 pub use crate::connect::{ConnectInfo, Credentials, ProviderError};
 use crate::error::Error;
 use crate::events::RecoveryEvent;
-use crate::io::{Driver, OnReconnect, Socket};
+use crate::io::{Driver, OnReconnect, Queues, Socket};
 pub use crate::link::ServerInfo;
 use crate::link::{ErrorHandler, Inner, Shared, PUBLISH_BUFFER_BYTES};
-use crate::machine::{Command, Machine, Settings};
+use crate::machine::Settings;
+use crate::ports::{Blocked, Command, Machine, Recovering, Signals};
 use crate::protocol::methods::connection;
 use crate::protocol::{ReplyCode, ShortString};
 
@@ -211,8 +212,8 @@ impl Connection {
         };
 
         let error = Arc::new(OnceLock::new());
-        let (blocked_tx, blocked_rx) = crate::machine::Blocked::new();
-        let (recovering_tx, recovering_rx) = crate::machine::Recovering::new();
+        let (blocked_tx, blocked_rx) = Blocked::new();
+        let (recovering_tx, recovering_rx) = Recovering::new();
         let (events, _) = broadcast::channel(256);
         let (finished, _) = watch::channel(None);
         let shared = Arc::new(Shared {
@@ -238,14 +239,12 @@ impl Connection {
             recover: config.recovery.enabled,
             recover_topology: config.recovery.topology,
         };
-        let machine = Machine::new(
-            settings,
-            Instant::now(),
-            error,
-            blocked_tx,
-            recovering_tx,
+        let machine = Machine::new(settings, Instant::now(), error);
+        let signals = Signals {
+            blocked: blocked_tx,
+            recovering: recovering_tx,
             events,
-        );
+        };
         let (commands_tx, commands_rx) = command_queue(COMMAND_QUEUE);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
@@ -284,9 +283,12 @@ impl Connection {
         };
         let driver = Driver::new(
             machine,
+            signals,
             socket,
-            commands_rx,
-            control_rx,
+            Queues {
+                commands: commands_rx,
+                control: control_rx,
+            },
             shared,
             config,
             on_reconnect,

@@ -11,7 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::channel::{Channel, ConsumeOptions};
 use crate::error::Error;
-use crate::machine::{Command, ConsumerEnd, Content, RawDelivery, Settlement};
+use crate::machine::{ConsumerEnd, Content, RawDelivery, Settlement};
+use crate::ports::Command;
 use crate::protocol::frame::BodyLen;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{ChannelRpc, ReceivedProperties, ShortString};

@@ -15,7 +15,8 @@ use crate::connect::{jitter, open_stream, ConnectInfo};
 use crate::error::Error;
 use crate::events::RecoveryEvent;
 use crate::link::Shared;
-use crate::machine::{Command, Machine, RawDelivery};
+use crate::machine::RawDelivery;
+use crate::ports::{route, Command, Machine, Signals};
 use crate::protocol::frame::FrameDecoder;
 use crate::protocol::ReplyCode;
 use crate::transport::{Reader, Stream, Writer};
@@ -30,6 +31,13 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Called after each reconnect (the connection runs its on-connect hook).
 pub(crate) type OnReconnect = Box<dyn Fn(ConnectInfo) + Send + Sync>;
+
+/// Where the handles' commands arrive.
+pub(crate) struct Queues {
+    pub commands: CommandReceiver,
+    /// Closes and forgotten consumers, taken even while the connection recovers.
+    pub control: mpsc::UnboundedReceiver<Command>,
+}
 
 /// A socket that finished the handshake.
 pub(crate) struct Socket {
@@ -46,6 +54,8 @@ pub(crate) struct Driver {
     reader: Reader,
     writer: Writer,
     machine: Machine,
+    /// Where the machine's connection-wide events go.
+    signals: Signals,
     decoder: FrameDecoder,
     read_buf: BytesMut,
     commands: CommandReceiver,
@@ -85,9 +95,9 @@ fn lost(e: std::io::Error) -> Error {
 impl Driver {
     pub(crate) fn new(
         machine: Machine,
+        signals: Signals,
         socket: Socket,
-        commands: CommandReceiver,
-        control: mpsc::UnboundedReceiver<Command>,
+        Queues { commands, control }: Queues,
         shared: Arc<Shared>,
         config: Config,
         on_reconnect: Option<OnReconnect>,
@@ -97,6 +107,7 @@ impl Driver {
             reader,
             writer,
             machine,
+            signals,
             decoder: FrameDecoder::new(socket.frame_max),
             read_buf: socket.leftover,
             commands,
@@ -109,6 +120,12 @@ impl Driver {
             commands_done: false,
             control_done: false,
         }
+    }
+
+    /// Delivers what the machine produced to the handles; called after each
+    /// thing the machine is handed, before the task waits again.
+    fn route(&mut self) {
+        route(&mut self.machine, &self.signals);
     }
 
     /// Decodes and handles the frames in the read buffer, stopping early when
@@ -127,12 +144,16 @@ impl Driver {
                 Ok(None) => break,
                 Err(error) => self.machine.protocol_error(Error::Protocol(error)),
             }
+            // Each delivery placed (or parked) before the next frame, so
+            // that a full consumer buffer pauses reading where it fills.
+            self.route();
         }
     }
 
     pub(crate) async fn run(mut self) {
         loop {
             self.run_session().await;
+            self.route();
             if !self.machine.is_interrupted() {
                 break;
             }
@@ -142,8 +163,10 @@ impl Driver {
             if let Err(error) = self.reconnect().await {
                 tracing::error!(%error, "recovery gave up");
                 self.machine.fail(error);
+                self.route();
                 break;
             }
+            self.route();
         }
         let error = self.machine.error().cloned();
         // Handles that were waiting in the queues learn why.
@@ -153,6 +176,7 @@ impl Driver {
         while let Ok(command) = self.control.try_recv() {
             self.machine.command(command, Instant::now());
         }
+        self.route();
         self.shared.finish(error);
     }
 
@@ -163,6 +187,7 @@ impl Driver {
         // Leftover bytes from the handshake.
         self.handle_input();
         loop {
+            self.route();
             if self.machine.is_closed() || self.machine.is_interrupted() {
                 // Last frames (a close, a close-ok) go out if they can.
                 self.machine.write_frames(&mut write_buf, usize::MAX);
@@ -189,7 +214,7 @@ impl Driver {
                 continue;
             }
             let accepting = self.machine.accepts_commands();
-            let parked = self.machine.parked_sender();
+            let parked = self.machine.parked_outlet().cloned();
             let paused = self.machine.is_paused();
             let deadline = self.machine.next_timeout();
             let Driver {
@@ -233,7 +258,15 @@ impl Driver {
                 }
                 permit = reserve(parked) => match permit {
                     Ok(permit) => {
-                        self.machine.unpark(permit, Instant::now());
+                        self.machine.unpark(
+                            |delivery| {
+                                permit.send(delivery);
+                            },
+                            |deliveries, delivery| {
+                                deliveries.try_send(delivery).err().map(|e| e.into_inner())
+                            },
+                            Instant::now(),
+                        );
                         self.handle_input();
                     }
                     Err(()) => {
@@ -322,6 +355,7 @@ impl Driver {
                         }
                         if let Some(command) = command {
                             self.machine.command(command, Instant::now());
+                            self.route();
                         }
                     }
                 }
@@ -359,6 +393,7 @@ impl Driver {
                         Duration::from_secs(u64::from(negotiated.heartbeat)),
                         Instant::now(),
                     );
+                    self.route();
                     if let Some(on_reconnect) = &self.on_reconnect {
                         on_reconnect(info);
                     }

@@ -41,6 +41,7 @@ mod handshake;
 mod io;
 mod link;
 mod machine;
+mod ports;
 pub mod protocol;
 mod sync;
 mod topology;

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::connect::{config_for_attempt, CredentialsProvider};
 use crate::error::{Error, Initiator};
 use crate::events::RecoveryEvent;
-use crate::machine::Command;
+use crate::ports::Command;
 use crate::protocol::frame;
 use crate::protocol::methods::Method;
 use crate::protocol::{FieldTable, MethodInfo, ReplyCode};
@@ -38,9 +38,9 @@ pub(crate) struct Shared {
     /// `true` while the connection is lost or being recovered.
     pub recovering: watch::Receiver<bool>,
     /// The same, readable without a lock.
-    pub recovering_now: crate::machine::Flag,
+    pub recovering_now: crate::ports::Flag,
     /// The same as `blocked`, readable without a lock.
-    pub blocked_now: crate::machine::Flag,
+    pub blocked_now: crate::ports::Flag,
     /// Recovery's reports.
     pub events: broadcast::Sender<RecoveryEvent>,
     /// The frame_max negotiated with the broker now connected: a reconnect

@@ -49,15 +49,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::credit::PublishBudget;
 use crate::error::Error;
 use crate::events::{Confirmation, ReturnedMessage};
-use crate::machine::{
-    Blocked, ChannelRef, Command, Machine, PublishBody, RawDelivery, Recovering, Reply, Settings,
-    Settlement,
-};
+use crate::machine::{ChannelRef, PublishBody, RawDelivery, Reply, Settings, Settlement};
+use crate::ports::{route, Command, Machine, Signals};
 use crate::protocol::frame::{self, Frame, FrameDecoder, FRAME_OVERHEAD};
 use crate::protocol::methods::{basic, channel, confirm, connection, exchange, queue, tx, Method};
 use crate::protocol::{
@@ -434,6 +432,7 @@ fn lost(what: &str) -> Error {
 
 struct Harness {
     machine: Machine,
+    signals: Signals,
     now: Instant,
     frame_max: u32,
     channel_max: u16,
@@ -475,19 +474,12 @@ impl Harness {
             recover_topology: input.flag(),
         };
         let error = Arc::new(OnceLock::new());
-        // The receivers of the signals and events are not needed: the
-        // machine must work without anyone listening.
-        let (events, _) = broadcast::channel(16);
-        let machine = Machine::new(
-            settings,
-            now,
-            error.clone(),
-            Blocked::new().0,
-            Recovering::new().0,
-            events,
-        );
+        let machine = Machine::new(settings, now, error.clone());
         Self {
             machine,
+            // The receivers of the signals and events are not needed: the
+            // machine must work without anyone listening.
+            signals: Signals::unobserved(),
             now,
             frame_max,
             channel_max,
@@ -572,7 +564,13 @@ impl Harness {
         if io_event {
             self.after_io_event();
         }
+        self.route();
         self.poll_calls();
+    }
+
+    /// Delivers what the machine produced, as `Driver::route` does.
+    fn route(&mut self) {
+        route(&mut self.machine, &self.signals);
     }
 
     // The application.
@@ -1389,13 +1387,17 @@ impl Harness {
                     }
                     let seen = frame.clone();
                     match self.machine.handle_frame(frame) {
-                        Ok(()) => self.broker_frame_taken(seen),
+                        Ok(()) => {
+                            self.route();
+                            self.broker_frame_taken(seen);
+                        }
                         Err(error) => self.machine.protocol_error(error),
                     }
                 }
                 Ok(None) => break,
                 Err(error) => self.machine.protocol_error(Error::Protocol(error)),
             }
+            self.route();
         }
     }
 
@@ -1895,6 +1897,7 @@ impl Harness {
                 self.machine.command(command, self.now);
             }
         }
+        self.route();
         self.end_socket_if_over();
     }
 
@@ -1904,12 +1907,21 @@ impl Harness {
         if self.socket.is_none() {
             return;
         }
-        while let Some(sender) = self.machine.parked_sender() {
+        while let Some(sender) = self.machine.parked_outlet().cloned() {
             match sender.try_reserve_owned() {
-                Ok(permit) => self.machine.unpark(permit, self.now),
+                Ok(permit) => self.machine.unpark(
+                    |delivery| {
+                        permit.send(delivery);
+                    },
+                    |deliveries, delivery| {
+                        deliveries.try_send(delivery).err().map(|e| e.into_inner())
+                    },
+                    self.now,
+                ),
                 Err(TrySendError::Full(_)) => break,
                 Err(TrySendError::Closed(_)) => self.machine.drop_parked(),
             }
+            self.route();
             self.handle_input();
         }
     }
@@ -2169,6 +2181,7 @@ impl Harness {
         self.after_io_event();
         if !self.machine.is_closed() {
             self.machine.fail(lost("the program ended"));
+            self.route();
         }
         self.after_io_event();
         assert!(self.machine.is_closed() && !self.machine.accepts_commands());
@@ -2238,6 +2251,7 @@ impl Harness {
             },
             self.now,
         );
+        self.route();
         assert!(matches!(opened.try_recv(), Ok(Err(_))), "open after close");
         let (reply, mut called) = oneshot::channel();
         self.machine.command(
@@ -2251,6 +2265,7 @@ impl Harness {
             },
             self.now,
         );
+        self.route();
         assert!(matches!(called.try_recv(), Ok(Err(_))), "call after close");
         let (confirm, mut confirmed) = oneshot::channel();
         self.machine.command(
@@ -2266,6 +2281,7 @@ impl Harness {
             },
             self.now,
         );
+        self.route();
         assert!(
             matches!(confirmed.try_recv(), Ok(Err(_))),
             "publish after close"
@@ -2281,6 +2297,7 @@ impl Harness {
             },
             self.now,
         );
+        self.route();
         assert!(matches!(waited.try_recv(), Ok(Err(_))), "wait after close");
         let mut buf = BytesMut::new();
         self.machine.write_frames(&mut buf, usize::MAX);

@@ -14,20 +14,20 @@ pub(crate) struct Reply {
     pub epoch: u64,
 }
 
-pub(super) struct PendingRpc {
+pub(super) struct PendingRpc<P: Ports> {
     pub(super) info: &'static MethodInfo,
     /// Taken when the request goes on the wire.
     pub(super) method: Option<Box<Method>>,
     /// A copy of requests whose success must be recorded for recovery.
     pub(super) request: Option<Method>,
     /// `None` when nobody awaits the reply.
-    pub(super) reply: Option<oneshot::Sender<Result<Reply, Error>>>,
+    pub(super) reply: Option<P::Reply<Result<Reply, Error>>>,
     /// A step of recovery: its reply advances recovery.
     pub(super) step: bool,
 }
 
-impl PendingRpc {
-    pub(super) fn user(method: Box<Method>, reply: oneshot::Sender<Result<Reply, Error>>) -> Self {
+impl<P: Ports> PendingRpc<P> {
+    pub(super) fn user(method: Box<Method>, reply: P::Reply<Result<Reply, Error>>) -> Self {
         let request = records(&method).then(|| (*method).clone());
         Self {
             info: method.info(),
@@ -59,9 +59,9 @@ impl PendingRpc {
         }
     }
 
-    pub(super) fn fail(self, error: &Error) {
+    pub(super) fn fail(self, error: &Error, out: &mut Output<P>) {
         if let Some(reply) = self.reply {
-            let _ = reply.send(Err(error.clone()));
+            out.answer(reply, Err(error.clone()));
         }
     }
 }
@@ -124,25 +124,25 @@ pub(crate) struct ChannelRef {
     pub incarnation: u64,
 }
 
-pub(super) type ChannelMap =
-    HashMap<u16, ChannelState, std::hash::BuildHasherDefault<ChannelIdHasher>>;
+pub(super) type ChannelMap<P> =
+    HashMap<u16, ChannelState<P>, std::hash::BuildHasherDefault<ChannelIdHasher>>;
 
-pub(super) struct ChannelState {
+pub(super) struct ChannelState<P: Ports> {
     pub(super) closed: Arc<OnceLock<Error>>,
     pub(super) phase: Phase,
-    pub(super) open_reply: Option<oneshot::Sender<Result<ChannelRef, Error>>>,
+    pub(super) open_reply: Option<P::Reply<Result<ChannelRef, Error>>>,
     /// Which opening of the id this is (see [`ChannelRef`]); 0 for the
     /// channels recovery opens for itself, which no handle names.
     pub(super) incarnation: u64,
-    pub(super) close_replies: Vec<oneshot::Sender<Result<(), Error>>>,
-    pub(super) rpcs: VecDeque<PendingRpc>,
+    pub(super) close_replies: Vec<P::Reply<Result<(), Error>>>,
+    pub(super) rpcs: VecDeque<PendingRpc<P>>,
     pub(super) in_flight: bool,
     pub(super) out: VecDeque<Outgoing>,
     pub(super) scheduled: bool,
     pub(super) assembling: Option<Assembly>,
-    pub(super) consumers: HashMap<ShortString, ConsumerSlot>,
-    pub(super) confirms: Option<Confirms>,
-    pub(super) returns: Option<mpsc::Sender<ReturnedMessage>>,
+    pub(super) consumers: HashMap<ShortString, ConsumerSlot<P>>,
+    pub(super) confirms: Option<Confirms<P>>,
+    pub(super) returns: Option<P::Returns>,
     /// Bumped at each reconnect; shared with the handles.
     pub(super) epoch: Arc<AtomicU64>,
     /// Prefetch settings to restore (one per `global` value).
@@ -166,11 +166,11 @@ pub(super) struct ChannelState {
     pub(super) flow_ok: Option<bool>,
 }
 
-impl ChannelState {
+impl<P: Ports> ChannelState<P> {
     pub(super) fn new(
         closed: Arc<OnceLock<Error>>,
         epoch: Arc<AtomicU64>,
-        open_reply: Option<oneshot::Sender<Result<ChannelRef, Error>>>,
+        open_reply: Option<P::Reply<Result<ChannelRef, Error>>>,
     ) -> Self {
         Self {
             incarnation: 0,
@@ -207,22 +207,22 @@ impl ChannelState {
     }
 
     /// Fails everything waiting on the channel and records why it closed.
-    pub(super) fn fail(&mut self, error: &Error) {
+    pub(super) fn fail(&mut self, error: &Error, out: &mut Output<P>) {
         let _ = self.closed.set(error.clone());
         if let Some(reply) = self.open_reply.take() {
-            let _ = reply.send(Err(error.clone()));
+            out.answer(reply, Err(error.clone()));
         }
         for pending in self.rpcs.drain(..) {
-            pending.fail(error);
+            pending.fail(error, out);
         }
         for (_, slot) in self.consumers.drain() {
             let _ = slot.end.set(error.clone());
         }
         if let Some(confirms) = self.confirms.as_mut() {
-            confirms.fail(error);
+            confirms.fail(error, out);
         }
         for reply in self.close_replies.drain(..) {
-            let _ = reply.send(Err(error.clone()));
+            out.answer(reply, Err(error.clone()));
         }
         self.out.clear();
         self.flow_ok = None;
@@ -232,17 +232,17 @@ impl ChannelState {
 
     /// The connection was lost: fail what was in flight (its outcome is
     /// unknown), keep what recovery re-creates.
-    pub(super) fn interrupt(&mut self, error: &Error) {
+    pub(super) fn interrupt(&mut self, error: &Error, out: &mut Output<P>) {
         // Consumers nobody holds any more (dropped, or whose consume failed)
         // are not re-created.
         self.consumers
-            .retain(|_, slot| slot.end.get().is_none() && !slot.deliveries.is_closed());
+            .retain(|_, slot| slot.end.get().is_none() && !P::is_gone(&slot.deliveries));
         for pending in self.rpcs.drain(..) {
-            pending.fail(error);
+            pending.fail(error, out);
         }
         self.in_flight = false;
         if let Some(confirms) = self.confirms.as_mut() {
-            confirms.fail(&Error::PublishOutcomeUnknown(Arc::new(error.clone())));
+            confirms.fail(&Error::PublishOutcomeUnknown(Arc::new(error.clone())), out);
             confirms.next_seq = 1;
         }
         for outgoing in self.out.drain(..) {
@@ -258,7 +258,7 @@ impl ChannelState {
     }
 }
 
-impl Machine {
+impl<P: Ports> Machine<P> {
     /// The lowest free channel id: ids are recycled as soon as a channel's
     /// close handshake is over.
     pub(super) fn allocate_channel(&self) -> Option<u16> {
@@ -317,7 +317,7 @@ impl Machine {
         if pending.step {
             self.step_succeeded(&reply.method);
         } else if let Some(answer) = pending.reply {
-            let _ = answer.send(Ok(reply));
+            self.output.answer(answer, Ok(reply));
         }
         self.pump_rpc(id);
     }
@@ -329,7 +329,7 @@ impl Machine {
     pub(super) fn usable_channel(
         &mut self,
         target: ChannelRef,
-    ) -> Result<&mut ChannelState, Error> {
+    ) -> Result<&mut ChannelState<P>, Error> {
         let id = target.id;
         match self.channels.get_mut(&id) {
             Some(state) if state.incarnation != target.incarnation => Err(Self::channel_gone(id)),

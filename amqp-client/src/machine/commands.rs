@@ -3,15 +3,14 @@
 
 use super::*;
 
-/// What handles ask of the connection.
-#[derive(Debug)]
-pub(crate) enum Command {
+/// What handles ask of the connection; the answers go to their [`Ports`].
+pub(crate) enum Command<P: Ports> {
     OpenChannel {
         closed: Arc<OnceLock<Error>>,
         epoch: Arc<AtomicU64>,
         /// Opened by the on-connect hook: not recovered (the hook re-creates it).
         hook_owned: bool,
-        reply: oneshot::Sender<Result<ChannelRef, Error>>,
+        reply: P::Reply<Result<ChannelRef, Error>>,
     },
     // Methods are boxed here and in `Outgoing`: a `Method` is 136 bytes, and
     // a command or frame that large is copied with a `memcpy` call at every
@@ -21,7 +20,7 @@ pub(crate) enum Command {
     Rpc {
         channel: ChannelRef,
         method: Box<Method>,
-        reply: oneshot::Sender<Result<Reply, Error>>,
+        reply: P::Reply<Result<Reply, Error>>,
     },
     Send {
         channel: ChannelRef,
@@ -40,7 +39,7 @@ pub(crate) enum Command {
         channel: ChannelRef,
         head: Bytes,
         body: PublishBody,
-        confirm: Option<ConfirmSender>,
+        confirm: Option<ConfirmReply<P>>,
         /// The publisher's share of the connection's publish buffer, given
         /// back (by drop) once the message is written or discarded.
         credit: Option<crate::credit::Credit>,
@@ -48,9 +47,9 @@ pub(crate) enum Command {
     Consume {
         channel: ChannelRef,
         consume: Box<basic::Consume>,
-        deliveries: mpsc::Sender<RawDelivery>,
+        deliveries: P::Deliveries,
         end: ConsumerEnd,
-        reply: oneshot::Sender<Result<Reply, Error>>,
+        reply: P::Reply<Result<Reply, Error>>,
     },
     /// A dropped consumer: cancel it, and requeue what it had buffered
     /// (`requeue`) and what still arrives for it.
@@ -66,26 +65,55 @@ pub(crate) enum Command {
     },
     WaitForConfirms {
         channel: ChannelRef,
-        reply: oneshot::Sender<Result<bool, Error>>,
+        reply: P::Reply<Result<bool, Error>>,
     },
     SetReturns {
         channel: ChannelRef,
-        returns: mpsc::Sender<ReturnedMessage>,
+        returns: P::Returns,
     },
     CloseChannel {
         channel: ChannelRef,
-        reply: Option<oneshot::Sender<Result<(), Error>>>,
+        reply: Option<P::Reply<Result<(), Error>>>,
     },
     /// `connection.update-secret`, carried as the method itself so that its
     /// redacting `Debug` covers the command too.
     UpdateSecret {
         method: connection::UpdateSecret,
-        reply: oneshot::Sender<Result<(), Error>>,
+        reply: P::Reply<Result<(), Error>>,
     },
     CloseConnection {
         code: ReplyCode,
         text: String,
     },
+}
+
+// By hand: the handles' ends (`P`'s types) need not be `Debug`. What a
+// command carries beyond its kind and channel is left out (the secret of
+// an update-secret among it).
+impl<P: Ports> std::fmt::Debug for Command<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, channel) = match self {
+            Command::OpenChannel { .. } => ("OpenChannel", None),
+            Command::Rpc {
+                channel, method, ..
+            } => (method.info().name, Some(channel.id)),
+            Command::Send { channel, method } => (method.info().name, Some(channel.id)),
+            Command::Settle { channel, .. } => ("Settle", Some(*channel)),
+            Command::Publish { channel, .. } => ("Publish", Some(channel.id)),
+            Command::Consume { channel, .. } => ("Consume", Some(channel.id)),
+            Command::ForgetConsumer { channel, .. } => ("ForgetConsumer", Some(*channel)),
+            Command::WaitForConfirms { channel, .. } => ("WaitForConfirms", Some(channel.id)),
+            Command::SetReturns { channel, .. } => ("SetReturns", Some(channel.id)),
+            Command::CloseChannel { channel, .. } => ("CloseChannel", Some(channel.id)),
+            Command::UpdateSecret { .. } => ("UpdateSecret", None),
+            Command::CloseConnection { .. } => ("CloseConnection", None),
+        };
+        let mut debug = f.debug_struct(kind);
+        if let Some(channel) = channel {
+            debug.field("channel", &channel);
+        }
+        debug.finish_non_exhaustive()
+    }
 }
 
 /// How many close timeouts `close()` may spend writing what is still queued
@@ -95,12 +123,12 @@ const FLUSH_TIMEOUT_FACTOR: u32 = 6;
 /// The reply text of the application's closes.
 pub(super) const APPLICATION_CLOSE: &str = "closed by the application";
 
-impl Machine {
+impl<P: Ports> Machine<P> {
     /// Takes a command from a handle. While the connection is lost or being
     /// recovered only closes and forgotten consumers are taken (the rest wait
     /// in the command queue until it is back); once it is closing, every
     /// command is answered with why.
-    pub(crate) fn command(&mut self, command: Command, now: Instant) {
+    pub(crate) fn command(&mut self, command: Command<P>, now: Instant) {
         let recovering = matches!(self.state, State::Interrupted | State::Recovering);
         if !recovering && !self.accepts_commands() {
             return self.refuse(command);
@@ -137,7 +165,7 @@ impl Machine {
                     Ok(state) => state,
                     Err(error) => {
                         if let Some(confirm) = confirm {
-                            let _ = confirm.send(Err(error));
+                            self.output.answer(confirm, Err(error));
                         }
                         return;
                     }
@@ -194,7 +222,7 @@ impl Machine {
                     self.pump_rpc(channel.id);
                 }
                 Err(error) => {
-                    let _ = reply.send(Err(error));
+                    self.output.answer(reply, Err(error));
                 }
             },
             Command::Send { channel, method } => self.send(channel, method),
@@ -224,10 +252,13 @@ impl Machine {
         closed: Arc<OnceLock<Error>>,
         epoch: Arc<AtomicU64>,
         hook_owned: bool,
-        reply: oneshot::Sender<Result<ChannelRef, Error>>,
+        reply: P::Reply<Result<ChannelRef, Error>>,
     ) {
         let Some(id) = self.allocate_channel() else {
-            let _ = reply.send(Err(Error::ChannelsExhausted(self.settings.channel_max)));
+            self.output.answer(
+                reply,
+                Err(Error::ChannelsExhausted(self.settings.channel_max)),
+            );
             return;
         };
         // The first epoch is unique on the connection: it names the incarnation.
@@ -272,15 +303,15 @@ impl Machine {
         &mut self,
         target: ChannelRef,
         consume: basic::Consume,
-        deliveries: mpsc::Sender<RawDelivery>,
+        deliveries: P::Deliveries,
         end: ConsumerEnd,
-        reply: oneshot::Sender<Result<Reply, Error>>,
+        reply: P::Reply<Result<Reply, Error>>,
     ) {
         let channel = target.id;
         let state = match self.usable_channel(target) {
             Ok(state) => state,
             Err(error) => {
-                let _ = reply.send(Err(error));
+                self.output.answer(reply, Err(error));
                 return;
             }
         };
@@ -305,27 +336,24 @@ impl Machine {
         self.pump_rpc(channel);
     }
 
-    fn wait_for_confirms(
-        &mut self,
-        target: ChannelRef,
-        reply: oneshot::Sender<Result<bool, Error>>,
-    ) {
+    fn wait_for_confirms(&mut self, target: ChannelRef, reply: P::Reply<Result<bool, Error>>) {
         let channel = target.id;
         let state = match self.usable_channel(target) {
             Ok(state) => state,
             Err(error) => {
-                let _ = reply.send(Err(error));
+                self.output.answer(reply, Err(error));
                 return;
             }
         };
         match state.confirms.as_mut() {
             None => {
-                let _ = reply.send(Err(Error::NotInConfirmMode(channel)));
+                self.output
+                    .answer(reply, Err(Error::NotInConfirmMode(channel)));
             }
             Some(confirms) if confirms.pending.is_empty() => {
                 let all = confirms.all_acked;
                 confirms.all_acked = true;
-                let _ = reply.send(Ok(all));
+                self.output.answer(reply, Ok(all));
             }
             Some(confirms) => confirms.waiters.push(reply),
         }
@@ -383,11 +411,7 @@ impl Machine {
     /// The application closes a channel. Open (on this connection or, during
     /// recovery, already on the new one), it sends `channel.close` and
     /// answers `reply` at close-ok; lost with the old connection, it is done.
-    fn close_channel(
-        &mut self,
-        target: ChannelRef,
-        reply: Option<oneshot::Sender<Result<(), Error>>>,
-    ) {
+    fn close_channel(&mut self, target: ChannelRef, reply: Option<P::Reply<Result<(), Error>>>) {
         let channel = target.id;
         let state = match self.channels.get_mut(&channel) {
             Some(state) if state.incarnation == target.incarnation => Some(state),
@@ -396,7 +420,7 @@ impl Machine {
         };
         let Some(state) = state else {
             if let Some(reply) = reply {
-                let _ = reply.send(Ok(()));
+                self.output.answer(reply, Ok(()));
             }
             return;
         };
@@ -422,17 +446,20 @@ impl Machine {
         }
         if let Some(mut state) = self.channels.remove(&channel) {
             let queues = state.consumer_queues();
-            state.fail(&Error::channel_closed(
-                channel,
-                CloseReason::by_application(ReplyCode::REPLY_SUCCESS, APPLICATION_CLOSE),
-            ));
+            state.fail(
+                &Error::channel_closed(
+                    channel,
+                    CloseReason::by_application(ReplyCode::REPLY_SUCCESS, APPLICATION_CLOSE),
+                ),
+                &mut self.output,
+            );
             self.consumers_gone(queues);
             if let Some(run) = self.recovery.as_mut() {
                 run.steps.retain(|step| step.channel() != channel);
             }
         }
         if let Some(reply) = reply {
-            let _ = reply.send(Ok(()));
+            self.output.answer(reply, Ok(()));
         }
     }
 
@@ -460,29 +487,29 @@ impl Machine {
     }
 
     /// Answers a command that arrives after the connection stopped taking them.
-    pub(super) fn refuse(&self, command: Command) {
+    pub(super) fn refuse(&mut self, command: Command<P>) {
         let error = self.closed_error();
         match command {
             Command::OpenChannel { reply, .. } => {
-                let _ = reply.send(Err(error));
+                self.output.answer(reply, Err(error));
             }
             Command::Rpc { reply, .. } | Command::Consume { reply, .. } => {
-                let _ = reply.send(Err(error));
+                self.output.answer(reply, Err(error));
             }
             Command::Publish {
                 confirm: Some(confirm),
                 ..
             } => {
-                let _ = confirm.send(Err(error));
+                self.output.answer(confirm, Err(error));
             }
             Command::WaitForConfirms { reply, .. } => {
-                let _ = reply.send(Err(error));
+                self.output.answer(reply, Err(error));
             }
             Command::CloseChannel {
                 reply: Some(reply), ..
             }
             | Command::UpdateSecret { reply, .. } => {
-                let _ = reply.send(Err(error));
+                self.output.answer(reply, Err(error));
             }
             _ => {}
         }

@@ -4,19 +4,19 @@
 use super::*;
 
 /// Where the outcome of one publish in confirm mode goes.
-pub(crate) type ConfirmSender = oneshot::Sender<Result<Confirmation, Error>>;
+pub(super) type ConfirmReply<P> = <P as Ports>::Reply<Result<Confirmation, Error>>;
 
-pub(super) struct Confirms {
+pub(super) struct Confirms<P: Ports> {
     pub(super) next_seq: u64,
     /// Outstanding publishes in sequence order.
-    pub(super) pending: VecDeque<(u64, Option<ConfirmSender>)>,
+    pub(super) pending: VecDeque<(u64, Option<ConfirmReply<P>>)>,
     /// Returns waiting for the ack that follows them.
     pub(super) returned: VecDeque<ReturnedMessage>,
-    pub(super) waiters: Vec<oneshot::Sender<Result<bool, Error>>>,
+    pub(super) waiters: Vec<P::Reply<Result<bool, Error>>>,
     pub(super) all_acked: bool,
 }
 
-impl Confirms {
+impl<P: Ports> Confirms<P> {
     pub(super) fn new() -> Self {
         Self {
             next_seq: 1,
@@ -27,7 +27,7 @@ impl Confirms {
         }
     }
 
-    pub(super) fn settle(&mut self, tag: u64, multiple: bool, ack: bool) {
+    pub(super) fn settle(&mut self, tag: u64, multiple: bool, ack: bool, out: &mut Output<P>) {
         let mut settled = Vec::new();
         if multiple {
             while self.pending.front().is_some_and(|(seq, _)| *seq <= tag) {
@@ -56,7 +56,7 @@ impl Confirms {
                 Confirmation::Ack
             };
             if let Some(sender) = sender {
-                let _ = sender.send(Ok(outcome));
+                out.answer(sender, Ok(outcome));
             }
         }
         // Returns beyond the publishes still pending belong to none of them
@@ -68,7 +68,7 @@ impl Confirms {
         }
         if self.pending.is_empty() {
             for waiter in self.waiters.drain(..) {
-                let _ = waiter.send(Ok(self.all_acked));
+                out.answer(waiter, Ok(self.all_acked));
             }
             self.all_acked = true;
         }
@@ -80,7 +80,7 @@ impl Confirms {
     /// never a failure. A close by the broker is its answer, and they get it
     /// (e.g. 404 for a publish to a missing exchange). Waiters for all
     /// confirms learn `error`.
-    pub(super) fn fail(&mut self, error: &Error) {
+    pub(super) fn fail(&mut self, error: &Error, out: &mut Output<P>) {
         let unknown = match error {
             Error::ChannelClosed { reason, .. } | Error::ConnectionClosed { reason, .. }
                 if reason.initiator == Initiator::Application =>
@@ -92,12 +92,12 @@ impl Confirms {
         };
         for (_, sender) in self.pending.drain(..) {
             if let Some(sender) = sender {
-                let _ = sender.send(Err(unknown.clone()));
+                out.answer(sender, Err(unknown.clone()));
             }
         }
         self.returned.clear();
         for waiter in self.waiters.drain(..) {
-            let _ = waiter.send(Err(error.clone()));
+            out.answer(waiter, Err(error.clone()));
         }
     }
 }

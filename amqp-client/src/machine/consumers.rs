@@ -16,8 +16,8 @@ pub(crate) struct RawDelivery {
 /// Why a consumer's stream ended.
 pub(crate) type ConsumerEnd = Arc<OnceLock<Error>>;
 
-pub(super) struct ConsumerSlot {
-    pub(super) deliveries: mpsc::Sender<RawDelivery>,
+pub(super) struct ConsumerSlot<P: Ports> {
+    pub(super) deliveries: P::Deliveries,
     pub(super) end: ConsumerEnd,
     pub(super) no_ack: bool,
     /// The request, to consume again after a reconnect.
@@ -79,10 +79,19 @@ pub(super) const OVERFLOW_LIMIT: usize = 8 * 1024 * 1024;
 /// keeps: the method, the properties once read (368 bytes), the queue entry.
 pub(super) const QUEUED_DELIVERY_OVERHEAD: usize = 640;
 
-impl Machine {
+/// A delivery waiting for room in its consumer's buffer.
+pub(super) struct Parked<P: Ports> {
+    pub(super) channel: u16,
+    /// The buffer it waits for (held here too: a consumer that ends still
+    /// gets what was parked for it, as it gets what is in its buffer).
+    pub(super) deliveries: P::Deliveries,
+    pub(super) delivery: RawDelivery,
+}
+
+impl<P: Ports> Machine<P> {
     /// The buffer the oldest waiting delivery needs room in.
-    pub(crate) fn parked_sender(&self) -> Option<mpsc::Sender<RawDelivery>> {
-        self.overflow.front().map(|(_, sender, _)| sender.clone())
+    pub(crate) fn parked_outlet(&self) -> Option<&P::Deliveries> {
+        self.overflow.front().map(|parked| &parked.deliveries)
     }
 
     /// Whether reading the socket must pause: too much is waiting for
@@ -97,24 +106,57 @@ impl Machine {
             + QUEUED_DELIVERY_OVERHEAD
     }
 
-    /// Room was made for the oldest waiting delivery; the ones after it go
-    /// too while their buffers take them.
-    pub(crate) fn unpark(&mut self, permit: mpsc::OwnedPermit<RawDelivery>, now: Instant) {
+    /// Whether the consumer `delivery` names has deliveries waiting already.
+    pub(super) fn has_parked(&self, channel: u16, delivery: &RawDelivery) -> bool {
+        let Some(outlet) = self.deliveries_of(channel, &delivery.deliver.consumer_tag) else {
+            return false;
+        };
+        self.overflow
+            .iter()
+            .any(|parked| P::same_consumer(&parked.deliveries, outlet))
+    }
+
+    /// A delivery waits for room in its consumer's buffer; one whose consumer
+    /// is gone goes back to the queue instead.
+    pub(super) fn park(&mut self, channel: u16, delivery: RawDelivery) {
+        let Some(deliveries) = self
+            .deliveries_of(channel, &delivery.deliver.consumer_tag)
+            .cloned()
+        else {
+            return self.requeue_gone(channel, &delivery);
+        };
+        self.overflow_bytes += Self::delivery_cost(&delivery);
+        self.overflow.push_back(Parked {
+            channel,
+            deliveries,
+            delivery,
+        });
+    }
+
+    /// Room was made for the oldest waiting delivery: `first` takes it. The
+    /// ones after it go too while `offer` finds room in their buffers (it
+    /// gives back, as `Some`, what it could not place).
+    pub(crate) fn unpark(
+        &mut self,
+        first: impl FnOnce(RawDelivery),
+        mut offer: impl FnMut(&P::Deliveries, RawDelivery) -> Option<RawDelivery>,
+        now: Instant,
+    ) {
         let was_paused = self.is_paused();
-        if let Some((_, _, delivery)) = self.overflow.pop_front() {
-            self.overflow_bytes -= Self::delivery_cost(&delivery);
-            permit.send(delivery);
+        if let Some(parked) = self.overflow.pop_front() {
+            self.overflow_bytes -= Self::delivery_cost(&parked.delivery);
+            first(parked.delivery);
         }
-        // Reserved through the entry's own sender: a clone per delivery
-        // (two atomic increments, two decrements) was most of this loop.
-        while let Some((id, sender, delivery)) = self.overflow.pop_front() {
-            if let Ok(permit) = sender.try_reserve() {
-                self.overflow_bytes -= Self::delivery_cost(&delivery);
-                permit.send(delivery);
-                continue;
+        while let Some(mut parked) = self.overflow.pop_front() {
+            let cost = Self::delivery_cost(&parked.delivery);
+            match offer(&parked.deliveries, parked.delivery) {
+                None => self.overflow_bytes -= cost,
+                Some(delivery) => {
+                    parked.delivery = delivery;
+                    self.overflow.push_front(parked);
+                    break;
+                }
             }
-            self.overflow.push_front((id, sender, delivery));
-            break;
         }
         if was_paused {
             // Reading resumes now; the pause does not count as the peer's silence.
@@ -125,28 +167,34 @@ impl Machine {
     /// The consumer of the oldest waiting delivery went away: its waiting
     /// deliveries go back to the queue.
     pub(crate) fn drop_parked(&mut self) {
-        let Some((_, gone, _)) = self.overflow.front() else {
+        let Some(gone) = self.overflow.front() else {
             return;
         };
-        let gone = gone.clone();
+        let gone = gone.deliveries.clone();
         let mut kept = VecDeque::new();
-        for (id, sender, delivery) in std::mem::take(&mut self.overflow) {
-            if !sender.same_channel(&gone) {
-                kept.push_back((id, sender, delivery));
+        for parked in std::mem::take(&mut self.overflow) {
+            if !P::same_consumer(&parked.deliveries, &gone) {
+                kept.push_back(parked);
                 continue;
             }
-            self.overflow_bytes -= Self::delivery_cost(&delivery);
-            // Only on the channel incarnation that received it (not after a
-            // reconnect, nor on a new channel that reused the id).
-            let current = self
-                .channels
-                .get(&id)
-                .is_some_and(|c| c.epoch.load(Ordering::Acquire) == delivery.epoch);
-            if current && !self.settled_as_sent(id, &delivery.deliver.consumer_tag) {
-                self.requeue(id, delivery.deliver.delivery_tag);
-            }
+            self.overflow_bytes -= Self::delivery_cost(&parked.delivery);
+            self.requeue_gone(parked.channel, &parked.delivery);
         }
         self.overflow = kept;
+    }
+
+    /// A delivery whose consumer is gone goes back to the queue: only on the
+    /// channel incarnation that received it (not after a reconnect, nor on a
+    /// new channel that reused the id), and not when the broker counts it
+    /// settled already.
+    pub(super) fn requeue_gone(&mut self, channel: u16, delivery: &RawDelivery) {
+        let current = self
+            .channels
+            .get(&channel)
+            .is_some_and(|c| c.epoch.load(Ordering::Acquire) == delivery.epoch);
+        if current && !self.settled_as_sent(channel, &delivery.deliver.consumer_tag) {
+            self.requeue(channel, delivery.deliver.delivery_tag);
+        }
     }
 
     /// Whether deliveries to consumer `tag` on channel `id` count as settled

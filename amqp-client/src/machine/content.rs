@@ -103,7 +103,7 @@ impl BodyBuffer {
     }
 }
 
-impl Machine {
+impl<P: Ports> Machine<P> {
     pub(super) fn content_header(&mut self, id: u16, header: ContentHeader) -> Result<(), Error> {
         let max = self.settings.max_body_size;
         let assembly = self
@@ -197,29 +197,11 @@ impl Machine {
                     content,
                     epoch: state.epoch.load(Ordering::Acquire),
                 };
-                // Behind this consumer's deliveries that already wait, if any.
-                let waiting = self
-                    .overflow
-                    .iter()
-                    .any(|(_, sender, _)| sender.same_channel(&slot.deliveries));
-                let sent = if waiting {
-                    Err(mpsc::error::TrySendError::Full(delivery))
-                } else {
-                    slot.deliveries.try_send(delivery)
-                };
-                match sent {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(delivery)) => {
-                        self.overflow_bytes += Self::delivery_cost(&delivery);
-                        self.overflow
-                            .push_back((id, slot.deliveries.clone(), delivery));
-                    }
-                    Err(mpsc::error::TrySendError::Closed(delivery)) => {
-                        if !no_ack {
-                            self.requeue(id, delivery.deliver.delivery_tag);
-                        }
-                    }
-                }
+                // Behind this consumer's parked deliveries, if any: see `poll_event`.
+                self.output.push(Event::Delivery {
+                    channel: id,
+                    delivery,
+                });
             }
             AssemblyTarget::Return(ret) => {
                 let message = ReturnedMessage {
@@ -249,12 +231,8 @@ impl Machine {
                     }
                     confirms.returned.push_back(message);
                 } else if let Some(returns) = &state.returns {
-                    if returns.try_send(message).is_err() {
-                        tracing::warn!(
-                            channel = id,
-                            "returned message dropped: the returns buffer is full or closed"
-                        );
-                    }
+                    self.output
+                        .push(Event::Returned(returns.clone(), Box::new(message)));
                 } else {
                     tracing::warn!(
                         channel = id,

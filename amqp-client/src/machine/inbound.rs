@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Machine {
+impl<P: Ports> Machine<P> {
     /// Takes a frame from the broker. An error is fatal: the caller closes the
     /// connection with [`protocol_error`](Self::protocol_error).
     pub(crate) fn handle_frame(&mut self, frame: Frame) -> Result<(), Error> {
@@ -53,17 +53,18 @@ impl Machine {
             }
             Method::ConnectionBlocked(blocked) => {
                 tracing::info!(reason = %blocked.reason, "connection blocked by the broker");
-                self.blocked.set(Some(blocked.reason.to_string()));
+                self.output
+                    .push(Event::Blocked(Some(blocked.reason.to_string())));
                 Ok(())
             }
             Method::ConnectionUnblocked(_) => {
                 tracing::info!("connection unblocked");
-                self.blocked.set(None);
+                self.output.push(Event::Blocked(None));
                 Ok(())
             }
             Method::ConnectionUpdateSecretOk(_) => match self.secret_replies.pop_front() {
                 Some(reply) => {
-                    let _ = reply.send(Ok(()));
+                    self.output.answer(reply, Ok(()));
                     Ok(())
                 }
                 None => Err(unexpected(
@@ -110,15 +111,10 @@ impl Machine {
                     id,
                     incarnation: state.incarnation,
                 };
-                let abandoned = state
-                    .open_reply
-                    .take()
-                    .is_some_and(|reply| reply.send(Ok(opened)).is_err());
-                if abandoned {
-                    // The caller stopped waiting (a call timeout): no handle
-                    // will ever use or close it.
-                    self.begin_close(id);
-                    return Ok(());
+                // A caller that stopped waiting (a call timeout) is told to
+                // the machine by the driver: `open_abandoned`.
+                if let Some(reply) = state.open_reply.take() {
+                    self.output.answer(reply, Ok(opened));
                 }
                 self.pump_rpc(id);
                 if self
@@ -140,9 +136,9 @@ impl Machine {
                 let error = Error::channel_closed(id, reason);
                 let queues: Vec<ShortString> = state.consumer_queues();
                 let internal = state.internal;
-                state.fail(&error);
+                state.fail(&error, &mut self.output);
                 for reply in state.close_replies.drain(..) {
-                    let _ = reply.send(Ok(()));
+                    self.output.answer(reply, Ok(()));
                 }
                 self.channels.remove(&id);
                 // close-ok is the channel's last frame; the id is free after it.
@@ -169,9 +165,9 @@ impl Machine {
                     .unwrap_or_else(|| Self::channel_gone(id));
                 let replies: Vec<_> = state.close_replies.drain(..).collect();
                 let queues: Vec<ShortString> = state.consumer_queues();
-                state.fail(&error);
+                state.fail(&error, &mut self.output);
                 for reply in replies {
-                    let _ = reply.send(Ok(()));
+                    self.output.answer(reply, Ok(()));
                 }
                 self.channels.remove(&id);
                 self.consumers_gone(queues);
@@ -223,7 +219,9 @@ impl Machine {
                 });
             }
             Method::BasicAck(ack) => match state.confirms.as_mut() {
-                Some(confirms) => confirms.settle(ack.delivery_tag, ack.multiple, true),
+                Some(confirms) => {
+                    confirms.settle(ack.delivery_tag, ack.multiple, true, &mut self.output)
+                }
                 None => {
                     return Err(unexpected(format!(
                         "basic.ack on channel {id}, which is not in confirm mode"
@@ -231,7 +229,9 @@ impl Machine {
                 }
             },
             Method::BasicNack(nack) => match state.confirms.as_mut() {
-                Some(confirms) => confirms.settle(nack.delivery_tag, nack.multiple, false),
+                Some(confirms) => {
+                    confirms.settle(nack.delivery_tag, nack.multiple, false, &mut self.output)
+                }
                 None => {
                     return Err(unexpected(format!(
                         "basic.nack on channel {id}, which is not in confirm mode"

@@ -1,6 +1,8 @@
 //! The connection's protocol state, free of I/O: frames and commands go in,
 //! frames to write come out, and time is an argument. The I/O task (`io.rs`)
-//! drives it; `tests/` drives it without sockets. One concern per file:
+//! drives it; `tests/` and the simulator drive it without sockets. It owns
+//! no channel to the handles and uses no tokio type: what happened comes out
+//! as events (`output.rs`). One concern per file:
 //!
 //! - this file: the [`Machine`], its states and settings, failing and finishing;
 //! - `commands.rs`: what the handles ask, one method per command;
@@ -11,7 +13,8 @@
 //! - `content.rs`: content assembly; `confirms.rs`: publisher confirms;
 //! - `consumers.rs`: consumers, stream offsets and delivery back-pressure;
 //! - `recovery.rs`: what a lost connection keeps, and the recovery steps;
-//! - `timers.rs`: heartbeats and the close deadline.
+//! - `timers.rs`: heartbeats and the close deadline;
+//! - `output.rs`: the events, and the [`Ports`] the handles' ends are typed by.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +22,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::credit::CreditReturns;
 use crate::topology::Topology;
@@ -39,6 +41,7 @@ mod consumers;
 mod content;
 mod inbound;
 mod outgoing;
+mod output;
 mod recovery;
 mod timers;
 
@@ -46,7 +49,6 @@ use self::channels::*;
 pub(crate) use self::channels::{ChannelRef, Reply};
 pub(crate) use self::commands::Command;
 use self::commands::APPLICATION_CLOSE;
-pub(crate) use self::confirms::ConfirmSender;
 use self::confirms::*;
 use self::consumers::*;
 pub(crate) use self::consumers::{ConsumerEnd, RawDelivery};
@@ -54,8 +56,9 @@ use self::content::*;
 pub(crate) use self::content::{Content, PublishBody};
 pub(crate) use self::outgoing::Settlement;
 use self::outgoing::*;
+use self::output::Output;
+pub(crate) use self::output::{Event, Ports, Refused};
 use self::recovery::*;
-pub(crate) use self::recovery::{Blocked, Flag, Recovering};
 use crate::events::{Confirmation, RecoveryEvent, ReturnedMessage};
 
 /// Settings the machine runs with.
@@ -87,18 +90,18 @@ enum State {
     Closed,
 }
 
-/// The connection state machine.
-pub(crate) struct Machine {
+/// The connection state machine, generic over the handles' ends ([`Ports`]).
+pub(crate) struct Machine<P: Ports> {
     settings: Settings,
     state: State,
-    channels: ChannelMap,
+    channels: ChannelMap<P>,
     /// Channels with frames to send, served round-robin.
     ready: VecDeque<u16>,
     /// Connection frames (channel 0) and the close-ok of channels already
     /// forgotten, sent before any channel's queue.
     control: VecDeque<(u16, Method)>,
     heartbeat_due: bool,
-    secret_replies: VecDeque<oneshot::Sender<Result<(), Error>>>,
+    secret_replies: VecDeque<P::Reply<Result<(), Error>>>,
     last_received: Instant,
     last_sent: Instant,
     /// The next channel epoch: each channel open and each reconnect gives a
@@ -108,21 +111,19 @@ pub(crate) struct Machine {
     next_epoch: u64,
     /// Why the connection ended; shared with every handle.
     error: Arc<OnceLock<Error>>,
-    blocked: Blocked,
     /// Deliveries waiting for room in their consumer's buffer, in arrival
     /// order. While there are any, the socket is still read (RPC replies and
     /// confirms keep flowing, so a consumer that awaits a call while its
     /// buffer is full does not deadlock); once they hold more than
     /// `OVERFLOW_LIMIT` bytes, reading stops and TCP pushes back.
-    overflow: VecDeque<(u16, mpsc::Sender<RawDelivery>, RawDelivery)>,
+    overflow: VecDeque<Parked<P>>,
     overflow_bytes: usize,
     /// Credit of publishes written since the last batch.
     credit_returns: CreditReturns,
     topology: Topology,
     recovery: Option<RecoveryRun>,
-    /// `true` while the connection is lost or recovering; handles wait on it.
-    recovering: Recovering,
-    events: broadcast::Sender<RecoveryEvent>,
+    /// What happened and is not yet taken by the driver.
+    output: Output<P>,
     last_loss: Option<Error>,
     /// The application's connection.close, held until the channels' queues
     /// are written.
@@ -143,20 +144,12 @@ fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
-impl Machine {
-    pub(crate) fn new(
-        settings: Settings,
-        now: Instant,
-        error: Arc<OnceLock<Error>>,
-        blocked: Blocked,
-        recovering: Recovering,
-        events: broadcast::Sender<RecoveryEvent>,
-    ) -> Self {
+impl<P: Ports> Machine<P> {
+    pub(crate) fn new(settings: Settings, now: Instant, error: Arc<OnceLock<Error>>) -> Self {
         Self {
             topology: Topology::default(),
             recovery: None,
-            recovering,
-            events,
+            output: Output::default(),
             last_loss: None,
             closing_frame: None,
             close_written: false,
@@ -171,7 +164,6 @@ impl Machine {
             last_sent: now,
             next_epoch: 1,
             error,
-            blocked,
             overflow: VecDeque::new(),
             overflow_bytes: 0,
             credit_returns: CreditReturns::default(),
@@ -252,21 +244,21 @@ impl Machine {
     /// Ends the connection with `error`, failing everything that waits.
     pub(crate) fn fail(&mut self, error: Error) {
         if !self.is_closed() && self.recovery.is_some() || self.is_interrupted() {
-            let _ = self.events.send(RecoveryEvent::Failed {
+            self.output.push(Event::Recovery(RecoveryEvent::Failed {
                 error: error.clone(),
-            });
+            }));
         }
         self.recovery = None;
-        self.recovering.set(false);
+        self.output.push(Event::Recovering(false));
         // Publishers waiting for an unblock learn the error instead.
-        self.blocked.set(None);
+        self.output.push(Event::Blocked(None));
         let _ = self.error.set(error);
         let error = self.closed_error();
         for (_, mut state) in self.channels.drain() {
-            state.fail(&error);
+            state.fail(&error, &mut self.output);
         }
         for reply in self.secret_replies.drain(..) {
-            let _ = reply.send(Err(error.clone()));
+            self.output.answer(reply, Err(error.clone()));
         }
         self.ready.clear();
         self.overflow.clear();

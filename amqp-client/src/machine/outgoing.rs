@@ -62,9 +62,9 @@ pub(super) enum Outgoing {
 
 /// One turn of a channel: a whole method, or a publish up to and including
 /// one body frame.
-pub(super) fn write_one_turn(
+pub(super) fn write_one_turn<P: Ports>(
     id: u16,
-    channel: &mut ChannelState,
+    channel: &mut ChannelState<P>,
     buf: &mut BytesMut,
     frame_max: u32,
     credit_returns: &mut CreditReturns,
@@ -119,7 +119,7 @@ pub(super) fn write_one_turn(
     }
 }
 
-impl Machine {
+impl<P: Ports> Machine<P> {
     /// Whether there is anything to write.
     pub(crate) fn wants_to_write(&self) -> bool {
         self.heartbeat_due

@@ -3,53 +3,6 @@
 
 use super::*;
 
-/// A state the machine shows the handles: a flag for their fast path (every
-/// call checks it, and a watch's `borrow` takes a lock) and a watch for those
-/// that must wait. The flag is up while the value is not its default.
-///
-/// Only the machine holds the watch's sender, so that those waiting on it
-/// learn when the machine is gone.
-#[derive(Debug)]
-pub(crate) struct Signal<T> {
-    pub(super) flag: Flag,
-    pub(super) watch: watch::Sender<T>,
-}
-
-/// The handles' view of a [`Signal`]'s flag.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Flag(Arc<std::sync::atomic::AtomicBool>);
-
-impl Flag {
-    /// Whether the signal's value is other than the default now.
-    pub(crate) fn is_up(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-}
-
-/// Whether the connection is recovering.
-pub(crate) type Recovering = Signal<bool>;
-
-/// `Some(reason)` while the broker blocks publishers.
-pub(crate) type Blocked = Signal<Option<String>>;
-
-impl<T: Default + PartialEq> Signal<T> {
-    pub(crate) fn new() -> (Self, watch::Receiver<T>) {
-        let (watch, receiver) = watch::channel(T::default());
-        let flag = Flag::default();
-        (Self { flag, watch }, receiver)
-    }
-
-    pub(super) fn set(&self, value: T) {
-        self.flag.0.store(value != T::default(), Ordering::Release);
-        self.watch.send_replace(value);
-    }
-
-    /// The flag, for the handles.
-    pub(crate) fn flag(&self) -> Flag {
-        self.flag.clone()
-    }
-}
-
 /// A step of recovery, run one at a time.
 #[derive(Debug)]
 pub(super) enum Step {
@@ -90,7 +43,7 @@ pub(super) fn rename_queue_in(method: &mut Method, renamed: &HashMap<ShortString
     }
 }
 
-impl Machine {
+impl<P: Ports> Machine<P> {
     /// Drops the recovery step that would consume again as `tag` on
     /// `channel`; whether there was one.
     pub(super) fn drop_consume_step(&mut self, channel: u16, tag: &ShortString) -> bool {
@@ -135,11 +88,11 @@ impl Machine {
             if let Some(mut state) = self.channels.remove(&id) {
                 let closing = state.phase == Phase::Closing;
                 let replies: Vec<_> = state.close_replies.drain(..).collect();
-                state.fail(&error);
+                state.fail(&error, &mut self.output);
                 if closing {
                     // The application's close is as good as done.
                     for reply in replies {
-                        let _ = reply.send(Ok(()));
+                        self.output.answer(reply, Ok(()));
                     }
                 }
             }
@@ -147,7 +100,12 @@ impl Machine {
         // Parked deliveries are dropped with the socket: a stream consumer
         // resumes at the first of its own (walked backwards, so it is the
         // first that sets the position last).
-        for (id, _, delivery) in self.overflow.iter().rev() {
+        for Parked {
+            channel: id,
+            delivery,
+            ..
+        } in self.overflow.iter().rev()
+        {
             let Some(slot) = self
                 .channels
                 .get_mut(id)
@@ -163,13 +121,13 @@ impl Machine {
             }
         }
         for state in self.channels.values_mut() {
-            state.interrupt(&error);
+            state.interrupt(&error, &mut self.output);
             // Tags from before the reconnect mean nothing to the new channel.
             state.epoch.store(self.next_epoch, Ordering::Release);
             self.next_epoch += 1;
         }
         for reply in self.secret_replies.drain(..) {
-            let _ = reply.send(Err(error.clone()));
+            self.output.answer(reply, Err(error.clone()));
         }
         self.control.clear();
         self.ready.clear();
@@ -178,10 +136,11 @@ impl Machine {
         self.overflow_bytes = 0;
         self.recovery = None;
         self.state = State::Interrupted;
-        self.recovering.set(true);
+        self.output.push(Event::Recovering(true));
         // A new connection is not blocked until its broker says so.
-        self.blocked.set(None);
-        let _ = self.events.send(RecoveryEvent::Recovering { cause: error });
+        self.output.push(Event::Blocked(None));
+        self.output
+            .push(Event::Recovery(RecoveryEvent::Recovering { cause: error }));
     }
 
     /// A new socket is up: re-open channels (same ids) with their QoS,
@@ -251,7 +210,7 @@ impl Machine {
             let Some(state) = self.channels.get(id) else {
                 continue;
             };
-            let mut consumers: Vec<&ConsumerSlot> = state.consumers.values().collect();
+            let mut consumers: Vec<&ConsumerSlot<P>> = state.consumers.values().collect();
             consumers.sort_by(|a, b| a.consume.consumer_tag.cmp(&b.consume.consumer_tag));
             for slot in consumers {
                 let mut consume = slot.consume.clone();
@@ -284,9 +243,9 @@ impl Machine {
             let Some(step) = run.steps.pop_front() else {
                 self.recovery = None;
                 self.state = State::Open;
-                self.recovering.set(false);
+                self.output.push(Event::Recovering(false));
                 tracing::info!("connection recovered");
-                let _ = self.events.send(RecoveryEvent::Recovered);
+                self.output.push(Event::Recovery(RecoveryEvent::Recovered));
                 return;
             };
             match step {
@@ -410,10 +369,10 @@ impl Machine {
                 self.consumers_gone(vec![slot.consume.queue]);
             }
         }
-        let _ = self.events.send(RecoveryEvent::StepFailed {
+        self.output.push(Event::Recovery(RecoveryEvent::StepFailed {
             method: method.info().name,
             error,
-        });
+        }));
         false
     }
 
@@ -426,10 +385,11 @@ impl Machine {
                 tracing::info!(old = %old, new = %ok.queue, "server-named queue renamed by recovery");
                 run.renamed.insert(old.clone(), ok.queue.clone());
                 self.topology.rename_queue(&old, &ok.queue);
-                let _ = self.events.send(RecoveryEvent::QueueRenamed {
-                    old: old.to_string(),
-                    new: ok.queue.to_string(),
-                });
+                self.output
+                    .push(Event::Recovery(RecoveryEvent::QueueRenamed {
+                        old: old.to_string(),
+                        new: ok.queue.to_string(),
+                    }));
             }
         }
         self.advance_recovery();
@@ -450,9 +410,8 @@ impl Machine {
                 .map_or("channel", |i| i.name),
             _ => "channel",
         };
-        let _ = self
-            .events
-            .send(RecoveryEvent::StepFailed { method, error });
+        self.output
+            .push(Event::Recovery(RecoveryEvent::StepFailed { method, error }));
         if internal {
             let mut state =
                 ChannelState::new(Arc::new(OnceLock::new()), Arc::new(AtomicU64::new(0)), None);

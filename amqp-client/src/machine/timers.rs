@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl Machine {
+impl<P: Ports> Machine<P> {
     /// When [`handle_timeout`](Self::handle_timeout) next needs calling.
     pub(crate) fn next_timeout(&self) -> Option<Instant> {
         let mut next = None;

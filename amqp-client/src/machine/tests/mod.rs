@@ -1,8 +1,10 @@
 //! The machine driven without sockets: frames in, bytes out, time as an argument.
 
 use super::*;
+use crate::ports::{route, Blocked, Signals, TokioPorts};
 use crate::protocol::frame::FrameDecoder;
 use crate::protocol::methods::{confirm, queue};
+use tokio::sync::{mpsc, oneshot};
 
 mod confirms;
 mod content;
@@ -11,14 +13,75 @@ mod rpc;
 mod scheduling;
 mod settlements;
 
+/// The machine as the I/O task drives it: what it produces is delivered
+/// to the handles' tokio ends after each call, as `io.rs` does.
+pub(super) struct Driven {
+    machine: super::Machine<TokioPorts>,
+    signals: Signals,
+}
+
+impl std::ops::Deref for Driven {
+    type Target = super::Machine<TokioPorts>;
+    fn deref(&self) -> &Self::Target {
+        &self.machine
+    }
+}
+
+impl std::ops::DerefMut for Driven {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.machine
+    }
+}
+
+impl Driven {
+    fn route(&mut self) {
+        route(&mut self.machine, &self.signals);
+    }
+
+    pub(super) fn command(&mut self, command: Command, now: Instant) {
+        self.machine.command(command, now);
+        self.route();
+    }
+
+    pub(super) fn handle_frame(&mut self, frame: Frame) -> Result<(), Error> {
+        let handled = self.machine.handle_frame(frame);
+        self.route();
+        handled
+    }
+
+    pub(super) fn handle_timeout(&mut self, now: Instant) {
+        self.machine.handle_timeout(now);
+        self.route();
+    }
+
+    pub(super) fn connection_lost(&mut self, error: Error) {
+        self.machine.connection_lost(error);
+        self.route();
+    }
+
+    pub(super) fn resume(
+        &mut self,
+        channel_max: u16,
+        frame_max: u32,
+        heartbeat: Duration,
+        now: Instant,
+    ) {
+        self.machine.resume(channel_max, frame_max, heartbeat, now);
+        self.route();
+    }
+}
+
+/// The machine the tests drive.
+type Machine = Driven;
+/// The commands of the connection's handles.
+type Command = crate::ports::Command;
+
 fn machine(now: Instant) -> (Machine, Arc<OnceLock<Error>>) {
     machine_with(now, Blocked::new().0, false)
 }
 
 fn machine_with(now: Instant, blocked: Blocked, recover: bool) -> (Machine, Arc<OnceLock<Error>>) {
     let error = Arc::new(OnceLock::new());
-    let recovering = Recovering::new().0;
-    let (events, _) = broadcast::channel(16);
     let settings = Settings {
         channel_max: 8,
         frame_max: 4096,
@@ -28,8 +91,15 @@ fn machine_with(now: Instant, blocked: Blocked, recover: bool) -> (Machine, Arc<
         recover,
         recover_topology: true,
     };
+    let signals = Signals {
+        blocked,
+        ..Signals::unobserved()
+    };
     (
-        Machine::new(settings, now, error.clone(), blocked, recovering, events),
+        Driven {
+            machine: super::Machine::new(settings, now, error.clone()),
+            signals,
+        },
         error,
     )
 }

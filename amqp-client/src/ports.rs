@@ -1,0 +1,152 @@
+//! The handles' ends of the machine's ports: tokio channels, and the
+//! routing of the machine's events to them. The I/O task (`io.rs`) calls
+//! [`route`] after each thing it hands the machine, before it waits again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::events::{RecoveryEvent, ReturnedMessage};
+use crate::machine::{self, Event, Ports, RawDelivery, Refused};
+
+/// The machine's ports as the connection's handles hold them.
+#[derive(Debug)]
+pub(crate) enum TokioPorts {}
+
+impl Ports for TokioPorts {
+    type Reply<T> = oneshot::Sender<T>;
+    type Deliveries = mpsc::Sender<RawDelivery>;
+    type Returns = mpsc::Sender<ReturnedMessage>;
+
+    fn is_gone(deliveries: &Self::Deliveries) -> bool {
+        deliveries.is_closed()
+    }
+
+    fn same_consumer(a: &Self::Deliveries, b: &Self::Deliveries) -> bool {
+        a.same_channel(b)
+    }
+}
+
+/// The connection's state machine.
+pub(crate) type Machine = machine::Machine<TokioPorts>;
+/// What the connection's handles ask of it.
+pub(crate) type Command = machine::Command<TokioPorts>;
+
+/// A state the I/O task shows the handles: a flag for their fast path
+/// (every call checks it, and a watch's `borrow` takes a lock) and a watch
+/// for those that must wait. The flag is up while the value is not its
+/// default.
+///
+/// Only the I/O task holds the watch's sender, so that those waiting on it
+/// learn when the task is gone.
+#[derive(Debug)]
+pub(crate) struct Signal<T> {
+    flag: Flag,
+    watch: watch::Sender<T>,
+}
+
+/// The handles' view of a [`Signal`]'s flag.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Flag(Arc<AtomicBool>);
+
+impl Flag {
+    /// Whether the signal's value is other than the default now.
+    pub(crate) fn is_up(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Whether the connection is recovering.
+pub(crate) type Recovering = Signal<bool>;
+
+/// `Some(reason)` while the broker blocks publishers.
+pub(crate) type Blocked = Signal<Option<String>>;
+
+impl<T: Default + PartialEq> Signal<T> {
+    pub(crate) fn new() -> (Self, watch::Receiver<T>) {
+        let (watch, receiver) = watch::channel(T::default());
+        let flag = Flag::default();
+        (Self { flag, watch }, receiver)
+    }
+
+    pub(crate) fn set(&self, value: T) {
+        self.flag.0.store(value != T::default(), Ordering::Release);
+        self.watch.send_replace(value);
+    }
+
+    /// The flag, for the handles.
+    pub(crate) fn flag(&self) -> Flag {
+        self.flag.clone()
+    }
+}
+
+/// Where the connection-wide events go.
+#[derive(Debug)]
+pub(crate) struct Signals {
+    pub blocked: Blocked,
+    pub recovering: Recovering,
+    pub events: broadcast::Sender<RecoveryEvent>,
+}
+
+impl Signals {
+    /// Signals nobody listens to yet (for tests and harnesses).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn unobserved() -> Self {
+        Self {
+            blocked: Blocked::new().0,
+            recovering: Recovering::new().0,
+            events: broadcast::channel(16).0,
+        }
+    }
+}
+
+/// Delivers every event the machine has to the handles' ends.
+pub(crate) fn route(machine: &mut Machine, signals: &Signals) {
+    while let Some(event) = machine.poll_event() {
+        match event {
+            Event::ChannelOpened(reply, opened) => {
+                if let Err(Ok(opened)) = reply.send(opened) {
+                    machine.open_abandoned(opened);
+                }
+            }
+            Event::Replied(reply, answer) => {
+                let _ = reply.send(answer);
+            }
+            Event::Done(reply, answer) => {
+                let _ = reply.send(answer);
+            }
+            Event::Confirmed(reply, answer) => {
+                let _ = reply.send(answer);
+            }
+            Event::ConfirmsSettled(reply, answer) => {
+                let _ = reply.send(answer);
+            }
+            Event::Delivery { channel, delivery } => {
+                let offered = match machine.deliveries_of(channel, &delivery.deliver.consumer_tag) {
+                    Some(deliveries) => deliveries.try_send(delivery).map_err(|e| match e {
+                        TrySendError::Full(delivery) => Refused::Full(delivery),
+                        TrySendError::Closed(delivery) => Refused::Gone(delivery),
+                    }),
+                    None => Err(Refused::Gone(delivery)),
+                };
+                if let Err(refused) = offered {
+                    machine.refused(channel, refused);
+                }
+            }
+            Event::Returned(returns, message) => {
+                if returns.try_send(*message).is_err() {
+                    tracing::warn!(
+                        "returned message dropped: the returns buffer is full or closed"
+                    );
+                }
+            }
+            Event::Recovery(event) => {
+                let _ = signals.events.send(event);
+            }
+            Event::Recovering(recovering) => signals.recovering.set(recovering),
+            Event::Blocked(blocked) => signals.blocked.set(blocked),
+        }
+    }
+}
