@@ -35,7 +35,7 @@ mkdir -p "$OUT"
 
 if [ ! -x "$PERF" ]; then
     echo "building perf" >&2
-    (cd "$ROOT" && cargo build --release -p amqp-client --example perf) || exit 1
+    (cd "$ROOT" && cargo build --release -p amqp091 --example perf) || exit 1
 fi
 if [ ! -x "$BIN/bench-lapin" ] || [ ! -x "$BIN/bench-amqprs" ]; then
     echo "building bench-compare" >&2

@@ -9,8 +9,8 @@ mod peer;
 
 use std::time::{Duration, Instant};
 
-use amqp_client::prelude::*;
-use amqp_client::{
+use amqp091::prelude::*;
+use amqp091::{
     BasicProperties, Channel, Config, Connection, ConsumeOptions, Consumer, RecoveryConfig,
 };
 use bytes::Bytes;

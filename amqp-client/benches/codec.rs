@@ -2,9 +2,9 @@
 //! Frame codec hot paths: encoding a `basic.publish` with its header and a
 //! 32-byte body, and decoding a `basic.deliver` with its header and body.
 
-use amqp_client::protocol::frame::{self, Frame, FrameDecoder};
-use amqp_client::protocol::methods::{basic, Method};
-use amqp_client::protocol::{BasicProperties, ShortString};
+use amqp091::protocol::frame::{self, Frame, FrameDecoder};
+use amqp091::protocol::methods::{basic, Method};
+use amqp091::protocol::{BasicProperties, ShortString};
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 // Not criterion 0.5's `black_box`: it is a volatile read, which the compiler

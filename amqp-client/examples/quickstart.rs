@@ -1,10 +1,10 @@
 //! Declare a queue, publish a message, consume it, ack it, close.
 //!
 //! `cargo xtask quickstart` (makes sure a broker answers at `AMQP_URL` first),
-//! or `cargo run -p amqp-client --example quickstart`.
+//! or `cargo run -p amqp091 --example quickstart`.
 
-use amqp_client::prelude::*;
-use amqp_client::{BasicProperties, Config, Connection, ConsumeOptions, ShortString};
+use amqp091::prelude::*;
+use amqp091::{BasicProperties, Config, Connection, ConsumeOptions, ShortString};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -36,7 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             &declared.queue,
             false,
             &properties,
-            "hello from amqp-client",
+            "hello from amqp091",
         )
         .await?;
     println!("published");

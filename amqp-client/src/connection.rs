@@ -61,9 +61,9 @@ impl ConnectionBuilder {
     /// After a reconnect the hook runs once recovery is done.
     ///
     /// ```no_run
-    /// # async fn run() -> Result<(), amqp_client::Error> {
-    /// use amqp_client::prelude::*;
-    /// use amqp_client::{Config, Connection, ConsumeOptions, ShortString};
+    /// # async fn run() -> Result<(), amqp091::Error> {
+    /// use amqp091::prelude::*;
+    /// use amqp091::{Config, Connection, ConsumeOptions, ShortString};
     ///
     /// let config: Config = "amqp://guest:guest@127.0.0.1:5672/%2f".parse()?;
     /// let connection = Connection::builder(config)

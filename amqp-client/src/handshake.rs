@@ -51,10 +51,13 @@ fn client_properties(config: &Config) -> FieldTable {
         .with(short("connection.blocked"), true)
         .with(short("authentication_failure_close"), true);
     let mut properties = FieldTable::new()
-        .with(short("product"), "amqp-client")
+        .with(short("product"), env!("CARGO_PKG_NAME"))
         .with(short("version"), env!("CARGO_PKG_VERSION"))
         .with(short("platform"), "Rust")
-        .with(short("information"), "https://crates.io/crates/amqp-client")
+        .with(
+            short("information"),
+            concat!("https://crates.io/crates/", env!("CARGO_PKG_NAME")),
+        )
         .with(short("capabilities"), capabilities);
     if let Some(name) = &config.connection_name {
         properties.insert(short("connection_name"), name.as_str());

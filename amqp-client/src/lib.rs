@@ -1,10 +1,10 @@
 //! An AMQP 0-9-1 client for RabbitMQ.
 //!
 //! ```no_run
-//! use amqp_client::{BasicProperties, Connection, ConsumeOptions};
-//! use amqp_client::prelude::*;
+//! use amqp091::{BasicProperties, Connection, ConsumeOptions};
+//! use amqp091::prelude::*;
 //!
-//! # async fn example() -> Result<(), amqp_client::Error> {
+//! # async fn example() -> Result<(), amqp091::Error> {
 //! let connection = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
 //! let channel = connection.open_channel().await?;
 //! let declared = channel

@@ -1,10 +1,10 @@
 //! Property tests: every method of the spec, every field value type and the
 //! content header properties round-trip; random bytes never panic a decoder.
 
-use amqp_client::protocol::frame::{self, FrameDecoder};
-use amqp_client::protocol::methods::{Method, ALL_METHODS};
-use amqp_client::protocol::wire::{self, MAX_NESTING};
-use amqp_client::protocol::{
+use amqp091::protocol::frame::{self, FrameDecoder};
+use amqp091::protocol::methods::{Method, ALL_METHODS};
+use amqp091::protocol::wire::{self, MAX_NESTING};
+use amqp091::protocol::{
     BasicProperties, Decimal, FieldTable, FieldValue, MethodInfo, ShortString, WireKind,
 };
 use bytes::{BufMut, Bytes, BytesMut};
@@ -162,7 +162,7 @@ proptest! {
         let mut framed = BytesMut::new();
         frame::write_method(&mut framed, 5, &method);
         let decoded = FrameDecoder::new(u32::MAX).decode(&mut framed).expect("valid").expect("whole");
-        prop_assert_eq!(decoded, amqp_client::protocol::Frame::Method { channel: 5, method });
+        prop_assert_eq!(decoded, amqp091::protocol::Frame::Method { channel: 5, method });
     }
 
     #[test]
@@ -199,7 +199,7 @@ proptest! {
         let mut buf = BytesMut::new();
         frame::write_header(&mut buf, 9, body_size, &properties);
         let decoded = FrameDecoder::new(u32::MAX).decode(&mut buf).expect("valid").expect("whole");
-        let amqp_client::protocol::Frame::Header { channel: 9, header } = decoded else {
+        let amqp091::protocol::Frame::Header { channel: 9, header } = decoded else {
             panic!("not a header: {decoded:?}");
         };
         prop_assert_eq!(header.body_size, body_size);
@@ -241,7 +241,7 @@ proptest! {
                 prop_assert_eq!(skipped.len(), decoded.len());
                 // What the frame decoder keeps encoded decodes to the same.
                 let kept = &input[..input.len() - skipped.len()];
-                let received = amqp_client::protocol::ReceivedProperties::decode(kept).expect("checked");
+                let received = amqp091::protocol::ReceivedProperties::decode(kept).expect("checked");
                 prop_assert_eq!(&*received, decode.as_ref().expect("decoded"));
             }
         }
@@ -290,7 +290,7 @@ fn nesting_beyond_the_limit_is_an_error_not_a_stack_overflow() {
     let err = wire::read_table(&mut &inner[..]).expect_err("too deep");
     assert_eq!(
         err,
-        amqp_client::protocol::DecodeError::NestingTooDeep(MAX_NESTING)
+        amqp091::protocol::DecodeError::NestingTooDeep(MAX_NESTING)
     );
 }
 

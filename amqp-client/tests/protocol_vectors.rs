@@ -1,9 +1,9 @@
 //! Known byte vectors, checked byte for byte against hand-assembled frames
 //! and a `connection.start` captured from RabbitMQ 3.10.
 
-use amqp_client::protocol::frame::{self, Frame, FrameDecoder};
-use amqp_client::protocol::methods::{basic, Method};
-use amqp_client::protocol::{
+use amqp091::protocol::frame::{self, Frame, FrameDecoder};
+use amqp091::protocol::methods::{basic, Method};
+use amqp091::protocol::{
     BasicProperties, FieldValue, ReplyCode, ReplyError, ReplyKind, ShortString,
 };
 use bytes::{BufMut, BytesMut};
@@ -250,7 +250,7 @@ fn every_reply_code_rabbitmq_sends_has_a_name_a_kind_and_a_typed_error() {
 
 #[test]
 fn frame_errors_are_typed_and_map_to_reply_codes() {
-    use amqp_client::protocol::FrameError;
+    use amqp091::protocol::FrameError;
     let cases: Vec<(Vec<u8>, u16)> = vec![
         (frame_bytes(9, 0, b""), 501), // unknown frame type
         (

@@ -3,10 +3,10 @@
 //! these are what keeps passwords, tokens and the application's data out of
 //! the logs.
 
-use amqp_client::protocol::frame::{self, Frame, FrameDecoder};
-use amqp_client::protocol::methods::{connection, Method};
-use amqp_client::protocol::{FieldTable, ReceivedProperties, ReplyCode, ShortString};
-use amqp_client::{Confirmation, ReturnedMessage};
+use amqp091::protocol::frame::{self, Frame, FrameDecoder};
+use amqp091::protocol::methods::{connection, Method};
+use amqp091::protocol::{FieldTable, ReceivedProperties, ReplyCode, ShortString};
+use amqp091::{Confirmation, ReturnedMessage};
 use bytes::{Bytes, BytesMut};
 
 const PASSWORD: &str = "pw-Kd93xQ-never-printed";

@@ -21,7 +21,7 @@
 //!     peer.record_until_eof().await
 //! })
 //! .await?;
-//! let connection = amqp_client::Connection::open(&peer.url()).await.unwrap();
+//! let connection = amqp091::Connection::open(&peer.url()).await.unwrap();
 //! let _channel = connection.open_channel().await.unwrap();
 //! let error = connection.closed().await.unwrap_err();
 //! let recording = peer.finish().await;
@@ -35,10 +35,10 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
-use amqp_client::protocol::frame::{self, Frame, FrameDecoder};
-use amqp_client::protocol::methods::{channel, connection, Method};
-use amqp_client::protocol::{FieldTable, ShortString};
-use amqp_client::{BasicProperties, Config};
+use amqp091::protocol::frame::{self, Frame, FrameDecoder};
+use amqp091::protocol::methods::{channel, connection, Method};
+use amqp091::protocol::{FieldTable, ShortString};
+use amqp091::{BasicProperties, Config};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -233,7 +233,7 @@ impl<T> Script<T> {
     /// tests is how the client fails, not how it reconnects.
     pub fn config(&self) -> Config {
         let config: Config = self.url().parse().expect("the fake peer's URL is valid");
-        config.recovery(amqp_client::RecoveryConfig::disabled())
+        config.recovery(amqp091::RecoveryConfig::disabled())
     }
 
     /// Whether the script has ended.

@@ -9,8 +9,8 @@ pub mod proxy;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use amqp_client::prelude::*;
-use amqp_client::{Channel, Config, Connection, RecoveryEvent, ShortString};
+use amqp091::prelude::*;
+use amqp091::{Channel, Config, Connection, RecoveryEvent, ShortString};
 use tokio::sync::broadcast;
 
 /// The broker the tests use: `AMQP_URL`, or the local default.

@@ -12,7 +12,7 @@
 //!
 //! # async fn example() {
 //! let node = PrivateNode::start(NodeOptions::default());
-//! let connection = amqp_client::Connection::open(&node.amqp_url()).await.unwrap();
+//! let connection = amqp091::Connection::open(&node.amqp_url()).await.unwrap();
 //! connection.close().await.unwrap();
 //! node.stop_app();
 //! node.start_app();
@@ -314,7 +314,7 @@ impl PrivateNode {
     }
 
     /// The config of [`amqp_url`](Self::amqp_url).
-    pub fn config(&self) -> amqp_client::Config {
+    pub fn config(&self) -> amqp091::Config {
         self.amqp_url().parse().expect("a valid AMQP URL")
     }
 

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use amqp_client::protocol::methods::{basic, Method};
-use amqp_client::protocol::BasicProperties;
-use amqp_client::{BasicProperties as Properties, Connection, ConsumeOptions};
+use amqp091::protocol::methods::{basic, Method};
+use amqp091::protocol::BasicProperties;
+use amqp091::{BasicProperties as Properties, Connection, ConsumeOptions};
 use amqp_client_tests::fake_peer::{header_frame, method_frame, raw_frame, FakePeer, Tuning};
 
 const BODY: usize = 1024;

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use amqp_client::prelude::*;
-use amqp_client::{BasicProperties, Connection, Error, ShortString};
+use amqp091::prelude::*;
+use amqp091::{BasicProperties, Connection, Error, ShortString};
 use amqp_client_tests::node::{NodeOptions, PrivateNode};
 use amqp_client_tests::wait_for_message_count;
 

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use amqp_client::prelude::*;
-use amqp_client::{
+use amqp091::prelude::*;
+use amqp091::{
     BasicProperties, Config, Connection, ConsumeOptions, RecoveryConfig, RecoveryEvent, ShortString,
 };
 use amqp_client_tests::node::{NodeOptions, PrivateNode};
@@ -36,7 +36,7 @@ async fn until_recovered(events: &mut broadcast::Receiver<RecoveryEvent>) -> Vec
     seen
 }
 
-async fn consume_one(consumer: &mut amqp_client::Consumer) -> String {
+async fn consume_one(consumer: &mut amqp091::Consumer) -> String {
     let delivery = tokio::time::timeout(Duration::from_secs(20), consumer.next())
         .await
         .expect("a delivery in time")

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use amqp_client::prelude::*;
-use amqp_client::{
+use amqp091::prelude::*;
+use amqp091::{
     BasicProperties, Channel, ConsumeOptions, Decimal, Error, FieldTable, FieldValue, ReplyError,
 };
 use amqp_client_tests::{
@@ -51,7 +51,7 @@ async fn a_close_from_the_server_fails_pending_work_and_resolves_closed() {
     let connection = connect_with(
         config()
             .connection_name(connection_name.clone())
-            .recovery(amqp_client::RecoveryConfig::disabled()),
+            .recovery(amqp091::RecoveryConfig::disabled()),
     )
     .await;
     let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -384,8 +384,7 @@ async fn dropping_every_handle_closes_the_connection_gracefully() {
 
 #[tokio::test]
 async fn amqplain_authenticates_too() {
-    let connection =
-        connect_with(config().auth_mechanism(amqp_client::AuthMechanism::AmqPlain)).await;
+    let connection = connect_with(config().auth_mechanism(amqp091::AuthMechanism::AmqPlain)).await;
     let channel = connection.open_channel().await.expect("channel");
     channel
         .basic_qos(basic::Qos::default())

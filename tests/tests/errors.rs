@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use amqp_client::prelude::*;
-use amqp_client::{BasicProperties, Connection, Error, ReplyError};
+use amqp091::prelude::*;
+use amqp091::{BasicProperties, Connection, Error, ReplyError};
 use amqp_client_tests::{config, connect, delete_queue, name, unique};
 
 #[tokio::test]

@@ -11,9 +11,9 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use amqp_client::prelude::*;
-use amqp_client::protocol::{DecodeError, FrameError, Method, MethodId};
-use amqp_client::{BasicProperties, Connection, Error};
+use amqp091::prelude::*;
+use amqp091::protocol::{DecodeError, FrameError, Method, MethodId};
+use amqp091::{BasicProperties, Connection, Error};
 use amqp_client_tests::fake_peer::{
     connection_start, frame_prefix, header_frame, method_frame, raw_frame, FakePeer, Recording,
     Tuning, FRAME_BODY, FRAME_HEARTBEAT, FRAME_METHOD, PROTOCOL_HEADER,

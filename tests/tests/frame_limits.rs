@@ -8,10 +8,10 @@
 use std::future::Future;
 use std::time::Duration;
 
-use amqp_client::prelude::*;
-use amqp_client::protocol::frame::Frame;
-use amqp_client::protocol::Method;
-use amqp_client::{
+use amqp091::prelude::*;
+use amqp091::protocol::frame::Frame;
+use amqp091::protocol::Method;
+use amqp091::{
     BasicProperties, Channel, Config, Confirmation, Connection, ConsumeOptions, Error, FieldTable,
     RecoveryConfig, RecoveryEvent,
 };

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use amqp_client::prelude::*;
-use amqp_client::{
+use amqp091::prelude::*;
+use amqp091::{
     BasicProperties, Channel, Confirmation, ConsumeOptions, Error, FieldTable, ReplyCode,
     ReplyError,
 };

@@ -12,9 +12,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use amqp_client::prelude::*;
-use amqp_client::protocol::Method;
-use amqp_client::{BasicProperties, Connection, ConsumeOptions};
+use amqp091::prelude::*;
+use amqp091::protocol::Method;
+use amqp091::{BasicProperties, Connection, ConsumeOptions};
 use amqp_client_tests::fake_peer::{FakePeer, Tuning};
 
 /// Counts the bytes of live heap allocations, and their peak.
@@ -156,7 +156,7 @@ async fn bodies_announced_at_128_mib_cost_what_arrives_not_what_is_announced() {
             peer.expect_method("connection.close").await?;
             peer.send_method(
                 0,
-                &Method::ConnectionCloseOk(amqp_client::protocol::methods::connection::CloseOk {}),
+                &Method::ConnectionCloseOk(amqp091::protocol::methods::connection::CloseOk {}),
             )
             .await?;
             Ok(baseline)

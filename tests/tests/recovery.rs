@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use amqp_client::prelude::*;
-use amqp_client::{
+use amqp091::prelude::*;
+use amqp091::{
     BasicProperties, Channel, Config, Confirmation, Connection, ConsumeOptions, Error,
     RecoveryConfig, RecoveryEvent, ReplyError,
 };
@@ -53,7 +53,7 @@ async fn delete(queue: &str) {
     connection.close().await.expect("close");
 }
 
-async fn next_body(consumer: &mut amqp_client::Consumer) -> String {
+async fn next_body(consumer: &mut amqp091::Consumer) -> String {
     let delivery = tokio::time::timeout(Duration::from_secs(20), consumer.next())
         .await
         .expect("a delivery in time")

@@ -6,8 +6,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use amqp_client::prelude::*;
-use amqp_client::{
+use amqp091::prelude::*;
+use amqp091::{
     BasicProperties, Channel, Confirmation, ConnectInfo, Connection, ConsumeOptions, Credentials,
     Error, FieldTable, FieldValue, RecoveryConfig, RecoveryEvent, ShortString,
 };
@@ -46,7 +46,7 @@ async fn next_run(runs: &mut mpsc::UnboundedReceiver<ConnectInfo>) -> ConnectInf
 /// Starts a consumer whose deliveries go to `bodies` (acked); the task ends
 /// when the consumer does, and says so on `ended`.
 fn forward(
-    mut consumer: amqp_client::Consumer,
+    mut consumer: amqp091::Consumer,
     bodies: mpsc::UnboundedSender<String>,
     ended: mpsc::UnboundedSender<Option<Error>>,
 ) {
@@ -411,7 +411,7 @@ async fn unawaited_publishes(
     channel: &Channel,
     queue: &str,
     count: usize,
-) -> Vec<amqp_client::PublishConfirm> {
+) -> Vec<amqp091::PublishConfirm> {
     channel
         .confirm_select(confirm::Select::default())
         .await
@@ -434,7 +434,7 @@ async fn unawaited_publishes(
 
 /// Every outcome is an ack or unknown (never a failure), and the queue holds
 /// at least every acked message.
-async fn check_outcomes(confirms: Vec<amqp_client::PublishConfirm>, queue: &str) {
+async fn check_outcomes(confirms: Vec<amqp091::PublishConfirm>, queue: &str) {
     let (mut acked, mut unknown) = (0u32, 0u32);
     for confirm in confirms {
         match confirm.await {
@@ -571,7 +571,7 @@ async fn a_stream_consumer_resumes_after_its_last_delivery_across_a_broker_close
     connection.close().await.expect("close");
 }
 
-async fn next_stream_body(consumer: &mut amqp_client::Consumer) -> u32 {
+async fn next_stream_body(consumer: &mut amqp091::Consumer) -> u32 {
     let delivery = tokio::time::timeout(Duration::from_secs(20), consumer.next())
         .await
         .expect("a delivery in time")

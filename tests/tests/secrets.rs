@@ -9,8 +9,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use amqp_client::prelude::*;
-use amqp_client::{AuthMechanism, BasicProperties, Connection, ConsumeOptions, Error};
+use amqp091::prelude::*;
+use amqp091::{AuthMechanism, BasicProperties, Connection, ConsumeOptions, Error};
 use amqp_client_tests::{
     close_from_broker, config, connect_with, delete_queue, name, recovered, unique, TestUser,
 };

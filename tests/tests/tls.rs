@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use amqp_client::prelude::*;
-use amqp_client::{
+use amqp091::prelude::*;
+use amqp091::{
     BasicProperties, Config, Connection, Error, RecoveryConfig, RecoveryEvent, ReplyCode, TlsConfig,
 };
 use amqp_client_tests::node::{NodeOptions, PrivateNode};

@@ -70,14 +70,7 @@ fn main() -> ExitCode {
         Some("quickstart") => broker::ensure().and_then(|()| {
             cargo(
                 &root,
-                &[
-                    "run",
-                    "--quiet",
-                    "-p",
-                    "amqp-client",
-                    "--example",
-                    "quickstart",
-                ],
+                &["run", "--quiet", "-p", "amqp091", "--example", "quickstart"],
                 &args[1..],
             )
         }),

@@ -4,10 +4,10 @@
 //! run as a child process so that its CPU is not counted as the client's).
 //!
 //! ```text
-//! cargo run --release -p amqp-client --example perf -- --peer sink --producers 1 --size 32 --duration 10
-//! cargo run --release -p amqp-client --example perf -- --peer sink --confirm 1000
-//! cargo run --release -p amqp-client --example perf -- --peer flood --consumers 1 --prefetch 1000
-//! cargo run --release -p amqp-client --example perf -- --url amqp://127.0.0.1 --producers 1 --consumers 1
+//! cargo run --release -p amqp091 --example perf -- --peer sink --producers 1 --size 32 --duration 10
+//! cargo run --release -p amqp091 --example perf -- --peer sink --confirm 1000
+//! cargo run --release -p amqp091 --example perf -- --peer flood --consumers 1 --prefetch 1000
+//! cargo run --release -p amqp091 --example perf -- --url amqp://127.0.0.1 --producers 1 --consumers 1
 //! ```
 //!
 //! Prints progress each second, then msgs/s, client CPU per message (user +
@@ -21,10 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use amqp_client::prelude::*;
-use amqp_client::{
-    BasicProperties, Config, Connection, ConsumeOptions, RecoveryConfig, ShortString,
-};
+use amqp091::prelude::*;
+use amqp091::{BasicProperties, Config, Connection, ConsumeOptions, RecoveryConfig, ShortString};
 use bytes::{BufMut, Bytes, BytesMut};
 
 #[derive(Debug, Clone)]
@@ -197,7 +195,7 @@ async fn producer(
     o: Options,
     counters: Arc<Counters>,
     epoch: Instant,
-) -> Result<(), amqp_client::Error> {
+) -> Result<(), amqp091::Error> {
     let channel = connection.open_channel().await?;
     if o.confirm.is_some() {
         channel.confirm_select(confirm::Select::default()).await?;
@@ -250,7 +248,7 @@ async fn consumer(
     o: Options,
     counters: Arc<Counters>,
     epoch: Instant,
-) -> Result<(), amqp_client::Error> {
+) -> Result<(), amqp091::Error> {
     let channel = connection.open_channel().await?;
     channel
         .basic_qos(basic::Qos {
@@ -273,11 +271,11 @@ async fn consumer(
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery?;
         n += 1;
-        if measure_latency && n.is_multiple_of(16) {
+        if measure_latency && n % 16 == 0 {
             let sent = u64::from_be_bytes(delivery.body[..8].try_into().unwrap_or_default());
             latencies.push((epoch.elapsed().as_nanos() as u64).saturating_sub(sent));
         }
-        if !o.no_ack && n.is_multiple_of(o.multi_ack) {
+        if !o.no_ack && n % o.multi_ack == 0 {
             if o.multi_ack == 1 {
                 delivery.ack().await?;
             } else {
@@ -308,7 +306,7 @@ async fn rpc_round_trips(
     connection: &Connection,
     o: &Options,
     round_trips: u64,
-) -> Result<(), amqp_client::Error> {
+) -> Result<(), amqp091::Error> {
     let channel = connection.open_channel().await?;
     let declare = queue::Declare {
         queue: ShortString::new(&o.queue)?,
@@ -405,7 +403,7 @@ fn main() {
     }
 }
 
-async fn run(o: Options) -> Result<(), amqp_client::Error> {
+async fn run(o: Options) -> Result<(), amqp091::Error> {
     let config: Config = o.url.parse()?;
     // The URL may hold a password: print only where it points.
     let address = config.address();

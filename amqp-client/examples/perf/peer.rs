@@ -5,9 +5,9 @@
 
 use std::collections::HashSet;
 
-use amqp_client::protocol::frame::{self, Frame, FrameDecoder};
-use amqp_client::protocol::methods::{basic, channel, confirm, connection, queue, Method};
-use amqp_client::protocol::{BasicProperties, FieldTable, ShortString};
+use amqp091::protocol::frame::{self, Frame, FrameDecoder};
+use amqp091::protocol::methods::{basic, channel, confirm, connection, queue, Method};
+use amqp091::protocol::{BasicProperties, FieldTable, ShortString};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -8,10 +8,10 @@
 use std::fs;
 use std::path::Path;
 
-use amqp_client::protocol::frame::{write_body, write_header, write_heartbeat, write_method};
-use amqp_client::protocol::methods::{basic, channel, connection, exchange, queue};
-use amqp_client::protocol::wire::write_table;
-use amqp_client::protocol::{BasicProperties, Decimal, FieldTable, FieldValue, Method, ShortString};
+use amqp091::protocol::frame::{write_body, write_header, write_heartbeat, write_method};
+use amqp091::protocol::methods::{basic, channel, connection, exchange, queue};
+use amqp091::protocol::wire::write_table;
+use amqp091::protocol::{BasicProperties, Decimal, FieldTable, FieldValue, Method, ShortString};
 use bytes::{Bytes, BytesMut};
 
 fn s(text: &str) -> ShortString {
@@ -193,7 +193,7 @@ fn main() {
     }
     // Programs the machine harness runs far: in its own format, so the
     // harness writes them.
-    for (name, program) in amqp_client::fuzzing::machine_seeds() {
+    for (name, program) in amqp091::fuzzing::machine_seeds() {
         write(machine_dir, name, &program);
     }
 

@@ -8,8 +8,8 @@
 
 #![no_main]
 
-use amqp_client::protocol::frame::{write_header, write_method};
-use amqp_client::protocol::{Frame, FrameDecoder};
+use amqp091::protocol::frame::{write_header, write_method};
+use amqp091::protocol::{Frame, FrameDecoder};
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 

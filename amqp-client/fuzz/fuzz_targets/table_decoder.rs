@@ -7,7 +7,7 @@
 
 #![no_main]
 
-use amqp_client::protocol::wire::{read_table, write_table};
+use amqp091::protocol::wire::{read_table, write_table};
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
 

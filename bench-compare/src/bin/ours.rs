@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use amqp_client::prelude::*;
-use amqp_client::{
+use amqp091::prelude::*;
+use amqp091::{
     BasicProperties, Config, Connection, ConsumeOptions, RecoveryConfig, ShortString,
 };
 use bench_compare::{Counters, Feed, Options, Workload};
@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 const CLIENT: &str = "ours";
 
-fn err(e: amqp_client::Error) -> String {
+fn err(e: amqp091::Error) -> String {
     format!("amqp-client: {e}")
 }
 
