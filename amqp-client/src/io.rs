@@ -262,9 +262,6 @@ impl Driver {
                             |delivery| {
                                 permit.send(delivery);
                             },
-                            |deliveries, delivery| {
-                                deliveries.try_send(delivery).err().map(|e| e.into_inner())
-                            },
                             Instant::now(),
                         );
                         self.handle_input();

@@ -27,6 +27,14 @@ impl Ports for TokioPorts {
     fn same_consumer(a: &Self::Deliveries, b: &Self::Deliveries) -> bool {
         a.same_channel(b)
     }
+
+    fn offer(deliveries: &Self::Deliveries, delivery: RawDelivery) -> Option<Refused> {
+        match deliveries.try_send(delivery) {
+            Ok(()) => None,
+            Err(TrySendError::Full(delivery)) => Some(Refused::Full(delivery)),
+            Err(TrySendError::Closed(delivery)) => Some(Refused::Gone(delivery)),
+        }
+    }
 }
 
 /// The connection's state machine.
@@ -107,33 +115,21 @@ pub(crate) fn route(machine: &mut Machine, signals: &Signals) {
     while let Some(event) = machine.poll_event() {
         match event {
             Event::ChannelOpened(reply, opened) => {
-                if let Err(Ok(opened)) = reply.send(opened) {
+                if let Err(Ok(opened)) = reply.send(*opened) {
                     machine.open_abandoned(opened);
                 }
             }
             Event::Replied(reply, answer) => {
-                let _ = reply.send(answer);
+                let _ = reply.send(*answer);
             }
             Event::Done(reply, answer) => {
-                let _ = reply.send(answer);
+                let _ = reply.send(*answer);
             }
-            Event::Confirmed(reply, answer) => {
-                let _ = reply.send(answer);
+            Event::Confirmed(reply, outcome) => {
+                let _ = reply.send(outcome.into_result());
             }
             Event::ConfirmsSettled(reply, answer) => {
-                let _ = reply.send(answer);
-            }
-            Event::Delivery { channel, delivery } => {
-                let offered = match machine.deliveries_of(channel, &delivery.deliver.consumer_tag) {
-                    Some(deliveries) => deliveries.try_send(delivery).map_err(|e| match e {
-                        TrySendError::Full(delivery) => Refused::Full(delivery),
-                        TrySendError::Closed(delivery) => Refused::Gone(delivery),
-                    }),
-                    None => Err(Refused::Gone(delivery)),
-                };
-                if let Err(refused) = offered {
-                    machine.refused(channel, refused);
-                }
+                let _ = reply.send(*answer);
             }
             Event::Returned(returns, message) => {
                 if returns.try_send(*message).is_err() {
@@ -143,7 +139,7 @@ pub(crate) fn route(machine: &mut Machine, signals: &Signals) {
                 }
             }
             Event::Recovery(event) => {
-                let _ = signals.events.send(event);
+                let _ = signals.events.send(*event);
             }
             Event::Recovering(recovering) => signals.recovering.set(recovering),
             Event::Blocked(blocked) => signals.blocked.set(blocked),

@@ -1913,9 +1913,6 @@ impl Harness {
                     |delivery| {
                         permit.send(delivery);
                     },
-                    |deliveries, delivery| {
-                        deliveries.try_send(delivery).err().map(|e| e.into_inner())
-                    },
                     self.now,
                 ),
                 Err(TrySendError::Full(_)) => break,

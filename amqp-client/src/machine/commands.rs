@@ -261,11 +261,12 @@ impl<P: Ports> Machine<P> {
             );
             return;
         };
-        // The first epoch is unique on the connection: it names the incarnation.
-        let incarnation = self.fresh_epoch();
-        epoch.store(incarnation, Ordering::Release);
+        epoch.store(self.fresh_epoch(), Ordering::Release);
         let mut state = ChannelState::new(closed, epoch, Some(reply));
-        state.incarnation = incarnation;
+        // Wrapping: only a command queued before an id's reuse and taken
+        // 2^32 channel opens later could be mistaken for the new channel's.
+        self.next_incarnation = self.next_incarnation.wrapping_add(1).max(1);
+        state.incarnation = self.next_incarnation;
         state.hook_owned = hook_owned;
         self.channels.insert(id, state);
         self.push_out(

@@ -106,42 +106,9 @@ impl<P: Ports> Machine<P> {
             + QUEUED_DELIVERY_OVERHEAD
     }
 
-    /// Whether the consumer `delivery` names has deliveries waiting already.
-    pub(super) fn has_parked(&self, channel: u16, delivery: &RawDelivery) -> bool {
-        let Some(outlet) = self.deliveries_of(channel, &delivery.deliver.consumer_tag) else {
-            return false;
-        };
-        self.overflow
-            .iter()
-            .any(|parked| P::same_consumer(&parked.deliveries, outlet))
-    }
-
-    /// A delivery waits for room in its consumer's buffer; one whose consumer
-    /// is gone goes back to the queue instead.
-    pub(super) fn park(&mut self, channel: u16, delivery: RawDelivery) {
-        let Some(deliveries) = self
-            .deliveries_of(channel, &delivery.deliver.consumer_tag)
-            .cloned()
-        else {
-            return self.requeue_gone(channel, &delivery);
-        };
-        self.overflow_bytes += Self::delivery_cost(&delivery);
-        self.overflow.push_back(Parked {
-            channel,
-            deliveries,
-            delivery,
-        });
-    }
-
     /// Room was made for the oldest waiting delivery: `first` takes it. The
-    /// ones after it go too while `offer` finds room in their buffers (it
-    /// gives back, as `Some`, what it could not place).
-    pub(crate) fn unpark(
-        &mut self,
-        first: impl FnOnce(RawDelivery),
-        mut offer: impl FnMut(&P::Deliveries, RawDelivery) -> Option<RawDelivery>,
-        now: Instant,
-    ) {
+    /// ones after it go too while their buffers take them.
+    pub(crate) fn unpark(&mut self, first: impl FnOnce(RawDelivery), now: Instant) {
         let was_paused = self.is_paused();
         if let Some(parked) = self.overflow.pop_front() {
             self.overflow_bytes -= Self::delivery_cost(&parked.delivery);
@@ -149,9 +116,9 @@ impl<P: Ports> Machine<P> {
         }
         while let Some(mut parked) = self.overflow.pop_front() {
             let cost = Self::delivery_cost(&parked.delivery);
-            match offer(&parked.deliveries, parked.delivery) {
+            match P::offer(&parked.deliveries, parked.delivery) {
                 None => self.overflow_bytes -= cost,
-                Some(delivery) => {
+                Some(Refused::Full(delivery) | Refused::Gone(delivery)) => {
                     parked.delivery = delivery;
                     self.overflow.push_front(parked);
                     break;

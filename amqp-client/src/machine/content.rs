@@ -197,11 +197,32 @@ impl<P: Ports> Machine<P> {
                     content,
                     epoch: state.epoch.load(Ordering::Acquire),
                 };
-                // Behind this consumer's parked deliveries, if any: see `poll_event`.
-                self.output.push(Event::Delivery {
-                    channel: id,
-                    delivery,
-                });
+                // Behind this consumer's deliveries that already wait, if any.
+                let waiting = !self.overflow.is_empty()
+                    && self
+                        .overflow
+                        .iter()
+                        .any(|parked| P::same_consumer(&parked.deliveries, &slot.deliveries));
+                let refused = if waiting {
+                    Some(Refused::Full(delivery))
+                } else {
+                    P::offer(&slot.deliveries, delivery)
+                };
+                match refused {
+                    None => {}
+                    Some(Refused::Full(delivery)) => {
+                        self.overflow_bytes += Self::delivery_cost(&delivery);
+                        self.overflow.push_back(Parked {
+                            channel: id,
+                            deliveries: slot.deliveries.clone(),
+                            delivery,
+                        });
+                    }
+                    Some(Refused::Gone(delivery)) if !no_ack => {
+                        self.requeue(id, delivery.deliver.delivery_tag);
+                    }
+                    Some(Refused::Gone(_)) => {}
+                }
             }
             AssemblyTarget::Return(ret) => {
                 let message = ReturnedMessage {

@@ -109,6 +109,8 @@ pub(crate) struct Machine<P: Ports> {
     /// of an earlier incarnation (before a reconnect, or of a closed channel
     /// whose id was reused) is never taken for a current one.
     next_epoch: u64,
+    /// The incarnation of the channel opened last (see [`ChannelRef`]).
+    next_incarnation: u32,
     /// Why the connection ended; shared with every handle.
     error: Arc<OnceLock<Error>>,
     /// Deliveries waiting for room in their consumer's buffer, in arrival
@@ -163,6 +165,7 @@ impl<P: Ports> Machine<P> {
             last_received: now,
             last_sent: now,
             next_epoch: 1,
+            next_incarnation: 0,
             error,
             overflow: VecDeque::new(),
             overflow_bytes: 0,
@@ -244,9 +247,9 @@ impl<P: Ports> Machine<P> {
     /// Ends the connection with `error`, failing everything that waits.
     pub(crate) fn fail(&mut self, error: Error) {
         if !self.is_closed() && self.recovery.is_some() || self.is_interrupted() {
-            self.output.push(Event::Recovery(RecoveryEvent::Failed {
+            self.output.report(RecoveryEvent::Failed {
                 error: error.clone(),
-            }));
+            });
         }
         self.recovery = None;
         self.output.push(Event::Recovering(false));

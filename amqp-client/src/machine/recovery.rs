@@ -140,7 +140,7 @@ impl<P: Ports> Machine<P> {
         // A new connection is not blocked until its broker says so.
         self.output.push(Event::Blocked(None));
         self.output
-            .push(Event::Recovery(RecoveryEvent::Recovering { cause: error }));
+            .report(RecoveryEvent::Recovering { cause: error });
     }
 
     /// A new socket is up: re-open channels (same ids) with their QoS,
@@ -245,7 +245,7 @@ impl<P: Ports> Machine<P> {
                 self.state = State::Open;
                 self.output.push(Event::Recovering(false));
                 tracing::info!("connection recovered");
-                self.output.push(Event::Recovery(RecoveryEvent::Recovered));
+                self.output.report(RecoveryEvent::Recovered);
                 return;
             };
             match step {
@@ -369,10 +369,10 @@ impl<P: Ports> Machine<P> {
                 self.consumers_gone(vec![slot.consume.queue]);
             }
         }
-        self.output.push(Event::Recovery(RecoveryEvent::StepFailed {
+        self.output.report(RecoveryEvent::StepFailed {
             method: method.info().name,
             error,
-        }));
+        });
         false
     }
 
@@ -385,11 +385,10 @@ impl<P: Ports> Machine<P> {
                 tracing::info!(old = %old, new = %ok.queue, "server-named queue renamed by recovery");
                 run.renamed.insert(old.clone(), ok.queue.clone());
                 self.topology.rename_queue(&old, &ok.queue);
-                self.output
-                    .push(Event::Recovery(RecoveryEvent::QueueRenamed {
-                        old: old.to_string(),
-                        new: ok.queue.to_string(),
-                    }));
+                self.output.report(RecoveryEvent::QueueRenamed {
+                    old: old.to_string(),
+                    new: ok.queue.to_string(),
+                });
             }
         }
         self.advance_recovery();
@@ -411,7 +410,7 @@ impl<P: Ports> Machine<P> {
             _ => "channel",
         };
         self.output
-            .push(Event::Recovery(RecoveryEvent::StepFailed { method, error }));
+            .report(RecoveryEvent::StepFailed { method, error });
         if internal {
             let mut state =
                 ChannelState::new(Arc::new(OnceLock::new()), Arc::new(AtomicU64::new(0)), None);
