@@ -43,6 +43,7 @@ impl Drop for ChannelInner {
         if self.closed.get().is_none() {
             let _ = self.conn.control.send(Command::CloseChannel {
                 channel: self.id,
+                channel_epoch: self.epoch.clone(),
                 reply: None,
             });
         }
@@ -226,6 +227,7 @@ impl Channel {
                 tracing::warn!(channel = self.inner.id, %error, "closing the channel");
                 let _ = self.inner.conn.control.send(Command::CloseChannel {
                     channel: self.inner.id,
+                    channel_epoch: self.inner.epoch.clone(),
                     reply: None,
                 });
             }
@@ -269,6 +271,7 @@ impl Channel {
         // Through the command queue: behind what was published on the channel.
         self.send_command(Command::CloseChannel {
             channel: self.inner.id,
+            channel_epoch: self.inner.epoch.clone(),
             reply: Some(reply),
         })
         .await?;

@@ -42,6 +42,9 @@ mod io;
 mod link;
 mod machine;
 pub mod protocol;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod simulation;
 mod sync;
 mod topology;
 mod transport;

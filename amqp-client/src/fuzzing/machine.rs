@@ -63,6 +63,8 @@ use crate::protocol::{
     BasicProperties, FieldTable, FieldValue, MethodInfo, ReplyCode, ShortString,
 };
 
+use super::support::{expects_reply, short};
+
 /// Steps of one program at most.
 const MAX_STEPS: usize = 4096;
 /// Channel handles, consumers and returns streams the application keeps at most.
@@ -403,29 +405,6 @@ impl WireChannel {
     }
 }
 
-/// Whether a request waits for the broker's answer.
-fn expects_reply(method: &Method) -> bool {
-    let no_wait = match method {
-        Method::ExchangeDeclare(m) => m.no_wait,
-        Method::ExchangeDelete(m) => m.no_wait,
-        Method::ExchangeBind(m) => m.no_wait,
-        Method::ExchangeUnbind(m) => m.no_wait,
-        Method::QueueDeclare(m) => m.no_wait,
-        Method::QueueBind(m) => m.no_wait,
-        Method::QueuePurge(m) => m.no_wait,
-        Method::QueueDelete(m) => m.no_wait,
-        Method::BasicConsume(m) => m.no_wait,
-        Method::BasicCancel(m) => m.no_wait,
-        Method::ConfirmSelect(m) => m.no_wait,
-        _ => false,
-    };
-    !method.info().replies.is_empty() && !no_wait
-}
-
-fn short(text: impl AsRef<str>) -> ShortString {
-    ShortString::new(text).expect("a short string")
-}
-
 fn lost(what: &str) -> Error {
     Error::ConnectionLost(Arc::new(std::io::Error::other(what.to_owned())))
 }
@@ -622,6 +601,7 @@ impl Harness {
             let (reply, answer) = oneshot::channel();
             if self.queue(Command::CloseChannel {
                 channel: id,
+                channel_epoch: self.channels[index].epoch.clone(),
                 reply: Some(reply),
             }) {
                 self.calls.push(Call::Done {
@@ -632,6 +612,7 @@ impl Harness {
         } else {
             self.control.push_back(Command::CloseChannel {
                 channel: id,
+                channel_epoch: self.channels[index].epoch.clone(),
                 reply: None,
             });
         }
@@ -659,6 +640,7 @@ impl Harness {
         if channel.closed.set(timeout).is_ok() {
             self.control.push_back(Command::CloseChannel {
                 channel: channel.id,
+                channel_epoch: channel.epoch.clone(),
                 reply: None,
             });
         }

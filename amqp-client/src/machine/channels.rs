@@ -24,6 +24,9 @@ pub(super) struct PendingRpc {
     pub(super) reply: Option<oneshot::Sender<Result<Reply, Error>>>,
     /// A step of recovery: its reply advances recovery.
     pub(super) step: bool,
+    /// The tag of the application's `basic.consume` this is: failed, the
+    /// call leaves no consumer behind.
+    pub(super) consumer: Option<ShortString>,
 }
 
 impl PendingRpc {
@@ -35,6 +38,7 @@ impl PendingRpc {
             request,
             reply: Some(reply),
             step: false,
+            consumer: None,
         }
     }
 
@@ -46,6 +50,7 @@ impl PendingRpc {
             request: None,
             reply: None,
             step: false,
+            consumer: None,
         }
     }
 
@@ -56,6 +61,7 @@ impl PendingRpc {
             request: None,
             reply: None,
             step: true,
+            consumer: None,
         }
     }
 
@@ -224,6 +230,12 @@ impl ChannelState {
         self.consumers
             .retain(|_, slot| slot.end.get().is_none() && !slot.deliveries.is_closed());
         for pending in self.rpcs.drain(..) {
+            // Its caller learns the consume failed: no consumer to recover.
+            if let Some(tag) = &pending.consumer {
+                if let Some(slot) = self.consumers.remove(tag) {
+                    let _ = slot.end.set(error.clone());
+                }
+            }
             pending.fail(error);
         }
         self.in_flight = false;

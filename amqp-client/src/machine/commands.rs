@@ -74,6 +74,9 @@ pub(crate) enum Command {
     },
     CloseChannel {
         channel: u16,
+        /// The epoch of the channel to close: a channel whose id was reused
+        /// since (a close queued behind another close and an open) has another.
+        channel_epoch: Arc<AtomicU64>,
         reply: Option<oneshot::Sender<Result<(), Error>>>,
     },
     /// `connection.update-secret`, carried as the method itself so that its
@@ -107,7 +110,22 @@ impl Machine {
         }
         match command {
             Command::CloseConnection { code, text } => self.close_connection(code, text, now),
-            Command::CloseChannel { channel, reply } => self.close_channel(channel, reply),
+            Command::CloseChannel {
+                channel,
+                channel_epoch,
+                reply,
+            } => {
+                let same_channel = self
+                    .channels
+                    .get(&channel)
+                    .is_none_or(|state| Arc::ptr_eq(&state.epoch, &channel_epoch));
+                if same_channel {
+                    self.close_channel(channel, reply);
+                } else if let Some(reply) = reply {
+                    // That channel is gone already.
+                    let _ = reply.send(Ok(()));
+                }
+            }
             Command::ForgetConsumer {
                 channel,
                 channel_epoch,
@@ -277,6 +295,7 @@ impl Machine {
             }
         };
         // Registered now: deliveries may follow consume-ok at once.
+        let tag = consume.consumer_tag.clone();
         state.consumers.insert(
             consume.consumer_tag.clone(),
             ConsumerSlot {
@@ -293,6 +312,7 @@ impl Machine {
             request: None,
             reply: Some(reply),
             step: false,
+            consumer: Some(tag),
         });
         self.pump_rpc(channel);
     }
@@ -322,7 +342,7 @@ impl Machine {
     /// the connection is lost or being recovered, its buffered tags belong to
     /// the old connection (the broker requeues those itself), and a consumer
     /// not yet consuming on the new one just ends.
-    fn forget_consumer(&mut self, channel: u16, tag: ShortString, requeue: Vec<u64>) {
+    pub(super) fn forget_consumer(&mut self, channel: u16, tag: ShortString, requeue: Vec<u64>) {
         if self.accepts_commands() {
             if !self.channel_is_usable(channel) {
                 return;

@@ -85,6 +85,12 @@ impl Machine {
         self.overflow.front().map(|(_, sender, _)| sender.clone())
     }
 
+    /// Bytes of the deliveries waiting for room in their consumers' buffers.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn overflow_bytes(&self) -> usize {
+        self.overflow_bytes
+    }
+
     /// Whether reading the socket must pause: too much is waiting for
     /// consumers that do not keep up.
     pub(crate) fn is_paused(&self) -> bool {

@@ -215,8 +215,15 @@ impl Machine {
                             .push_back((id, slot.deliveries.clone(), delivery));
                     }
                     Err(mpsc::error::TrySendError::Closed(delivery)) => {
+                        let forgotten = slot.end.get().is_some();
                         if !no_ack {
                             self.requeue(id, delivery.deliver.delivery_tag);
+                        }
+                        if !forgotten {
+                            // A stream dropped without the consumer's drop
+                            // (its basic_consume abandoned): nobody cancels
+                            // it, and each requeued delivery would come back.
+                            self.forget_consumer(id, delivery.deliver.consumer_tag, Vec::new());
                         }
                     }
                 }

@@ -172,6 +172,7 @@ impl Machine {
             let _ = reply.send(Err(error.clone()));
         }
         self.control.clear();
+        self.crossed_closes.clear();
         self.ready.clear();
         self.heartbeat_due = false;
         self.overflow.clear();
@@ -322,14 +323,18 @@ impl Machine {
                         // The consumer's record follows the rename.
                         let queue = consume.queue.clone();
                         let tag = consume.consumer_tag.clone();
-                        if let Some(slot) = self
-                            .channels
-                            .get_mut(&id)
-                            .and_then(|c| c.consumers.get_mut(&tag))
-                        {
-                            slot.consume.queue = queue;
-                        } else {
+                        let Some(state) = self.channels.get_mut(&id) else {
                             continue;
+                        };
+                        match state.consumers.get_mut(&tag) {
+                            // A consume that failed with the loss: its caller
+                            // dropped the stream, and nobody would cancel it.
+                            Some(slot) if slot.deliveries.is_closed() => {
+                                state.consumers.remove(&tag);
+                                continue;
+                            }
+                            Some(slot) => slot.consume.queue = queue,
+                            None => continue,
                         }
                     }
                     if !self.step_fits(id, &method) {
