@@ -15,7 +15,8 @@ use amqp_client::simulation::{check_seed, run_seed, Reached};
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let (mut start, mut seeds, mut one, mut trace) = (0u64, 10_000u64, None, false);
+    let (mut start, mut seeds, mut one, mut trace, mut keep_going) =
+        (0u64, 10_000u64, None, false, false);
     while let Some(arg) = args.next() {
         let mut number = || -> u64 {
             args.next()
@@ -27,8 +28,9 @@ fn main() {
             "--seeds" => seeds = number(),
             "--seed" => one = Some(number()),
             "--trace" => trace = true,
+            "--keep-going" => keep_going = true,
             other => {
-                panic!("unknown argument {other}; use --seeds N, --start S, --seed S [--trace]")
+                panic!("unknown argument {other}; use --seeds N, --start S [--keep-going], --seed S [--trace]")
             }
         }
     }
@@ -44,7 +46,14 @@ fn main() {
     let began = Instant::now();
     let mut total = Reached::default();
     for (n, seed) in (start..start + seeds).enumerate() {
-        total.add(&check_seed(seed));
+        if keep_going {
+            match std::panic::catch_unwind(|| check_seed(seed)) {
+                Ok(reached) => total.add(&reached),
+                Err(_) => println!("FAILED seed {seed}"),
+            }
+        } else {
+            total.add(&check_seed(seed));
+        }
         if (n + 1) % 100_000 == 0 {
             eprintln!(
                 "{} seeds, {:.0}/s",

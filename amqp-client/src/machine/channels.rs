@@ -230,11 +230,15 @@ impl ChannelState {
         self.consumers
             .retain(|_, slot| slot.end.get().is_none() && !slot.deliveries.is_closed());
         for pending in self.rpcs.drain(..) {
-            // Its caller learns the consume failed: no consumer to recover.
-            if let Some(tag) = &pending.consumer {
-                if let Some(slot) = self.consumers.remove(tag) {
-                    let _ = slot.end.set(error.clone());
-                }
+            // Its caller learns the consume failed: no consumer to recover
+            // (unless deliveries for it came, which only a consume-ok precedes).
+            let unstarted = pending.consumer.as_ref().filter(|tag| {
+                self.consumers
+                    .get(*tag)
+                    .is_some_and(|slot| slot.position == StreamPosition::Unknown)
+            });
+            if let Some(slot) = unstarted.and_then(|tag| self.consumers.remove(tag)) {
+                let _ = slot.end.set(error.clone());
             }
             pending.fail(error);
         }

@@ -203,6 +203,16 @@ impl Machine {
 
     /// A delivery for a consumer that is gone goes back to the queue.
     pub(super) fn requeue(&mut self, id: u16, delivery_tag: u64) {
+        if self
+            .channels
+            .get(&id)
+            .is_some_and(|c| c.phase != Phase::Open)
+        {
+            // Its close is queued (or it is not open on this socket): the
+            // broker requeues what the channel holds, and a nack after the
+            // close would reach a channel that is gone.
+            return;
+        }
         self.push_settlement(
             id,
             Settlement::Nack(basic::Nack {

@@ -131,8 +131,8 @@ pub(crate) struct App {
     held: Vec<Held>,
     next_publish: u64,
     next_tag: u64,
-    /// Whether `confirm.select` may go with no-wait: off while the machine
-    /// misattributes returns of publishes sent before one (see the tests).
+    /// Whether `confirm.select` may go with no-wait or a second time: off
+    /// while the machine misattributes returns around one (see the tests).
     pub(crate) no_wait_select: bool,
     pub(crate) reached: AppReached,
 }
@@ -398,6 +398,10 @@ impl App {
             );
             return format!("tx commit ({commit}) on {id}");
         }
+        if channel.confirm && !self.no_wait_select {
+            // A second select misroutes returns (see the tests): not yet.
+            return format!("confirm.select again on {id}: skipped");
+        }
         if rng.one_in(6) && !channel.confirm {
             self.rpc(driver, handle, Method::TxSelect(tx::Select {}));
             return format!("tx.select on {id}");
@@ -506,7 +510,14 @@ impl App {
 
     /// Cancels a consumer (awaited or no-wait) or drops it.
     fn cancel(&mut self, driver: &mut SimDriver, rng: &mut Rng) -> String {
-        let ids: Vec<ConsumerId> = self.consumers.keys().copied().collect();
+        // A `Consumer` exists once its consume-ok came; a no-wait cancel
+        // before that overtakes the consume (see the report of the tests).
+        let ids: Vec<ConsumerId> = self
+            .consumers
+            .iter()
+            .filter(|(_, c)| c.started)
+            .map(|(id, _)| *id)
+            .collect();
         if ids.is_empty() {
             return "no consumer to cancel".to_owned();
         }
@@ -566,6 +577,17 @@ impl App {
                 );
                 self.reached.consumers_ended += 1;
                 self.consumers.remove(&consumer);
+            }
+        }
+        let handles: Vec<Handle> = self.channels.keys().copied().collect();
+        for handle in handles {
+            for id in driver.take_returns(handle) {
+                let id = id.unwrap_or_default();
+                let fate = broker.store.ledger.get(&id);
+                assert!(
+                    fate.is_some_and(|f| f.returned),
+                    "{id} reached the returns listener; the broker {fate:?}"
+                );
             }
         }
         for _ in 0..max {
@@ -770,7 +792,13 @@ impl App {
                     Err(_) => self.reached.unknown_confirms += 1,
                 }
             }
-            (CallKind::Open | CallKind::Close | CallKind::WaitConfirms, _) => {}
+            (CallKind::WaitConfirms, Answer::Confirms(outcome)) => {
+                self.reached.replies += u64::from(outcome.is_ok());
+            }
+            (CallKind::Close, Answer::Done(outcome)) => {
+                self.reached.replies += u64::from(outcome.is_ok());
+            }
+            (CallKind::Close, Answer::Reply(_)) | (CallKind::Open, Answer::Opened(_)) => {}
             (_, answer) => panic!("an answer of the wrong kind: {answer:?}"),
         }
     }

@@ -211,11 +211,6 @@ impl SimDriver {
             .cloned()
     }
 
-    /// Why the connection ended, once it has.
-    pub(crate) fn connection_error(&self) -> Option<&Error> {
-        self.error.get()
-    }
-
     pub(crate) fn channel_id(&self, handle: Handle) -> u16 {
         self.channels[handle].id
     }
@@ -721,6 +716,11 @@ impl SimDriver {
     /// Bytes of deliveries the machine holds for consumers that do not keep up.
     pub(crate) fn buffered_bytes(&self) -> usize {
         self.machine.overflow_bytes()
+    }
+
+    /// Whether deliveries wait in the machine or in a consumer's stream.
+    pub(crate) fn deliveries_waiting(&self) -> bool {
+        self.machine.overflow_bytes() > 0 || self.consumers.values().any(|c| !c.receiver.is_empty())
     }
 
     /// Bytes read but not yet taken by the machine.

@@ -77,6 +77,12 @@ pub fn run_seed(seed: u64, trace: bool) -> Reached {
     world::Sim::new(seed, trace, false).run()
 }
 
+/// Runs seed `seed` with the application also doing what the machine is
+/// known to get wrong (a no-wait or second `confirm.select`).
+pub fn run_seed_with_known_bugs(seed: u64) -> Reached {
+    world::Sim::new(seed, false, true).run()
+}
+
 /// Runs seed `seed`; a violation panics with the seed, the last steps and
 /// the command that replays the run with its whole trace.
 pub fn check_seed(seed: u64) -> Reached {

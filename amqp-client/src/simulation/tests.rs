@@ -6,33 +6,80 @@ use super::*;
 /// Seeds `cargo test` runs (the soak example runs more).
 const SEEDS: u64 = 2_000;
 
+/// The simulator must not silently test nothing: each kind of event
+/// happens across the seeds, and most runs settle and close.
+fn check_reached(t: &Reached) {
+    // About half of what 2,000 seeds reached when these were set.
+    assert!(t.app.channels_opened > 5 * SEEDS, "{t}");
+    assert!(t.app.deliveries > 3 * SEEDS, "{t}");
+    assert!(t.app.settled > SEEDS, "{t}");
+    assert!(t.app.acked_confirms > SEEDS / 3, "{t}");
+    assert!(t.app.nacked_confirms > 50, "{t}");
+    assert!(t.app.returned_confirms > 150, "{t}");
+    assert!(t.app.unknown_confirms > 400, "{t}");
+    assert!(t.app.gets > SEEDS / 3, "{t}");
+    assert!(t.broker.server_cancels > 80, "{t}");
+    assert!(t.broker.channel_errors > SEEDS, "{t}");
+    assert!(t.broker.acks > SEEDS / 2, "{t}");
+    assert!(t.broker.requeues > 300, "{t}");
+    assert!(t.broker.commits > 15, "{t}");
+    assert!(t.losses > SEEDS, "{t}");
+    assert!(t.mid_frame_losses > SEEDS / 2, "{t}");
+    assert!(t.recoveries > SEEDS, "{t}");
+    assert!(t.forced_closes > SEEDS / 2, "{t}");
+    assert!(t.blocked > SEEDS / 2, "{t}");
+    assert!(t.settled_runs > SEEDS / 2, "{t}");
+    assert!(t.closed_cleanly > SEEDS / 2, "{t}");
+}
+
+/// Seeds that still fail, each for a machine bug not fixed yet (see the
+/// report in the commit): checked to fail, so that a fix shows here.
+/// 1547: a command queued on a channel (a publish, a consume) before the
+/// broker closed it lands on the new channel that reuses its id, whose
+/// deliveries go to a consumer of a closed handle; 747, 1218: the same
+/// symptom (deliveries left unacked), not yet diagnosed.
+const KNOWN_FAILING: [u64; 3] = [747, 1218, 1547];
+
 #[test]
-fn seeds_hold_and_reach_the_checks() {
+fn seeds_hold_and_reach_the_checks_known_failures_aside() {
     let mut total = Reached::default();
     for seed in 0..SEEDS {
+        if KNOWN_FAILING.contains(&seed) {
+            let failed = std::panic::catch_unwind(|| run_seed(seed, false)).is_err();
+            assert!(failed, "seed {seed} passes now: take it off KNOWN_FAILING");
+            continue;
+        }
         total.add(&check_seed(seed));
     }
     eprintln!("{total}");
-    // The simulator must not silently test nothing: each kind of event
-    // happens across the seeds, and most runs settle and close.
-    let t = &total;
-    assert!(t.app.channels_opened > SEEDS, "{t}");
-    assert!(t.app.deliveries > 10 * SEEDS, "{t}");
-    assert!(t.app.settled > 5 * SEEDS, "{t}");
-    assert!(t.app.acked_confirms > SEEDS, "{t}");
-    assert!(t.app.nacked_confirms > 50, "{t}");
-    assert!(t.app.returned_confirms > 50, "{t}");
-    assert!(t.app.unknown_confirms > 50, "{t}");
-    assert!(t.app.gets > SEEDS, "{t}");
-    assert!(t.broker.server_cancels > 100, "{t}");
-    assert!(t.broker.channel_errors > SEEDS, "{t}");
-    assert!(t.broker.requeues > SEEDS, "{t}");
-    assert!(t.broker.commits > 100, "{t}");
-    assert!(t.losses > SEEDS / 2, "{t}");
-    assert!(t.mid_frame_losses > SEEDS / 4, "{t}");
-    assert!(t.recoveries > SEEDS / 2, "{t}");
-    assert!(t.forced_closes > SEEDS / 4, "{t}");
-    assert!(t.blocked > SEEDS / 4, "{t}");
-    assert!(t.settled_runs > SEEDS / 2, "{t}");
-    assert!(t.closed_cleanly > SEEDS / 2, "{t}");
+    check_reached(&total);
+}
+
+/// Regressions: the seeds that found the machine bugs fixed so far (found
+/// with an earlier version of the application model, so they replay the
+/// same kind of run, not byte for byte the same one).
+/// 1: the application's channel.close crossed the broker's; RabbitMQ
+/// answers both, and the close-ok for the gone channel closed the connection.
+/// 4, 13: a consume failed by a lost connection was consumed again by
+/// recovery, with nobody reading: every delivery requeued, forever.
+/// 38: a channel.close queued behind another close and an open closed the
+/// new channel that reused the id (and its open-ok closed the connection).
+/// 312, 915, 1809: the requeue of a dropped consumer's parked deliveries
+/// went out after the channel's close (RabbitMQ: 504, connection closed).
+#[test]
+fn regression_seeds_of_fixed_bugs() {
+    for seed in [1, 4, 13, 38, 312, 915, 1809] {
+        check_seed(seed);
+    }
+}
+
+/// Known machine bugs the application model avoids (no-wait or repeated
+/// `confirm.select`): a return of a publish sent before a no-wait select
+/// (seed 35), or sent while a second select waits for its select-ok (seed
+/// 362), is attributed to the wrong publish or closes the connection.
+#[test]
+#[ignore = "known bug: returns around a no-wait or second confirm.select"]
+fn known_bug_returns_around_confirm_select() {
+    run_seed_with_known_bugs(35);
+    run_seed_with_known_bugs(362);
 }

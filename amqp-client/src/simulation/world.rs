@@ -96,6 +96,7 @@ impl Sim {
         let driver = SimDriver::new(&settings, now);
         let mut broker = Broker::new(settings.frame_max, settings.channel_max);
         broker.trace = trace;
+        broker.store.preload();
         broker.connect(settings.heartbeat, now);
         LAST_STEPS.with(|steps| steps.borrow_mut().clear());
         Self {
@@ -398,6 +399,7 @@ impl Sim {
             self.advance(Duration::from_millis(1));
             let quiet = self.driver.calls_waiting() == 0
                 && !self.app.holds()
+                && !self.driver.deliveries_waiting()
                 && self.broker.output_len() == 0;
             if quiet && !self.driver.is_interrupted() && !self.driver.is_recovering() {
                 break;

@@ -845,10 +845,10 @@ impl Broker {
         let fate = self.store.ledger.entry(message.id.clone()).or_default();
         fate.returned |= returned;
         let ch = self.channel(id);
-        let seq = ch.confirm_seq.map(|seq| {
+        let seq = ch.confirm_seq;
+        if let Some(seq) = seq {
             ch.confirm_seq = Some(seq + 1);
-            seq
-        });
+        }
         if returned {
             // Earlier confirms first: a return is followed by its own ack,
             // with no other confirm between (the client pairs them).

@@ -155,6 +155,59 @@ impl Store {
         store
     }
 
+    /// A node that already has the application's usual topology (as one
+    /// that served it before), so that runs get to deliveries early.
+    pub(crate) fn preload(&mut self) {
+        for (name, kind) in [
+            ("x.direct", Kind::Direct),
+            ("x.fanout", Kind::Fanout),
+            ("x.topic", Kind::Topic),
+            ("x.headers", Kind::Headers),
+        ] {
+            let exchange = Exchange {
+                kind,
+                durable: false,
+                auto_delete: false,
+            };
+            self.exchanges.insert(short(name), exchange);
+        }
+        for (name, durable, auto_delete, max_length) in [
+            ("q1", true, false, None),
+            ("q2", false, true, None),
+            ("q.full", false, false, Some(2)),
+        ] {
+            let mut arguments = FieldTable::new();
+            if let Some(max) = max_length {
+                arguments.insert(short("x-max-length"), max as i64);
+                arguments.insert(short("x-overflow"), "reject-publish");
+            }
+            let queue = Queue {
+                durable,
+                exclusive: None,
+                auto_delete,
+                arguments,
+                max_length,
+                ready: VecDeque::new(),
+                had_consumers: false,
+                turn: 0,
+            };
+            self.queues.insert(short(name), queue);
+        }
+        for (source, queue, key) in [
+            ("x.direct", "q1", "a"),
+            ("x.fanout", "q2", ""),
+            ("x.topic", "q1", "a.*"),
+            ("x.topic", "q.full", "#"),
+        ] {
+            self.bindings.push(Binding {
+                source: short(source),
+                dest: Dest::Queue(short(queue)),
+                key: short(key),
+                arguments: FieldTable::new(),
+            });
+        }
+    }
+
     pub(crate) fn server_name(&mut self) -> ShortString {
         self.server_named += 1;
         short(&format!("amq.gen-{}", self.server_named))
