@@ -20,6 +20,8 @@ use crate::protocol::{BasicProperties, ReplyCode, ShortString};
 use super::Rng;
 
 mod channels;
+mod declare;
+mod delivery;
 pub(crate) mod store;
 
 use store::{Message, Store};
