@@ -7,6 +7,7 @@
 
 mod config_url;
 mod machine;
+pub(crate) mod support;
 
 pub use config_url::check_url;
 pub use machine::{machine_seeds, run_machine};

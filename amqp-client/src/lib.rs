@@ -43,6 +43,9 @@ mod link;
 mod machine;
 mod ports;
 pub mod protocol;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod simulation;
 mod sync;
 mod topology;
 mod transport;

@@ -62,6 +62,8 @@ use crate::protocol::{
     BasicProperties, FieldTable, FieldValue, MethodInfo, ReplyCode, ShortString,
 };
 
+use super::support::{expects_reply, short};
+
 /// Steps of one program at most.
 const MAX_STEPS: usize = 4096;
 /// Channel handles, consumers and returns streams the application keeps at most.
@@ -401,29 +403,6 @@ impl WireChannel {
         self.generated_tag += 1;
         self.generated_tag
     }
-}
-
-/// Whether a request waits for the broker's answer.
-fn expects_reply(method: &Method) -> bool {
-    let no_wait = match method {
-        Method::ExchangeDeclare(m) => m.no_wait,
-        Method::ExchangeDelete(m) => m.no_wait,
-        Method::ExchangeBind(m) => m.no_wait,
-        Method::ExchangeUnbind(m) => m.no_wait,
-        Method::QueueDeclare(m) => m.no_wait,
-        Method::QueueBind(m) => m.no_wait,
-        Method::QueuePurge(m) => m.no_wait,
-        Method::QueueDelete(m) => m.no_wait,
-        Method::BasicConsume(m) => m.no_wait,
-        Method::BasicCancel(m) => m.no_wait,
-        Method::ConfirmSelect(m) => m.no_wait,
-        _ => false,
-    };
-    !method.info().replies.is_empty() && !no_wait
-}
-
-fn short(text: impl AsRef<str>) -> ShortString {
-    ShortString::new(text).expect("a short string")
 }
 
 fn lost(what: &str) -> Error {

@@ -24,6 +24,9 @@ pub(super) struct PendingRpc<P: Ports> {
     pub(super) reply: Option<P::Reply<Result<Reply, Error>>>,
     /// A step of recovery: its reply advances recovery.
     pub(super) step: bool,
+    /// The tag of the application's `basic.consume` this is: failed, the
+    /// call leaves no consumer behind.
+    pub(super) consumer: Option<ShortString>,
 }
 
 impl<P: Ports> PendingRpc<P> {
@@ -35,6 +38,7 @@ impl<P: Ports> PendingRpc<P> {
             request,
             reply: Some(reply),
             step: false,
+            consumer: None,
         }
     }
 
@@ -46,6 +50,7 @@ impl<P: Ports> PendingRpc<P> {
             request: None,
             reply: None,
             step: false,
+            consumer: None,
         }
     }
 
@@ -56,6 +61,7 @@ impl<P: Ports> PendingRpc<P> {
             request: None,
             reply: None,
             step: true,
+            consumer: None,
         }
     }
 
@@ -286,6 +292,16 @@ impl<P: Ports> ChannelState<P> {
         self.consumers
             .retain(|_, slot| slot.end.get().is_none() && !P::is_gone(&slot.deliveries));
         for pending in self.rpcs.drain(..) {
+            // Its caller learns the consume failed: no consumer to recover
+            // (unless deliveries for it came, which only a consume-ok precedes).
+            let unstarted = pending.consumer.as_ref().filter(|tag| {
+                self.consumers
+                    .get(*tag)
+                    .is_some_and(|slot| slot.position == StreamPosition::Unknown)
+            });
+            if let Some(slot) = unstarted.and_then(|tag| self.consumers.remove(tag)) {
+                let _ = slot.end.set(error.clone());
+            }
             pending.fail(error, out);
         }
         self.in_flight = false;
@@ -331,7 +347,12 @@ impl<P: Ports> Machine<P> {
         match &*method {
             // The broker numbers publishes from the select on.
             Method::ConfirmSelect(_) => {
-                channel.confirms.get_or_insert_with(Confirms::new);
+                channel.confirms.get_or_insert_with(|| {
+                    let mut confirms = Confirms::new();
+                    // Returns until its select-ok are of earlier publishes.
+                    confirms.awaiting_select_ok = true;
+                    confirms
+                });
             }
             Method::BasicGet(get) => channel.get_no_ack = get.no_ack,
             // See `unsettled`: acks may be rolled back, recovered tags die.
@@ -361,6 +382,9 @@ impl<P: Ports> Machine<P> {
             Some(Method::TxSelect(_)) => state.tx = true,
             Some(request) => self.topology.observe(request, Some(&reply.method)),
             None => {}
+        }
+        if let (Method::ConfirmSelectOk(_), Some(confirms)) = (&reply.method, &mut state.confirms) {
+            confirms.awaiting_select_ok = false;
         }
         if pending.step {
             self.step_succeeded(&reply.method);

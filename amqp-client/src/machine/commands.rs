@@ -294,8 +294,14 @@ impl<P: Ports> Machine<P> {
         }
         if let (Method::ConfirmSelect(_), Some(state)) = (&*method, self.channels.get_mut(&channel))
         {
-            // The broker numbers publishes from the select on, answered or not.
-            state.confirms.get_or_insert_with(Confirms::new);
+            // Sent as a select whose select-ok nobody awaits: returns of
+            // publishes sent before it (which no ack follows) come before
+            // that select-ok, and only it tells them from the returns of
+            // publishes in confirm mode.
+            let select =
+                Method::ConfirmSelect(crate::protocol::methods::confirm::Select { no_wait: false });
+            state.rpcs.push_back(PendingRpc::unawaited(select));
+            return self.pump_rpc(channel);
         }
         self.push_method(channel, method);
     }
@@ -317,6 +323,7 @@ impl<P: Ports> Machine<P> {
             }
         };
         // Registered now: deliveries may follow consume-ok at once.
+        let tag = consume.consumer_tag.clone();
         state.consumers.insert(
             consume.consumer_tag.clone(),
             ConsumerSlot {
@@ -333,6 +340,7 @@ impl<P: Ports> Machine<P> {
             request: None,
             reply: Some(reply),
             step: false,
+            consumer: Some(tag),
         });
         self.pump_rpc(channel);
     }
@@ -364,7 +372,7 @@ impl<P: Ports> Machine<P> {
     /// the connection is lost or being recovered, its buffered tags belong to
     /// the old connection (the broker requeues those itself), and a consumer
     /// not yet consuming on the new one just ends.
-    fn forget_consumer(&mut self, channel: u16, tag: ShortString, requeue: Vec<u64>) {
+    pub(super) fn forget_consumer(&mut self, channel: u16, tag: ShortString, requeue: Vec<u64>) {
         if self.accepts_commands() {
             if !self.channel_is_usable(channel) {
                 return;

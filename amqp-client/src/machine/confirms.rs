@@ -14,6 +14,10 @@ pub(super) struct Confirms<P: Ports> {
     pub(super) returned: VecDeque<ReturnedMessage>,
     pub(super) waiters: Vec<P::Reply<Result<bool, Error>>>,
     pub(super) all_acked: bool,
+    /// The select that started confirm mode waits for its select-ok: returns
+    /// until then are of publishes sent before it (a second select, on a
+    /// channel in confirm mode already, does not set this).
+    pub(super) awaiting_select_ok: bool,
 }
 
 impl<P: Ports> Confirms<P> {
@@ -24,6 +28,7 @@ impl<P: Ports> Confirms<P> {
             returned: VecDeque::new(),
             waiters: Vec::new(),
             all_acked: true,
+            awaiting_select_ok: false,
         }
     }
 

@@ -94,6 +94,12 @@ impl<P: Ports> Machine<P> {
         self.overflow.front().map(|parked| &parked.deliveries)
     }
 
+    /// Bytes of the deliveries waiting for room in their consumers' buffers.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn overflow_bytes(&self) -> usize {
+        self.overflow_bytes
+    }
+
     /// Whether reading the socket must pause: too much is waiting for
     /// consumers that do not keep up.
     pub(crate) fn is_paused(&self) -> bool {
@@ -212,6 +218,16 @@ impl<P: Ports> Machine<P> {
 
     /// A delivery for a consumer that is gone goes back to the queue.
     pub(super) fn requeue(&mut self, id: u16, delivery_tag: u64) {
+        if self
+            .channels
+            .get(&id)
+            .is_some_and(|c| c.phase != Phase::Open)
+        {
+            // Its close is queued (or it is not open on this socket): the
+            // broker requeues what the channel holds, and a nack after the
+            // close would reach a channel that is gone.
+            return;
+        }
         self.push_settlement(
             id,
             Settlement::Nack(basic::Nack {

@@ -218,10 +218,18 @@ impl<P: Ports> Machine<P> {
                             delivery,
                         });
                     }
-                    Some(Refused::Gone(delivery)) if !no_ack => {
-                        self.requeue(id, delivery.deliver.delivery_tag);
+                    Some(Refused::Gone(delivery)) => {
+                        let forgotten = slot.end.get().is_some();
+                        if !no_ack {
+                            self.requeue(id, delivery.deliver.delivery_tag);
+                        }
+                        if !forgotten {
+                            // A stream dropped without the consumer's drop
+                            // (its basic_consume abandoned): nobody cancels
+                            // it, and each requeued delivery would come back.
+                            self.forget_consumer(id, delivery.deliver.consumer_tag, Vec::new());
+                        }
                     }
-                    Some(Refused::Gone(_)) => {}
                 }
             }
             AssemblyTarget::Return(ret) => {
@@ -233,13 +241,13 @@ impl<P: Ports> Machine<P> {
                     properties: content.properties,
                     body: content.body,
                 };
-                // While confirm.select waits for its select-ok, returns are
-                // of publishes sent before it, which no ack follows.
-                let selecting = state.in_flight
-                    && state.rpcs.front().is_some_and(|pending| {
-                        pending.info.id == crate::protocol::methods::confirm::Select::INFO.id
-                    });
-                if let Some(confirms) = state.confirms.as_mut().filter(|_| !selecting) {
+                // While the first confirm.select waits for its select-ok,
+                // returns are of publishes sent before it, which no ack follows.
+                if let Some(confirms) = state
+                    .confirms
+                    .as_mut()
+                    .filter(|confirms| !confirms.awaiting_select_ok)
+                {
                     // A return precedes the ack of its publish, which is
                     // still pending: more returns waiting than publishes
                     // pending is the peer's error (and unbounded growth).

@@ -76,6 +76,13 @@ impl<P: Ports> Machine<P> {
     }
 
     pub(super) fn channel_method(&mut self, id: u16, method: Method) -> Result<(), Error> {
+        if let (Method::ChannelCloseOk(_), Some(at)) =
+            (&method, self.crossed_closes.iter().position(|c| *c == id))
+        {
+            // The answer to our close of a channel the broker closed meanwhile.
+            self.crossed_closes.swap_remove(at);
+            return Ok(());
+        }
         let Some(state) = self.channels.get_mut(&id) else {
             return Err(unexpected(format!(
                 "{} on channel {id}, which is not open",
@@ -136,6 +143,14 @@ impl<P: Ports> Machine<P> {
                 let error = Error::channel_closed(id, reason);
                 let queues: Vec<ShortString> = state.consumer_queues();
                 let internal = state.internal;
+                // Our close is on the wire (no longer queued): its close-ok follows.
+                let crossed = state.phase == Phase::Closing
+                    && !state.out.iter().any(|o| {
+                        matches!(o, Outgoing::Method(m) if matches!(**m, Method::ChannelClose(_)))
+                    });
+                if crossed {
+                    self.crossed_closes.push(id);
+                }
                 state.fail(&error, &mut self.output);
                 for reply in state.close_replies.drain(..) {
                     self.output.answer(reply, Ok(()));

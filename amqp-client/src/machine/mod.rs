@@ -132,6 +132,9 @@ pub(crate) struct Machine<P: Ports> {
     closing_frame: Option<Method>,
     /// The close was put in the write buffer; its timeout starts when written.
     close_written: bool,
+    /// Channels whose close crossed the broker's: the broker answers ours
+    /// with a close-ok after the channel is gone (RabbitMQ does).
+    crossed_closes: Vec<u16>,
 }
 
 fn unexpected(what: String) -> Error {
@@ -155,6 +158,7 @@ impl<P: Ports> Machine<P> {
             last_loss: None,
             closing_frame: None,
             close_written: false,
+            crossed_closes: Vec::new(),
             settings,
             state: State::Open,
             channels: ChannelMap::default(),

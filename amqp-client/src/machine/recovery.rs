@@ -130,6 +130,7 @@ impl<P: Ports> Machine<P> {
             self.output.answer(reply, Err(error.clone()));
         }
         self.control.clear();
+        self.crossed_closes.clear();
         self.ready.clear();
         self.heartbeat_due = false;
         self.overflow.clear();
@@ -281,14 +282,18 @@ impl<P: Ports> Machine<P> {
                         // The consumer's record follows the rename.
                         let queue = consume.queue.clone();
                         let tag = consume.consumer_tag.clone();
-                        if let Some(slot) = self
-                            .channels
-                            .get_mut(&id)
-                            .and_then(|c| c.consumers.get_mut(&tag))
-                        {
-                            slot.consume.queue = queue;
-                        } else {
+                        let Some(state) = self.channels.get_mut(&id) else {
                             continue;
+                        };
+                        match state.consumers.get_mut(&tag) {
+                            // A consume that failed with the loss: its caller
+                            // dropped the stream, and nobody would cancel it.
+                            Some(slot) if P::is_gone(&slot.deliveries) => {
+                                state.consumers.remove(&tag);
+                                continue;
+                            }
+                            Some(slot) => slot.consume.queue = queue,
+                            None => continue,
                         }
                     }
                     if !self.step_fits(id, &method) {
