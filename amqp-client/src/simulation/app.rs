@@ -802,7 +802,10 @@ impl App {
         let pending: Vec<Handle> = self
             .channels
             .iter()
-            .filter(|(_, c)| c.tx && !c.uncommitted.is_empty())
+            .filter(|(h, c)| {
+                c.tx && (!c.uncommitted.is_empty()
+                    || broker.has_uncommitted_settlements(driver.channel_id(**h)))
+            })
             .map(|(h, _)| *h)
             .collect();
         for handle in pending {

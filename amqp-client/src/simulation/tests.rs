@@ -57,9 +57,14 @@ fn seeds_hold_and_reach_the_checks() {
 /// before the broker closed it landed on the new channel that reused its
 /// id, whose deliveries went to a consumer of the closed handle (fixed:
 /// commands name the channel's incarnation, `ChannelRef`).
+/// 2773, 8062, 18281 (the model's own bug): the requeue nack of a dropped
+/// consumer's deliveries on a transactional channel joins the transaction,
+/// and the application never committed it.
 #[test]
 fn regression_seeds_of_fixed_bugs() {
-    for seed in [1, 4, 13, 38, 312, 747, 915, 1218, 1547, 1809] {
+    for seed in [
+        1, 4, 13, 38, 312, 747, 915, 1218, 1547, 1809, 2773, 8062, 18281,
+    ] {
         check_seed(seed);
     }
 }

@@ -565,6 +565,17 @@ impl Broker {
         all
     }
 
+    /// Whether channel `id` holds settlements its transaction has not
+    /// committed (the application's, or the requeue of a dropped consumer's
+    /// deliveries, which joins the transaction as any nack does).
+    pub(crate) fn has_uncommitted_settlements(&self, id: u16) -> bool {
+        self.conn
+            .as_ref()
+            .and_then(|conn| conn.channels.get(&id))
+            .and_then(|channel| channel.tx.as_ref())
+            .is_some_and(|tx| !tx.settled.is_empty())
+    }
+
     /// Messages delivered on the connection and not settled: (channel, tag).
     pub(crate) fn unacked(&self) -> Vec<(u16, u64)> {
         let mut all = Vec::new();
