@@ -284,6 +284,12 @@ impl<P: Ports> Machine<P> {
         if let Method::BasicCancel(cancel) = &*method {
             // no-wait cancel: the consumer ends now.
             self.end_consumer(channel, &cancel.consumer_tag, false);
+            if self.drop_unsent_consume(channel, &cancel.consumer_tag) {
+                // Sent, the cancel would overtake the consume queued behind
+                // another call: the broker would then start a consumer that
+                // nobody reads (and whose deliveries come back forever).
+                return;
+            }
         }
         if !self.channel_is_usable(channel) {
             return;
@@ -366,6 +372,28 @@ impl<P: Ports> Machine<P> {
             }
             Some(confirms) => confirms.waiters.push(reply),
         }
+    }
+
+    /// Drops the `basic.consume` of `tag` if it still waits behind another
+    /// call on `channel` (never sent); its caller learns it was cancelled.
+    fn drop_unsent_consume(&mut self, channel: u16, tag: &ShortString) -> bool {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return false;
+        };
+        let unsent = state
+            .rpcs
+            .iter()
+            .position(|pending| pending.method.is_some() && pending.consumer.as_ref() == Some(tag));
+        let Some(pending) = unsent.and_then(|at| state.rpcs.remove(at)) else {
+            return false;
+        };
+        let cancelled = Error::ConsumerCancelled {
+            channel,
+            consumer_tag: tag.to_string(),
+            by_broker: false,
+        };
+        pending.fail(&cancelled, &mut self.output);
+        true
     }
 
     /// A dropped consumer: cancel it, and requeue what it had buffered. While

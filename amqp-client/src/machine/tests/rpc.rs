@@ -183,3 +183,76 @@ fn commands_of_a_closed_channel_do_not_reach_the_channel_reusing_its_id() {
     );
     assert!(m.channel_is_usable(id), "the new channel is still open");
 }
+
+/// A no-wait `basic.cancel` of a consumer whose `basic.consume` still waits
+/// behind another call must not overtake it: the broker would start a
+/// consumer nobody reads. The consume is dropped instead, and its caller
+/// learns it was cancelled.
+#[test]
+fn a_no_wait_cancel_does_not_overtake_its_queued_consume() {
+    let now = Instant::now();
+    let (mut m, _) = machine(now);
+    let id = open_channel(&mut m, now);
+    let (reply, _declared) = oneshot::channel();
+    m.command(
+        Command::Rpc {
+            channel: target(&m, id),
+            method: Box::new(declare("a")),
+            reply,
+        },
+        now,
+    );
+    let (deliveries, _stream) = mpsc::channel(4);
+    let (reply, mut consumed) = oneshot::channel();
+    m.command(
+        Command::Consume {
+            channel: target(&m, id),
+            consume: Box::new(basic::Consume {
+                consumer_tag: ShortString::from_static("t"),
+                ..Default::default()
+            }),
+            deliveries,
+            end: Arc::new(OnceLock::new()),
+            reply,
+        },
+        now,
+    );
+    m.command(
+        Command::Send {
+            channel: target(&m, id),
+            method: Box::new(Method::BasicCancel(basic::Cancel {
+                consumer_tag: ShortString::from_static("t"),
+                no_wait: true,
+            })),
+        },
+        now,
+    );
+    assert!(matches!(
+        consumed.try_recv(),
+        Ok(Err(Error::ConsumerCancelled {
+            by_broker: false,
+            ..
+        }))
+    ));
+    m.handle_frame(Frame::Method {
+        channel: id,
+        method: Method::QueueDeclareOk(queue::DeclareOk {
+            queue: ShortString::from_static("a"),
+            message_count: 0,
+            consumer_count: 0,
+        }),
+    })
+    .expect("declare-ok");
+    let sent: Vec<&'static str> = written(&mut m)
+        .iter()
+        .filter_map(|frame| match frame {
+            Frame::Method { method, .. } => Some(method.info().name),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        sent,
+        ["queue.declare"],
+        "neither consume nor cancel goes out"
+    );
+}

@@ -577,14 +577,19 @@ impl Broker {
     }
 
     /// Messages delivered on the connection and not settled: (channel, tag).
+    /// Transactional channels aside: a rollback undoes the requeue nacks of a
+    /// dropped consumer's deliveries as it undoes the application's own
+    /// settlements, and those messages stay unacked until the channel closes
+    /// (as with the Java client, which never requeues them; the ledger
+    /// still accounts for every one).
     pub(crate) fn unacked(&self) -> Vec<(u16, u64)> {
         let mut all = Vec::new();
         if let Some(conn) = &self.conn {
             for (id, channel) in &conn.channels {
-                all.extend(channel.unacked.keys().map(|tag| (*id, *tag)));
-                if let Some(tx) = &channel.tx {
-                    all.extend(tx.settled.iter().map(|(tag, _, _)| (*id, *tag)));
+                if channel.tx.is_some() {
+                    continue;
                 }
+                all.extend(channel.unacked.keys().map(|tag| (*id, *tag)));
             }
         }
         all
