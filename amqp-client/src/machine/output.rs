@@ -16,8 +16,9 @@
 use super::*;
 
 /// The handles' ends of what the machine answers, as the driver chose them
-/// (tokio channels in the connection, plain queues in a simulation). The
-/// machine only stores and hands back these values.
+/// (tokio's oneshots and channels in the connection, `ports::TokioPorts`;
+/// any other non-blocking ends a harness likes). The machine only stores and
+/// hands back these values, and offers deliveries through [`Ports::offer`].
 pub(crate) trait Ports {
     /// Where one waiting call's answer goes.
     type Reply<T>;
