@@ -1,7 +1,7 @@
 //! `amqp declare`, `delete`, `purge`, `bind` and `unbind`.
 
 use amqp091::prelude::*;
-use amqp091::{Channel, Connection, FieldTable, FieldValue};
+use amqp091::{Channel, Connection, FieldTable, FieldValue, ShortString};
 
 use crate::fail::{amqp, Failure};
 use crate::values::{parse_entry, short, table};
@@ -369,46 +369,118 @@ pub async fn bind(context: &Context, args: Bind, bind: bool) -> Result<(), Failu
         binding.source
     );
     let (connection, channel) = open(context).await?;
-    let outcome = match (is_queue, bind) {
-        (true, true) => channel
-            .queue_bind(queue::Bind {
-                queue: destination,
-                exchange: source,
-                routing_key,
-                no_wait: false,
-                arguments,
-            })
-            .await
-            .map(drop),
-        (true, false) => channel
-            .queue_unbind(queue::Unbind {
-                queue: destination,
-                exchange: source,
-                routing_key,
-                arguments,
-            })
-            .await
-            .map(drop),
-        (false, true) => channel
-            .exchange_bind(exchange::Bind {
-                destination,
-                source,
-                routing_key,
-                no_wait: false,
-                arguments,
-            })
-            .await
-            .map(drop),
-        (false, false) => channel
-            .exchange_unbind(exchange::Unbind {
-                destination,
-                source,
-                routing_key,
-                no_wait: false,
-                arguments,
-            })
-            .await
-            .map(drop),
-    };
+    let outcome = async {
+        // RabbitMQ answers an unbind of a missing queue or exchange with
+        // success; a script that names the wrong one should hear of it.
+        if !bind {
+            check_binding_ends(&channel, is_queue, &destination, &source).await?;
+        }
+        let call = BindingCall {
+            is_queue,
+            bind,
+            destination,
+            source,
+            routing_key,
+            arguments,
+        };
+        call.run(&channel).await
+    }
+    .await;
     done(connection, outcome.map_err(amqp(what))).await
+}
+
+/// Passive declares of a binding's destination and source.
+async fn check_binding_ends(
+    channel: &Channel,
+    is_queue: bool,
+    destination: &ShortString,
+    source: &ShortString,
+) -> Result<(), amqp091::Error> {
+    if is_queue {
+        channel
+            .queue_declare(queue::Declare {
+                queue: destination.clone(),
+                passive: true,
+                ..Default::default()
+            })
+            .await?;
+    } else {
+        passive_exchange(channel, destination).await?;
+    }
+    passive_exchange(channel, source).await
+}
+
+async fn passive_exchange(channel: &Channel, name: &ShortString) -> Result<(), amqp091::Error> {
+    channel
+        .exchange_declare(exchange::Declare {
+            exchange: name.clone(),
+            passive: true,
+            ..Default::default()
+        })
+        .await
+        .map(drop)
+}
+
+/// A bind or unbind, of a queue or an exchange.
+struct BindingCall {
+    is_queue: bool,
+    bind: bool,
+    destination: ShortString,
+    source: ShortString,
+    routing_key: ShortString,
+    arguments: FieldTable,
+}
+
+impl BindingCall {
+    async fn run(self, channel: &Channel) -> Result<(), amqp091::Error> {
+        let BindingCall {
+            is_queue,
+            bind,
+            destination,
+            source,
+            routing_key,
+            arguments,
+        } = self;
+        match (is_queue, bind) {
+            (true, true) => channel
+                .queue_bind(queue::Bind {
+                    queue: destination,
+                    exchange: source,
+                    routing_key,
+                    no_wait: false,
+                    arguments,
+                })
+                .await
+                .map(drop),
+            (true, false) => channel
+                .queue_unbind(queue::Unbind {
+                    queue: destination,
+                    exchange: source,
+                    routing_key,
+                    arguments,
+                })
+                .await
+                .map(drop),
+            (false, true) => channel
+                .exchange_bind(exchange::Bind {
+                    destination,
+                    source,
+                    routing_key,
+                    no_wait: false,
+                    arguments,
+                })
+                .await
+                .map(drop),
+            (false, false) => channel
+                .exchange_unbind(exchange::Unbind {
+                    destination,
+                    source,
+                    routing_key,
+                    no_wait: false,
+                    arguments,
+                })
+                .await
+                .map(drop),
+        }
+    }
 }
