@@ -169,16 +169,21 @@ fn main() -> ExitCode {
 /// A progress bar with count and rate on stderr: hidden unless progress is
 /// wanted and stderr is a terminal (indicatif's stderr target checks it).
 pub fn progress_bar(context: &Context, length: Option<u64>, verb: &str) -> indicatif::ProgressBar {
-    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+    use std::fmt::Write;
     if !context.progress {
         return ProgressBar::hidden();
     }
     let template = match length {
-        Some(_) => format!("{{bar:30}} {{pos}}/{{len}} {verb} ({{per_sec}}, {{elapsed}})"),
-        None => format!("{{spinner}} {{pos}} {verb} ({{per_sec}}, {{elapsed}})"),
+        Some(_) => format!("{{bar:30}} {{pos}}/{{len}} {verb} ({{rate}}, {{elapsed}})"),
+        None => format!("{{spinner}} {{pos}} {verb} ({{rate}}, {{elapsed}})"),
     };
     let bar = ProgressBar::with_draw_target(length, ProgressDrawTarget::stderr());
     if let Ok(style) = ProgressStyle::with_template(&template) {
+        // Whole messages per second: indicatif's own rate shows four decimals.
+        let style = style.with_key("rate", |state: &ProgressState, out: &mut dyn Write| {
+            let _ = write!(out, "{:.0}/s", state.per_sec());
+        });
         bar.set_style(style);
     }
     bar
