@@ -500,7 +500,11 @@ impl Config {
 
     /// Adds a client property (merged over `product`, `version`, `platform`…).
     #[must_use]
-    pub fn client_property(mut self, key: ShortString, value: impl Into<FieldValue>) -> Self {
+    pub fn client_property(
+        mut self,
+        key: impl Into<ShortString>,
+        value: impl Into<FieldValue>,
+    ) -> Self {
         self.client_properties.insert(key, value);
         self
     }

@@ -8,7 +8,7 @@
 //! let connection = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
 //! let channel = connection.open_channel().await?;
 //! let declared = channel
-//!     .queue_declare(queue::Declare { queue: "hello".try_into()?, ..Default::default() })
+//!     .queue_declare(queue::Declare { queue: "hello".into(), ..Default::default() })
 //!     .await?;
 //! channel.basic_publish("", &declared.queue, false, &BasicProperties::default(), "hi").await?;
 //! let mut consumer = channel.basic_consume("hello", ConsumeOptions::default()).await?;

@@ -143,7 +143,7 @@ async fn round_trip(connection: &Connection) {
     let queue = unique("tls");
     let declared = channel
         .queue_declare(queue::Declare {
-            queue: queue.as_str().try_into().unwrap(),
+            queue: queue.as_str().into(),
             auto_delete: true,
             ..Default::default()
         })
