@@ -91,6 +91,14 @@ pub enum Error {
         /// The limit.
         timeout: std::time::Duration,
     },
+    /// An `amqps://` connect with the client built without its `tls` feature.
+    #[error(
+        "{address} needs TLS (amqps), which this build of amqp091 lacks: enable its `tls` feature"
+    )]
+    TlsNotCompiled {
+        /// The address tried.
+        address: String,
+    },
     /// TLS could not be set up (bad certificate, verification failure…).
     #[error("TLS with {address} failed: {reason}")]
     Tls {

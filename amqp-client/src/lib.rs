@@ -51,7 +51,14 @@ mod topology;
 mod transport;
 mod unsettled;
 
+/// The rustls this client is built with, to build a
+/// [`TlsConfig::with_client_config`] of the matching version (feature `tls`).
+#[cfg(feature = "tls")]
+pub use tokio_rustls::rustls;
+
 pub use channel::{Channel, ConfirmationFuture, ConsumeOptions, PublishConfirm};
+#[cfg(feature = "tls")]
+pub use config::ReadyClientConfig;
 pub use config::{AuthMechanism, Config, RecoveryConfig, TlsConfig, UrlError};
 pub use connection::{
     ConnectInfo, Connection, ConnectionBuilder, Credentials, ProviderError, ServerInfo,
