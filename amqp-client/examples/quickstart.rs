@@ -4,7 +4,7 @@
 //! or `cargo run -p amqp091 --example quickstart`.
 
 use amqp091::prelude::*;
-use amqp091::{BasicProperties, Config, Connection, ConsumeOptions, ShortString};
+use amqp091::{BasicProperties, Config, Connection, ConsumeOptions};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -18,7 +18,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let channel = connection.open_channel().await?;
     let declared = channel
         .queue_declare(queue::Declare {
-            queue: ShortString::from_static("amqp-client.quickstart"),
+            queue: "amqp-client.quickstart".into(),
             auto_delete: true,
             ..Default::default()
         })
@@ -28,8 +28,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         declared.queue, declared.message_count
     );
 
-    let properties =
-        BasicProperties::default().with_content_type(ShortString::from_static("text/plain"));
+    let properties = BasicProperties::default()
+        .with_content_type("text/plain")
+        .with_message_id("1");
     channel
         .basic_publish(
             "",

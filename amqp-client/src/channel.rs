@@ -188,6 +188,7 @@ impl Channel {
     }
 
     /// The error that closed the channel (or its connection), if it is closed.
+    #[inline]
     pub fn closed_error(&self) -> Option<Error> {
         self.inner
             .closed
@@ -296,8 +297,8 @@ impl Channel {
     ) -> Result<PublishConfirm, Error> {
         self.check()?;
         let publish = basic::Publish {
-            exchange: ShortString::new(exchange)?,
-            routing_key: ShortString::new(routing_key)?,
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
             mandatory,
             immediate: false,
         };
@@ -369,8 +370,9 @@ impl Channel {
     }
 
     /// Encodes the method and header frames of a publish in the caller's
-    /// task, so the I/O task only copies bytes. A frame over the broker's
-    /// frame_max is refused here: sent, it would close the connection.
+    /// task, so the I/O task only copies bytes. A shortstr over 255 bytes or
+    /// a frame over the broker's frame_max is refused here: sent, it would
+    /// close the connection.
     fn encode_head(
         &self,
         publish: &basic::Publish,
@@ -388,19 +390,43 @@ impl Channel {
         frame::write_publish_method(&mut scratch, self.inner.id, publish);
         let method_len = scratch.len();
         frame::write_header(&mut scratch, self.inner.id, body_size, properties);
-        // frame_max is never below the spec's minimum, so the usual small
-        // head needs no look at the limit (an atomic load per publish).
-        if scratch.len() > FRAME_MIN_SIZE as usize {
-            let frame_max = self.inner.conn.shared.frame_max();
+        // A shortstr over 255 bytes is written whole (see
+        // `wire::write_short_string`), so a head of at most 255 bytes holds
+        // none; and frame_max is never below the spec's minimum. So the usual
+        // small head needs neither check (they cost more than the encoding).
+        if scratch.len() > ShortString::MAX_LEN {
             let header_len = scratch.len() - method_len;
-            let checked = check_frame_size(basic::Publish::INFO.name, method_len, frame_max)
-                .and_then(|()| check_frame_size("content header", header_len, frame_max));
-            if let Err(error) = checked {
+            if let Err(error) = self.check_head(publish, properties, method_len, header_len) {
                 scratch.clear();
                 return Err(error);
             }
         }
         Ok(scratch.split().freeze())
+    }
+
+    /// The checks of a publish's head over 255 bytes: its shortstrs, then
+    /// (over the spec's minimum frame_max) its frames' sizes. Kept out of
+    /// [`encode_head`](Self::encode_head), where the usual head skips them.
+    #[inline(never)]
+    fn check_head(
+        &self,
+        publish: &basic::Publish,
+        properties: &BasicProperties,
+        method_len: usize,
+        header_len: usize,
+    ) -> Result<(), Error> {
+        publish
+            .check_short_strings()
+            .map_err(|e| Error::name_too_long(basic::Publish::INFO.name, e))?;
+        properties
+            .check_short_strings()
+            .map_err(|e| Error::name_too_long("content header", e))?;
+        if method_len.max(header_len) > FRAME_MIN_SIZE as usize {
+            let frame_max = self.inner.conn.shared.frame_max();
+            check_frame_size(basic::Publish::INFO.name, method_len, frame_max)?;
+            check_frame_size("content header", header_len, frame_max)?;
+        }
+        Ok(())
     }
 
     /// Waits until every publish so far is confirmed; `true` if all were acked.
@@ -436,7 +462,15 @@ impl ChannelRpc for Channel {
         Ok(self.rpc(request).await?.method)
     }
 
+    /// Sends `method`. Acks, nacks and rejects are refused
+    /// ([`Error::RawSettlement`]): a bare delivery tag may belong to the
+    /// connection before a reconnect, where it named another message. Settle
+    /// with [`Delivery::ack`](crate::Delivery::ack), `ack_multiple`, `nack`
+    /// or `reject`.
     async fn send(&self, method: Method) -> Result<(), Error> {
+        if let Method::BasicAck(_) | Method::BasicNack(_) | Method::BasicReject(_) = method {
+            return Err(Error::RawSettlement(method.info().name));
+        }
         self.check()?;
         self.inner.conn.check_method_frame(self.inner.id, &method)?;
         let is_confirm_select = matches!(method, Method::ConfirmSelect(_));

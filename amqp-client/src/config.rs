@@ -67,18 +67,114 @@ impl AuthMechanism {
     }
 }
 
-/// TLS settings for `amqps://`.
+/// TLS settings for `amqps://` (feature `tls`, on by default).
+///
+/// Certificates come from files, from PEM held in memory, or a ready
+/// [`rustls::ClientConfig`](crate::rustls::ClientConfig) replaces them
+/// all:
+///
+/// ```
+/// use amqp091::{Config, TlsConfig};
+///
+/// # let ca_pem = b"-----BEGIN CERTIFICATE-----\n...";
+/// let config: Config = "amqps://rabbit.example/%2f".parse().unwrap();
+/// let config = config.tls(TlsConfig::default().with_ca_pem(ca_pem.to_vec()));
+/// assert!(config.tls.is_some());
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct TlsConfig {
     /// PEM file with the CA certificates to trust instead of the system roots.
     pub ca_file: Option<PathBuf>,
+    /// PEM text of CA certificates to trust instead of the system roots
+    /// (with `ca_file`, both are trusted).
+    pub ca_pem: Option<Vec<u8>>,
     /// PEM files with a client certificate chain and its private key (for EXTERNAL).
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// PEM text of a client certificate chain and of its private key, in
+    /// place of `client_cert`.
+    pub client_cert_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// A ready rustls configuration: used as it is, every certificate
+    /// setting above (and `dangerous_accept_invalid_certs`) ignored.
+    #[cfg(feature = "tls")]
+    pub client_config: Option<ReadyClientConfig>,
     /// Name to verify and send as SNI; defaults to the host.
     pub server_name: Option<String>,
     /// Accept any server certificate. Dangerous: anyone on the path can read
     /// and change the traffic. For tests only.
     pub dangerous_accept_invalid_certs: bool,
+}
+
+/// A ready [`rustls::ClientConfig`](crate::rustls::ClientConfig) (see
+/// [`TlsConfig::with_client_config`]). A wrapper so that [`Config`] stays
+/// unwind-safe: rustls's configuration is immutable once built, but holds
+/// trait objects (key log, certificate resolver) that do not say so.
+#[cfg(feature = "tls")]
+#[derive(Debug, Clone)]
+pub struct ReadyClientConfig(pub std::sync::Arc<tokio_rustls::rustls::ClientConfig>);
+
+#[cfg(feature = "tls")]
+impl std::panic::UnwindSafe for ReadyClientConfig {}
+#[cfg(feature = "tls")]
+impl std::panic::RefUnwindSafe for ReadyClientConfig {}
+
+impl TlsConfig {
+    /// Trusts the CA certificates of `pem` (PEM text) instead of the system roots.
+    #[must_use]
+    pub fn with_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Trusts the CA certificates of the PEM file at `path` instead of the
+    /// system roots.
+    #[must_use]
+    pub fn with_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// Presents the certificate chain and private key of `cert_pem` and
+    /// `key_pem` (PEM text), for EXTERNAL authentication.
+    #[must_use]
+    pub fn with_client_cert_pem(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.client_cert_pem = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// Presents the certificate chain and private key of the PEM files at
+    /// `cert` and `key`.
+    #[must_use]
+    pub fn with_client_cert_files(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.client_cert = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Uses `config` as it is (roots, client certificate, protocol versions,
+    /// ALPN…), in place of the certificate settings.
+    #[cfg(feature = "tls")]
+    #[must_use]
+    pub fn with_client_config(
+        mut self,
+        config: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+    ) -> Self {
+        self.client_config = Some(ReadyClientConfig(config));
+        self
+    }
+
+    /// Verifies (and sends as SNI) `name` instead of the host.
+    #[must_use]
+    pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
+    }
 }
 
 /// Automatic recovery: when the connection is lost (socket failure, missed
@@ -500,7 +596,11 @@ impl Config {
 
     /// Adds a client property (merged over `product`, `version`, `platform`…).
     #[must_use]
-    pub fn client_property(mut self, key: ShortString, value: impl Into<FieldValue>) -> Self {
+    pub fn client_property(
+        mut self,
+        key: impl Into<ShortString>,
+        value: impl Into<FieldValue>,
+    ) -> Self {
         self.client_properties.insert(key, value);
         self
     }

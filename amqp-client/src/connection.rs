@@ -63,7 +63,7 @@ impl ConnectionBuilder {
     /// ```no_run
     /// # async fn run() -> Result<(), amqp091::Error> {
     /// use amqp091::prelude::*;
-    /// use amqp091::{Config, Connection, ConsumeOptions, ShortString};
+    /// use amqp091::{Config, Connection, ConsumeOptions};
     ///
     /// let config: Config = "amqp://guest:guest@127.0.0.1:5672/%2f".parse()?;
     /// let connection = Connection::builder(config)
@@ -73,7 +73,7 @@ impl ConnectionBuilder {
     ///         }
     ///         let channel = connection.open_channel().await?;
     ///         channel
-    ///             .queue_declare(queue::Declare { queue: ShortString::new("jobs")?, durable: true, ..Default::default() })
+    ///             .queue_declare(queue::Declare { queue: "jobs".into(), durable: true, ..Default::default() })
     ///             .await?;
     ///         let mut consumer = channel.basic_consume("jobs", ConsumeOptions::default()).await?;
     ///         tokio::spawn(async move {
@@ -450,15 +450,17 @@ impl Connection {
         reason: &str,
     ) -> Result<(), Error> {
         let secret = secret.into();
-        let reason = ShortString::new(reason)?;
+        let reason = ShortString::from(reason);
         let update = connection::UpdateSecret {
             new_secret: Bytes::from(secret.clone()),
             reason,
         };
-        self.inner
-            .check_frame_of(0, &connection::UpdateSecret::INFO, |buf| {
-                update.encode_args(buf)
-            })?;
+        self.inner.check_frame_of(
+            0,
+            &connection::UpdateSecret::INFO,
+            update.check_short_strings(),
+            |buf| update.encode_args(buf),
+        )?;
         if let Ok(mut stored) = self.inner.shared.secret.lock() {
             *stored = Some(secret);
         }

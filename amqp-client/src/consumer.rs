@@ -34,6 +34,39 @@ pub struct Envelope {
 
 /// A message delivered to a consumer. Its `Debug` shows the body's length,
 /// not its bytes (print `body` itself to see them).
+///
+/// It is settled with [`ack`](Self::ack), [`ack_multiple`](Self::ack_multiple),
+/// [`nack`](Self::nack) or [`reject`](Self::reject), the only way to send
+/// `basic.ack`, `basic.nack` and `basic.reject`: a delivery knows which
+/// connection its tag belongs to, so that after a reconnect a stale tag is
+/// refused ([`Error::StaleDelivery`]) instead of settling whichever message
+/// has that tag now. Single acks in a row are sent as one `multiple` ack.
+/// `Channel` has no `basic_ack`, `basic_nack` or `basic_reject` taking a bare
+/// tag, and [`ChannelRpc::send`] refuses
+/// those methods ([`Error::RawSettlement`]):
+///
+/// ```compile_fail
+/// # use amqp091::prelude::*;
+/// # async fn example(channel: amqp091::Channel) {
+/// channel.basic_ack(basic::Ack { delivery_tag: 1, multiple: false }).await;
+/// # }
+/// ```
+///
+/// ```no_run
+/// # use amqp091::{Channel, ConsumeOptions, Error};
+/// # async fn example(channel: Channel) -> Result<(), Error> {
+/// let mut consumer = channel.basic_consume("jobs", ConsumeOptions::default()).await?;
+/// while let Some(delivery) = consumer.next().await {
+///     let delivery = delivery?;
+///     if delivery.body.is_empty() {
+///         delivery.reject(false).await?; // dropped (or dead-lettered)
+///     } else {
+///         delivery.ack().await?;
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Delivery {
     /// Where it came from.
@@ -91,6 +124,18 @@ impl Delivery {
         let ack = Settlement::Ack(basic::Ack {
             delivery_tag: tag,
             multiple: false,
+        });
+        self.channel.send_settlement(ack, self.epoch, tag).await
+    }
+
+    /// Acknowledges it and every earlier delivery of its channel not yet
+    /// settled (`basic.ack` with `multiple`). Stale tags are refused as for
+    /// [`ack`](Self::ack).
+    pub async fn ack_multiple(&self) -> Result<(), Error> {
+        let tag = self.envelope.delivery_tag;
+        let ack = Settlement::Ack(basic::Ack {
+            delivery_tag: tag,
+            multiple: true,
         });
         self.channel.send_settlement(ack, self.epoch, tag).await
     }
@@ -312,12 +357,12 @@ impl Channel {
                 .next_consumer
                 .fetch_add(1, Ordering::Relaxed);
             // Short enough to be stored inline by ShortString.
-            ShortString::new(format!("ctag-{}.{n}", self.inner.id))?
+            ShortString::from(format!("ctag-{}.{n}", self.inner.id))
         } else {
-            ShortString::new(&options.consumer_tag)?
+            ShortString::from(&options.consumer_tag)
         };
         let consume = basic::Consume {
-            queue: ShortString::new(queue)?,
+            queue: queue.into(),
             consumer_tag: tag.clone(),
             no_local: options.no_local,
             no_ack: options.no_ack,
@@ -326,11 +371,12 @@ impl Channel {
             arguments: options.arguments,
         };
         let no_ack = consume.no_ack;
-        self.inner
-            .conn
-            .check_frame_of(self.inner.id, &basic::Consume::INFO, |buf| {
-                consume.encode_args(buf)
-            })?;
+        self.inner.conn.check_frame_of(
+            self.inner.id,
+            &basic::Consume::INFO,
+            consume.check_short_strings(),
+            |buf| consume.encode_args(buf),
+        )?;
         let (deliveries, receiver) = mpsc::channel(self.inner.conn.config.consumer_buffer);
         let end = Arc::new(OnceLock::new());
         let (reply, answer) = oneshot::channel();
@@ -372,7 +418,7 @@ impl Channel {
     pub async fn basic_get(&self, queue: &str, no_ack: bool) -> Result<Option<GetMessage>, Error> {
         let reply = self
             .rpc(Method::BasicGet(basic::Get {
-                queue: ShortString::new(queue)?,
+                queue: queue.into(),
                 no_ack,
             }))
             .await?;

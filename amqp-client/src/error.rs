@@ -91,6 +91,14 @@ pub enum Error {
         /// The limit.
         timeout: std::time::Duration,
     },
+    /// An `amqps://` connect with the client built without its `tls` feature.
+    #[error(
+        "{address} needs TLS (amqps), which this build of amqp091 lacks: enable its `tls` feature"
+    )]
+    TlsNotCompiled {
+        /// The address tried.
+        address: String,
+    },
     /// TLS could not be set up (bad certificate, verification failure…).
     #[error("TLS with {address} failed: {reason}")]
     Tls {
@@ -167,9 +175,36 @@ pub enum Error {
     /// Every channel id up to the negotiated channel_max is in use.
     #[error("all {0} channel ids are in use")]
     ChannelsExhausted(u16),
-    /// A name longer than the 255 bytes of a shortstr.
+    /// A name longer than the 255 bytes of a shortstr, from
+    /// [`ShortString::new`](crate::ShortString::new) (calls that take names
+    /// report [`NameTooLong`](Self::NameTooLong) instead).
     #[error(transparent)]
     ShortString(#[from] crate::protocol::ShortStringTooLong),
+    /// A shortstr argument or property (a queue, exchange or consumer tag
+    /// name, a routing key, a `message-id`…, or a key of a table) is over
+    /// the 255 bytes the wire can carry. Refused before anything was queued:
+    /// the channel and the connection stay usable.
+    #[error(
+        "{what}: `{field}` is {len} bytes, over the 255 a shortstr can carry; nothing was sent"
+    )]
+    NameTooLong {
+        /// The method (`queue.declare`…), or `content header` for a
+        /// message's properties.
+        what: &'static str,
+        /// The field's spec name (`queue`, `routing-key`, `message-id`…); for
+        /// a table (`arguments`, `headers`), one of its keys is too long.
+        field: &'static str,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// `basic.ack`, `basic.nack` or `basic.reject` handed to
+    /// [`ChannelRpc::send`](crate::protocol::ChannelRpc::send) with a bare
+    /// delivery tag. Settle with [`Delivery::ack`](crate::Delivery::ack),
+    /// `nack` or `reject`: they know which connection a tag belongs to, so
+    /// that a tag from before a reconnect never acks another message.
+    /// Nothing was sent.
+    #[error("{0} is sent by Delivery::ack, nack or reject, which know the delivery's connection; nothing was sent")]
+    RawSettlement(&'static str),
     /// The operation needs the channel in confirm mode.
     #[error("channel {0} is not in confirm mode")]
     NotInConfirmMode(u16),
@@ -281,6 +316,18 @@ impl Error {
                 | Error::Protocol(_)
                 | Error::UnexpectedFrame(_)
         )
+    }
+
+    /// [`Error::NameTooLong`] for a field of `what` (a method's name).
+    pub(crate) fn name_too_long(
+        what: &'static str,
+        too_long: crate::protocol::FieldTooLong,
+    ) -> Self {
+        Error::NameTooLong {
+            what,
+            field: too_long.field,
+            len: too_long.len,
+        }
     }
 
     pub(crate) fn channel_closed(channel: u16, reason: CloseReason) -> Self {

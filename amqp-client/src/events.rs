@@ -107,3 +107,21 @@ pub enum Confirmation {
     /// connection, and nothing more is known of it.
     NotRequested,
 }
+
+impl Confirmation {
+    /// Whether the broker took responsibility for the message
+    /// ([`Ack`](Self::Ack)). A [`Returned`](Self::Returned) message is acked
+    /// by the broker too, but it reached no queue: this is `false` for it,
+    /// as for [`Nack`](Self::Nack) and [`NotRequested`](Self::NotRequested).
+    ///
+    /// ```
+    /// use amqp091::Confirmation;
+    ///
+    /// assert!(Confirmation::Ack.is_ack());
+    /// assert!(!Confirmation::Nack.is_ack());
+    /// assert!(!Confirmation::NotRequested.is_ack());
+    /// ```
+    pub fn is_ack(&self) -> bool {
+        matches!(self, Confirmation::Ack)
+    }
+}

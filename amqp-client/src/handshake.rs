@@ -95,6 +95,10 @@ struct HandshakeIo<'a> {
 
 impl HandshakeIo<'_> {
     async fn send(&mut self, method: Method) -> Result<(), Error> {
+        // The vhost, the locale, client property keys: refused, not cut.
+        method
+            .check_short_strings()
+            .map_err(|e| Error::name_too_long(method.info().name, e))?;
         self.write.clear();
         frame::write_method(&mut self.write, 0, &method);
         tracing::trace!(channel = 0, ?method, "frame sent");
@@ -221,7 +225,7 @@ pub(crate) async fn handshake(stream: &mut Stream, config: &Config) -> Result<Ne
         client_properties: client_properties(config),
         mechanism: short(mechanism),
         response: response.clone(),
-        locale: ShortString::new(&config.locale)?,
+        locale: ShortString::from(&config.locale),
     }))
     .await?;
 
@@ -276,7 +280,7 @@ pub(crate) async fn handshake(stream: &mut Stream, config: &Config) -> Result<Ne
     }))
     .await?;
     io.send(Method::ConnectionOpen(connection::Open {
-        virtual_host: ShortString::new(&config.vhost)?,
+        virtual_host: ShortString::from(&config.vhost),
     }))
     .await?;
     match io.receive().await? {

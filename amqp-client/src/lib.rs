@@ -8,7 +8,7 @@
 //! let connection = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
 //! let channel = connection.open_channel().await?;
 //! let declared = channel
-//!     .queue_declare(queue::Declare { queue: "hello".try_into()?, ..Default::default() })
+//!     .queue_declare(queue::Declare { queue: "hello".into(), ..Default::default() })
 //!     .await?;
 //! channel.basic_publish("", &declared.queue, false, &BasicProperties::default(), "hi").await?;
 //! let mut consumer = channel.basic_consume("hello", ConsumeOptions::default()).await?;
@@ -51,7 +51,14 @@ mod topology;
 mod transport;
 mod unsettled;
 
+/// The rustls this client is built with, to build a
+/// [`TlsConfig::with_client_config`] of the matching version (feature `tls`).
+#[cfg(feature = "tls")]
+pub use tokio_rustls::rustls;
+
 pub use channel::{Channel, ConfirmationFuture, ConsumeOptions, PublishConfirm};
+#[cfg(feature = "tls")]
+pub use config::ReadyClientConfig;
 pub use config::{AuthMechanism, Config, RecoveryConfig, TlsConfig, UrlError};
 pub use connection::{
     ConnectInfo, Connection, ConnectionBuilder, Credentials, ProviderError, ServerInfo,

@@ -18,7 +18,7 @@ use crate::events::RecoveryEvent;
 use crate::ports::Command;
 use crate::protocol::frame;
 use crate::protocol::methods::Method;
-use crate::protocol::{FieldTable, MethodInfo, ReplyCode};
+use crate::protocol::{FieldTable, FieldTooLong, MethodInfo, ReplyCode};
 
 /// Publishes queued in the client (not yet written to the socket) may hold
 /// at most this many bytes; beyond it `basic_publish` waits.
@@ -168,21 +168,30 @@ impl Inner {
         })
     }
 
-    /// Refuses `method` when its frame would exceed the broker's frame_max,
-    /// before it is queued. It is encoded to be measured: calls and no-wait
-    /// methods are not per message, unlike publishes (see `Channel::encode_head`).
+    /// Refuses `method` when a shortstr argument is over 255 bytes or its
+    /// frame would exceed the broker's frame_max, before it is queued. It is
+    /// encoded to be measured: calls and no-wait methods are not per
+    /// message, unlike publishes (see `Channel::encode_head`).
     pub(crate) fn check_method_frame(&self, channel: u16, method: &Method) -> Result<(), Error> {
-        self.check_frame_of(channel, method.info(), |buf| method.encode_args(buf))
+        self.check_frame_of(
+            channel,
+            method.info(),
+            method.check_short_strings(),
+            |buf| method.encode_args(buf),
+        )
     }
 
     /// [`check_method_frame`](Self::check_method_frame) of the method of
-    /// `info` whose arguments `args` writes, without building a [`Method`].
+    /// `info` whose arguments `args` writes, without building a [`Method`];
+    /// `names` is the method's `check_short_strings()`.
     pub(crate) fn check_frame_of(
         &self,
         channel: u16,
         info: &'static MethodInfo,
+        names: Result<(), FieldTooLong>,
         args: impl FnOnce(&mut BytesMut),
     ) -> Result<(), Error> {
+        names.map_err(|e| Error::name_too_long(info.name, e))?;
         let frame_max = self.shared.frame_max();
         let mut scratch = BytesMut::new();
         frame::write_method_frame(&mut scratch, channel, info.id, args);

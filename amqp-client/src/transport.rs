@@ -6,24 +6,17 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::rustls::client::danger::{
-    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-};
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use tokio_rustls::rustls::{
-    self, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
-use tokio_rustls::TlsConnector;
 
-use crate::config::{Config, TlsConfig};
+use crate::config::Config;
 use crate::error::Error;
+#[cfg(feature = "tls")]
+use tls::*;
 
 /// A plain or TLS stream.
 #[derive(Debug)]
 pub(crate) enum Stream {
     Tcp(TcpStream),
+    #[cfg(feature = "tls")]
     Tls(Box<TlsStream<TcpStream>>),
 }
 
@@ -35,6 +28,7 @@ impl AsyncRead for Stream {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(feature = "tls")]
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
@@ -48,6 +42,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(feature = "tls")]
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
@@ -59,6 +54,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            #[cfg(feature = "tls")]
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
@@ -66,6 +62,7 @@ impl AsyncWrite for Stream {
     fn is_write_vectored(&self) -> bool {
         match self {
             Stream::Tcp(s) => s.is_write_vectored(),
+            #[cfg(feature = "tls")]
             Stream::Tls(s) => s.is_write_vectored(),
         }
     }
@@ -73,6 +70,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(feature = "tls")]
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
@@ -80,6 +78,7 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(feature = "tls")]
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
@@ -121,12 +120,19 @@ pub(crate) async fn connect(config: &Config) -> Result<Stream, Error> {
     let _ = tcp.set_nodelay(true);
     match &config.tls {
         None => Ok(Stream::Tcp(tcp)),
+        #[cfg(not(feature = "tls"))]
+        Some(_) => Err(Error::TlsNotCompiled { address }),
+        #[cfg(feature = "tls")]
         Some(tls) => {
             let tls_error = |reason: String| Error::Tls {
                 address: address.clone(),
                 reason,
             };
-            let connector = TlsConnector::from(Arc::new(client_config(tls).map_err(tls_error)?));
+            let client_config = match &tls.client_config {
+                Some(ready) => ready.0.clone(),
+                None => Arc::new(client_config(tls).map_err(tls_error)?),
+            };
+            let connector = TlsConnector::from(client_config);
             let name = tls
                 .server_name
                 .clone()
@@ -142,118 +148,185 @@ pub(crate) async fn connect(config: &Config) -> Result<Stream, Error> {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn client_config(tls: &TlsConfig) -> Result<ClientConfig, String> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    let builder = if tls.dangerous_accept_invalid_certs {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider())))
-    } else {
-        let mut roots = RootCertStore::empty();
-        match &tls.ca_file {
-            Some(path) => {
-                let certs = CertificateDer::pem_file_iter(path)
-                    .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
-                for cert in certs {
-                    let cert =
-                        cert.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
-                }
-                if roots.is_empty() {
-                    return Err(format!(
-                        "CA file {} holds no PEM certificate",
-                        path.display()
-                    ));
-                }
-            }
-            None => {
-                let native = rustls_native_certs::load_native_certs();
-                for cert in native.certs {
-                    let _ = roots.add(cert);
-                }
-                if roots.is_empty() {
-                    return Err("no system root certificates found; give a CA file".to_owned());
-                }
-            }
-        }
-        builder.with_root_certificates(roots)
+/// The TLS half: rustls configuration from [`TlsConfig`] (feature `tls`).
+#[cfg(feature = "tls")]
+mod tls {
+    use std::sync::Arc;
+    pub(super) use tokio_rustls::client::TlsStream;
+    use tokio_rustls::rustls::client::danger::{
+        HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
     };
-    match &tls.client_cert {
-        None => Ok(builder.with_no_client_auth()),
-        Some((cert_path, key_path)) => {
-            let chain = CertificateDer::pem_file_iter(cert_path)
-                .map_err(|e| {
-                    format!(
-                        "cannot read client certificate {}: {e}",
-                        cert_path.display()
-                    )
-                })?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("bad client certificate {}: {e}", cert_path.display()))?;
-            let key = PrivateKeyDer::from_pem_file(key_path)
-                .map_err(|e| format!("cannot read client key {}: {e}", key_path.display()))?;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    pub(super) use tokio_rustls::rustls::pki_types::ServerName;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+    use tokio_rustls::rustls::{
+        self, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    };
+    pub(super) use tokio_rustls::TlsConnector;
+
+    use crate::config::TlsConfig;
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    pub(super) fn client_config(tls: &TlsConfig) -> Result<ClientConfig, String> {
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let builder = if tls.dangerous_accept_invalid_certs {
             builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("client certificate rejected: {e}"))
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider())))
+        } else {
+            builder.with_root_certificates(roots(tls)?)
+        };
+        let (chain, key) = match (&tls.client_cert_pem, &tls.client_cert) {
+            (None, None) => return Ok(builder.with_no_client_auth()),
+            (Some((cert_pem, key_pem)), _) => {
+                let chain = CertificateDer::pem_slice_iter(cert_pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("bad client certificate PEM: {e}"))?;
+                let key = PrivateKeyDer::from_pem_slice(key_pem)
+                    .map_err(|e| format!("bad client key PEM: {e}"))?;
+                (chain, key)
+            }
+            (None, Some((cert_path, key_path))) => {
+                let chain = CertificateDer::pem_file_iter(cert_path)
+                    .map_err(|e| {
+                        format!(
+                            "cannot read client certificate {}: {e}",
+                            cert_path.display()
+                        )
+                    })?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("bad client certificate {}: {e}", cert_path.display()))?;
+                let key = PrivateKeyDer::from_pem_file(key_path)
+                    .map_err(|e| format!("cannot read client key {}: {e}", key_path.display()))?;
+                (chain, key)
+            }
+        };
+        if chain.is_empty() {
+            return Err("the client certificate PEM holds no certificate".to_owned());
         }
-    }
-}
-
-/// The verifier behind `dangerous_accept_invalid_certs`: checks signatures
-/// (so the handshake is well-formed) but trusts any certificate.
-#[derive(Debug)]
-struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("client certificate rejected: {e}"))
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+    /// The roots to trust: the CA file and PEM given, else the system's.
+    fn roots(tls: &TlsConfig) -> Result<RootCertStore, String> {
+        let mut roots = RootCertStore::empty();
+        if let Some(path) = &tls.ca_file {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+            let before = roots.len();
+            for cert in certs {
+                let cert =
+                    cert.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
+            }
+            if roots.len() == before {
+                return Err(format!(
+                    "CA file {} holds no PEM certificate",
+                    path.display()
+                ));
+            }
+        }
+        if let Some(pem) = &tls.ca_pem {
+            let before = roots.len();
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| format!("bad certificate in the CA PEM: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("bad CA certificate in the CA PEM: {e}"))?;
+            }
+            if roots.len() == before {
+                return Err("the CA PEM holds no certificate".to_owned());
+            }
+        }
+        if tls.ca_file.is_some() || tls.ca_pem.is_some() {
+            return Ok(roots);
+        }
+        let native = rustls_native_certs::load_native_certs();
+        let mut refused = Vec::new();
+        for cert in native.certs {
+            if let Err(e) = roots.add(cert) {
+                refused.push(e.to_string());
+            }
+        }
+        let errors: Vec<String> = native.errors.iter().map(|e| e.to_string()).collect();
+        if roots.is_empty() {
+            let mut reason = "no system root certificate could be loaded".to_owned();
+            for error in errors.iter().chain(&refused) {
+                reason.push_str("; ");
+                reason.push_str(error);
+            }
+            reason.push_str(" (give a CA file or PEM)");
+            return Err(reason);
+        }
+        if !errors.is_empty() || !refused.is_empty() {
+            // Some roots loaded: connect with them, but say what was skipped.
+            tracing::warn!(
+                loaded = roots.len(),
+                ?errors,
+                ?refused,
+                "some system root certificates could not be loaded"
+            );
+        }
+        Ok(roots)
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
+    /// The verifier behind `dangerous_accept_invalid_certs`: checks signatures
+    /// (so the handshake is well-formed) but trusts any certificate.
+    #[derive(Debug)]
+    struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
 
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+    impl ServerCertVerifier for AcceptAnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp_response: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
     }
 }
 
@@ -261,6 +334,7 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 #[derive(Debug)]
 pub(crate) enum Reader {
     Tcp(tokio::net::tcp::OwnedReadHalf),
+    #[cfg(feature = "tls")]
     Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
 }
 
@@ -268,6 +342,7 @@ pub(crate) enum Reader {
 #[derive(Debug)]
 pub(crate) enum Writer {
     Tcp(tokio::net::tcp::OwnedWriteHalf),
+    #[cfg(feature = "tls")]
     Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
 }
 
@@ -280,6 +355,7 @@ impl Stream {
                 let (r, w) = s.into_split();
                 (Reader::Tcp(r), Writer::Tcp(w))
             }
+            #[cfg(feature = "tls")]
             Stream::Tls(s) => {
                 let (r, w) = tokio::io::split(*s);
                 (Reader::Tls(r), Writer::Tls(w))
@@ -296,6 +372,7 @@ impl AsyncRead for Reader {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Reader::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(feature = "tls")]
             Reader::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -309,6 +386,7 @@ impl AsyncWrite for Writer {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Writer::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(feature = "tls")]
             Writer::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -316,6 +394,7 @@ impl AsyncWrite for Writer {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Writer::Tcp(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(feature = "tls")]
             Writer::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -323,7 +402,47 @@ impl AsyncWrite for Writer {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Writer::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(feature = "tls")]
             Writer::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn in_memory_pem_that_holds_no_certificate_is_an_error() {
+        use crate::config::TlsConfig;
+        let error = tls::client_config(&TlsConfig::default().with_ca_pem(b"not a PEM".to_vec()))
+            .expect_err("no certificate");
+        assert!(error.contains("CA PEM holds no certificate"), "{error}");
+        let error = tls::client_config(
+            &TlsConfig {
+                dangerous_accept_invalid_certs: true,
+                ..Default::default()
+            }
+            .with_client_cert_pem(b"nothing".to_vec(), b"nothing".to_vec()),
+        )
+        .expect_err("no client certificate");
+        assert!(error.contains("client"), "{error}");
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[tokio::test]
+    async fn amqps_without_the_tls_feature_is_a_typed_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let config: Config = format!("amqps://127.0.0.1:{port}/%2f")
+            .parse()
+            .expect("a valid URL");
+        match connect(&config).await {
+            Err(Error::TlsNotCompiled { address }) => assert!(address.contains(&port.to_string())),
+            other => panic!("expected TlsNotCompiled, got {other:?}"),
         }
     }
 }

@@ -318,6 +318,121 @@ fn short_strings_compare_by_content_whatever_their_storage() {
 }
 
 #[test]
+fn short_strings_convert_from_str_and_string_without_failing() {
+    let from_str: ShortString = "jobs".into();
+    let from_string: ShortString = String::from("jobs").into();
+    let from_ref: ShortString = (&String::from("jobs")).into();
+    assert_eq!(from_str, "jobs");
+    assert_eq!(from_str, from_string);
+    assert_eq!(from_str, from_ref);
+    for len in [0, 31, 32, 255] {
+        let text = "q".repeat(len);
+        let short: ShortString = text.clone().into();
+        assert_eq!(short.as_str(), text);
+        assert!(short.check().is_ok(), "{len} bytes fit");
+    }
+    // Longer is held, and refused when it would be encoded.
+    let long: ShortString = "n".repeat(256).into();
+    assert_eq!(long.len(), 256);
+    assert_eq!(long.check().map_err(|e| e.len), Err(256));
+    let long_static = ShortString::from_static(concat!(
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef!"
+    ));
+    assert_eq!(long_static.check().map_err(|e| e.len), Err(257));
+}
+
+#[test]
+fn over_long_short_strings_are_named_by_the_checks_of_methods_and_properties() {
+    use amqp091::protocol::{basic, queue, FieldTooLong};
+    let long = "n".repeat(256);
+    let declare = queue::Declare {
+        queue: long.as_str().into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        declare.check_short_strings(),
+        Err(FieldTooLong {
+            field: "queue",
+            len: 256
+        })
+    );
+    let method = Method::QueueDeclare(declare);
+    assert_eq!(
+        method.check_short_strings().map_err(|e| e.field),
+        Err("queue")
+    );
+    let bind = queue::Bind {
+        queue: "q".into(),
+        exchange: "x".into(),
+        routing_key: "k".into(),
+        arguments: FieldTable::new().with("nested", FieldTable::new().with(long.as_str(), 1i32)),
+        ..Default::default()
+    };
+    assert_eq!(
+        bind.check_short_strings(),
+        Err(FieldTooLong {
+            field: "arguments",
+            len: 256
+        })
+    );
+    let publish = basic::Publish {
+        routing_key: long.as_str().into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        publish.check_short_strings().map_err(|e| e.field),
+        Err("routing-key")
+    );
+    let fine = BasicProperties::default()
+        .with_content_type("text/plain")
+        .with_message_id(String::from("1"))
+        .with_headers(FieldTable::new().with("k", "v"));
+    assert_eq!(fine.check_short_strings(), Ok(()));
+    assert_eq!(
+        fine.clone()
+            .with_correlation_id(long.as_str())
+            .check_short_strings(),
+        Err(FieldTooLong {
+            field: "correlation-id",
+            len: 256
+        })
+    );
+    assert_eq!(
+        fine.with_headers(FieldTable::new().with(long.as_str(), "v"))
+            .check_short_strings()
+            .map_err(|e| e.field),
+        Err("headers")
+    );
+}
+
+#[test]
+fn the_properties_setters_take_plain_strings() {
+    let properties = BasicProperties::default()
+        .with_content_type("text/plain")
+        .with_message_id("1")
+        .with_reply_to(String::from("amq.rabbitmq.reply-to"))
+        .with_delivery_mode(2);
+    assert_eq!(properties.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(properties.message_id.as_deref(), Some("1"));
+    assert_eq!(
+        properties.reply_to.as_deref(),
+        Some("amq.rabbitmq.reply-to")
+    );
+    assert_eq!(properties.delivery_mode, Some(2));
+}
+
+#[test]
+fn confirmations_say_whether_the_broker_acked() {
+    use amqp091::Confirmation;
+    assert!(Confirmation::Ack.is_ack());
+    assert!(!Confirmation::Nack.is_ack());
+    assert!(!Confirmation::NotRequested.is_ack());
+}
+
+#[test]
 fn non_utf8_short_strings_from_the_wire_are_replaced_not_rejected() {
     let mut input: &[u8] = &[3, b'a', 0xFF, b'b'];
     let s = wire::read_short_string(&mut input).expect("lossy");

@@ -14,6 +14,12 @@ const CORE_OWNED: &[&str] = &[
     "basic.publish",
     "basic.get",
     "basic.consume",
+    // Settled through `Delivery::ack`/`nack`/`reject`, which know the
+    // connection epoch a delivery tag belongs to: a raw stub taking a bare
+    // tag could ack, after a reconnect, a different message than meant.
+    "basic.ack",
+    "basic.nack",
+    "basic.reject",
 ];
 
 fn doc(text: &str) -> TokenStream {
@@ -232,6 +238,10 @@ fn method_struct(m: &Method) -> TokenStream {
         }
     }
     let field_names = visible.iter().map(|f| format_ident!("{}", f.ident));
+    let checks: Vec<_> = visible
+        .iter()
+        .filter_map(|f| check_field(f, quote!(self.)))
+        .collect();
     let buf_param = if m.fields.is_empty() {
         quote!(_buf)
     } else {
@@ -288,6 +298,15 @@ fn method_struct(m: &Method) -> TokenStream {
                 fields: &[#(#field_infos),*],
             };
 
+            /// Checks that every shortstr argument (and every key of a
+            /// table argument) fits the 255 bytes of the wire: the encoders
+            /// assume it, and callers check it before anything is queued.
+            #[inline]
+            pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+                #(#checks)*
+                Ok(())
+            }
+
             /// Writes the arguments (everything after the class and method ids).
             #[inline]
             pub fn encode_args(&self, #buf_param: &mut BytesMut) {
@@ -317,6 +336,26 @@ fn method_struct(m: &Method) -> TokenStream {
                 }
             }
         }
+    }
+}
+
+/// The length check of a shortstr or table field reached through `prefix`
+/// (`self.` for a method's field), `None` for other wire types.
+fn check_field(f: &Field, prefix: TokenStream) -> Option<TokenStream> {
+    let ident = format_ident!("{}", f.ident);
+    let name = &f.spec_name;
+    match f.wire {
+        WireType::ShortStr => Some(quote! {
+            if let Err(e) = #prefix #ident.check() {
+                return Err(FieldTooLong { field: #name, len: e.len });
+            }
+        }),
+        WireType::Table => Some(quote! {
+            if let Err(e) = #prefix #ident.check_keys() {
+                return Err(FieldTooLong { field: #name, len: e.len });
+            }
+        }),
+        _ => None,
     }
 }
 
@@ -376,6 +415,10 @@ pub fn methods(model: &Model) -> TokenStream {
         let v = variant_ident(m);
         quote!(Method::#v(m) => m.encode_args(buf),)
     });
+    let check_arms = all.iter().map(|m| {
+        let v = variant_ident(m);
+        quote!(Method::#v(m) => m.check_short_strings(),)
+    });
     let decode_arm = |m: &&Method| {
         let v = variant_ident(m);
         let p = struct_path(m);
@@ -393,7 +436,7 @@ pub fn methods(model: &Model) -> TokenStream {
 
         use crate::protocol::error::DecodeError;
         use crate::protocol::method_info::{Direction, FieldInfo, MethodId, MethodInfo, WireKind};
-        use crate::protocol::wire::{self, FieldTable, ShortString};
+        use crate::protocol::wire::{self, FieldTable, FieldTooLong, ShortString};
 
         #(#modules)*
 
@@ -410,6 +453,12 @@ pub fn methods(model: &Model) -> TokenStream {
             /// What the spec says of this method.
             pub fn info(&self) -> &'static MethodInfo {
                 match self { #(#info_arms)* }
+            }
+
+            /// Checks that every shortstr argument (and table key) fits
+            /// 255 bytes; see the method structs' `check_short_strings`.
+            pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+                match self { #(#check_arms)* }
             }
 
             /// Writes the arguments (everything after the class and method ids).
@@ -635,9 +684,20 @@ pub fn properties(model: &Model) -> TokenStream {
         let setters = class.properties.iter().map(|f| {
             let ident = format_ident!("{}", f.ident);
             let setter = format_ident!("with_{}", f.ident);
-            let ty = rust_type(f.wire);
             let fd = doc(&format!("Sets `{}`.", f.spec_name));
-            quote!(#fd #[must_use] pub fn #setter(mut self, value: #ty) -> Self { self.#ident = Some(value); self })
+            if f.wire == WireType::ShortStr {
+                // `&str` and `String` too; an over-long value is refused
+                // when the message is published.
+                quote!(#fd #[must_use] pub fn #setter(mut self, value: impl Into<ShortString>) -> Self { self.#ident = Some(value.into()); self })
+            } else {
+                let ty = rust_type(f.wire);
+                quote!(#fd #[must_use] pub fn #setter(mut self, value: #ty) -> Self { self.#ident = Some(value); self })
+            }
+        });
+        let prop_checks = class.properties.iter().filter_map(|f| {
+            let ident = format_ident!("{}", f.ident);
+            let check = check_field(f, quote!())?;
+            Some(quote!(if let Some(#ident) = &self.#ident { #check }))
         });
         let encodes = class.properties.iter().enumerate().map(|(i, f)| {
             let ident = format_ident!("{}", f.ident);
@@ -686,6 +746,15 @@ pub fn properties(model: &Model) -> TokenStream {
 
                 #(#setters)*
 
+                /// Checks that every shortstr property (and every key of the
+                /// headers) fits the 255 bytes of the wire: the encoder
+                /// assumes it, and publishing checks it first.
+                #[inline]
+                pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+                    #(#prop_checks)*
+                    Ok(())
+                }
+
                 /// Writes the property flags and the present properties.
                 pub fn encode(&self, buf: &mut BytesMut) {
                     let flags_at = buf.len();
@@ -725,7 +794,7 @@ pub fn properties(model: &Model) -> TokenStream {
         use bytes::{BufMut, Bytes, BytesMut};
 
         use crate::protocol::error::DecodeError;
-        use crate::protocol::wire::{self, FieldTable, ShortString};
+        use crate::protocol::wire::{self, FieldTable, FieldTooLong, ShortString};
 
         #(#items)*
     }

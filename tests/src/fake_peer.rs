@@ -276,7 +276,7 @@ fn protocol(message: String) -> io::Error {
 }
 
 fn short(text: &str) -> ShortString {
-    ShortString::new(text).expect("a short literal")
+    ShortString::from(text)
 }
 
 /// The `server-properties` of the fake peer's `connection.start`, with a

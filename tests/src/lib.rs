@@ -94,7 +94,7 @@ pub fn list_bindings() -> Vec<(String, String, String)> {
 
 /// A `ShortString` from a name the test chose (always short enough).
 pub fn name(text: &str) -> ShortString {
-    ShortString::new(text).expect("short name")
+    ShortString::from(text)
 }
 
 /// Deletes `queue` (the tests' clean-up), failing the test if the broker refuses.

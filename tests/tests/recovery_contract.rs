@@ -9,7 +9,7 @@ use std::time::Duration;
 use amqp091::prelude::*;
 use amqp091::{
     BasicProperties, Channel, Confirmation, ConnectInfo, Connection, ConsumeOptions, Credentials,
-    Error, FieldTable, FieldValue, RecoveryConfig, RecoveryEvent, ShortString,
+    Error, FieldTable, FieldValue, RecoveryConfig, RecoveryEvent,
 };
 use amqp_client_tests::proxy::{Fault, FaultProxy};
 use amqp_client_tests::{
@@ -94,7 +94,7 @@ async fn a_queue_and_consumer_made_in_the_hook_exist_once_after_each_of_three_br
             let channel = connection.open_channel().await?;
             channel
                 .queue_declare(queue::Declare {
-                    queue: ShortString::new(&queue)?,
+                    queue: queue.as_str().into(),
                     durable: true,
                     ..Default::default()
                 })
@@ -183,8 +183,8 @@ async fn a_server_named_queue_bound_in_the_hook_is_one_binding_after_each_of_thr
             let channel = connection.open_channel().await?;
             channel
                 .exchange_declare(exchange::Declare {
-                    exchange: ShortString::new(&exchange)?,
-                    kind: ShortString::from_static("fanout"),
+                    exchange: exchange.as_str().into(),
+                    kind: "fanout".into(),
                     ..Default::default()
                 })
                 .await?;
@@ -197,7 +197,7 @@ async fn a_server_named_queue_bound_in_the_hook_is_one_binding_after_each_of_thr
             channel
                 .queue_bind(queue::Bind {
                     queue: declared.queue.clone(),
-                    exchange: ShortString::new(&exchange)?,
+                    exchange: exchange.as_str().into(),
                     ..Default::default()
                 })
                 .await?;
@@ -503,10 +503,8 @@ async fn a_stream_consumer_resumes_after_its_last_delivery_across_a_broker_close
         .queue_declare(queue::Declare {
             queue: name(&queue),
             durable: true,
-            arguments: FieldTable::new().with(
-                ShortString::from_static("x-queue-type"),
-                FieldValue::LongString("stream".into()),
-            ),
+            arguments: FieldTable::new()
+                .with("x-queue-type", FieldValue::LongString("stream".into())),
             ..Default::default()
         })
         .await
@@ -543,10 +541,8 @@ async fn a_stream_consumer_resumes_after_its_last_delivery_across_a_broker_close
         .basic_consume(
             &queue,
             ConsumeOptions {
-                arguments: FieldTable::new().with(
-                    ShortString::from_static("x-stream-offset"),
-                    FieldValue::LongString("first".into()),
-                ),
+                arguments: FieldTable::new()
+                    .with("x-stream-offset", FieldValue::LongString("first".into())),
                 ..Default::default()
             },
         )

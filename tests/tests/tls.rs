@@ -143,7 +143,7 @@ async fn round_trip(connection: &Connection) {
     let queue = unique("tls");
     let declared = channel
         .queue_declare(queue::Declare {
-            queue: queue.as_str().try_into().unwrap(),
+            queue: queue.as_str().into(),
             auto_delete: true,
             ..Default::default()
         })
@@ -179,6 +179,44 @@ async fn tls_with_the_right_ca_connects() {
     let connection = Connection::connect(config)
         .await
         .unwrap_or_else(|e| panic!("TLS connect failed: {e}\n{}", fixture.node.log_tail(30)));
+    round_trip(&connection).await;
+    connection.close().await.expect("connection.close");
+}
+
+#[tokio::test]
+async fn tls_with_the_ca_as_in_memory_pem_or_a_ready_rustls_config_connects() {
+    let fixture = tls_fixture();
+    let ca_pem = std::fs::read(&fixture.ca_file).expect("the CA's PEM");
+    let config = fixture.config(
+        "localhost",
+        TlsConfig::default().with_ca_pem(ca_pem.clone()),
+    );
+    let connection = Connection::connect(config)
+        .await
+        .unwrap_or_else(|e| panic!("TLS connect with a PEM CA failed: {e}"));
+    round_trip(&connection).await;
+    connection.close().await.expect("connection.close");
+
+    use amqp091::rustls;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem) {
+        roots.add(cert.expect("a certificate")).expect("a CA");
+    }
+    let ready = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let config = fixture.config(
+        "localhost",
+        TlsConfig::default().with_client_config(Arc::new(ready)),
+    );
+    let connection = Connection::connect(config)
+        .await
+        .unwrap_or_else(|e| panic!("TLS connect with a ready ClientConfig failed: {e}"));
     round_trip(&connection).await;
     connection.close().await.expect("connection.close");
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqp091::prelude::*;
-use amqp091::{BasicProperties, Config, Connection, ConsumeOptions, RecoveryConfig, ShortString};
+use amqp091::{BasicProperties, Config, Connection, ConsumeOptions, RecoveryConfig};
 use bytes::{BufMut, Bytes, BytesMut};
 
 #[derive(Debug, Clone)]
@@ -309,7 +309,7 @@ async fn rpc_round_trips(
 ) -> Result<(), amqp091::Error> {
     let channel = connection.open_channel().await?;
     let declare = queue::Declare {
-        queue: ShortString::new(&o.queue)?,
+        queue: o.queue.as_str().into(),
         passive: true,
         ..Default::default()
     };
@@ -411,13 +411,13 @@ async fn run(o: Options) -> Result<(), amqp091::Error> {
     let setup = connection.open_channel().await?;
     setup
         .queue_declare(queue::Declare {
-            queue: ShortString::new(&o.queue)?,
+            queue: o.queue.as_str().into(),
             ..Default::default()
         })
         .await?;
     setup
         .queue_purge(queue::Purge {
-            queue: ShortString::new(&o.queue)?,
+            queue: o.queue.as_str().into(),
             ..Default::default()
         })
         .await?;

@@ -24,7 +24,34 @@ pub struct ShortStringTooLong {
     pub len: usize,
 }
 
-/// An AMQP `shortstr`: UTF-8 text of at most 255 bytes.
+/// A shortstr argument or property over 255 bytes, found when a method or a
+/// message's properties were checked before being encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("`{field}` is {len} bytes, over the 255 a shortstr can carry")]
+pub struct FieldTooLong {
+    /// The field's spec name (`queue`, `routing-key`, `message-id`…). For a
+    /// table (`arguments`, `headers`) one of its keys is too long.
+    pub field: &'static str,
+    /// The length in bytes of the string (or table key) that is too long.
+    pub len: usize,
+}
+
+/// An AMQP `shortstr`: UTF-8 text, at most 255 bytes on the wire.
+///
+/// Made from `&str` or `String` with `.into()`, which never fails: a longer
+/// text is refused when the method or message that carries it is sent
+/// ([`Error::NameTooLong`](crate::Error::NameTooLong), nothing sent). Use
+/// [`ShortString::new`] to have the length checked at once.
+///
+/// ```
+/// use amqp091::ShortString;
+///
+/// let queue: ShortString = "jobs".into();
+/// let tag: ShortString = format!("worker-{}", 7).into();
+/// assert_eq!(queue, "jobs");
+/// assert_eq!(tag.as_str(), "worker-7");
+/// assert!(ShortString::new("x".repeat(256)).is_err());
+/// ```
 ///
 /// Strings of up to 31 bytes (exchange names, routing keys, consumer tags,
 /// RabbitMQ's generated ones included) are stored inline: decoding one copies
@@ -111,20 +138,28 @@ impl ShortString {
         Ok(Self::from_valid(text))
     }
 
-    /// Wraps a static string without copying it.
-    ///
-    /// # Panics
-    /// When `text` is longer than 255 bytes: a programming error, caught at
-    /// compile time when used in a `const`.
+    /// Wraps a static string without copying it. Like `.into()`, a text
+    /// over 255 bytes is refused only when it is sent.
     pub const fn from_static(text: &'static str) -> Self {
-        assert!(
-            text.len() <= Self::MAX_LEN,
-            "shortstr longer than 255 bytes"
-        );
         Self(Repr::Static(text))
     }
 
-    /// `text` is known to be at most 255 bytes.
+    /// Whether it fits the 255 bytes of the wire; sending checks it.
+    #[inline(always)]
+    pub fn check(&self) -> Result<(), ShortStringTooLong> {
+        let len = match &self.0 {
+            // At most 31 by its type.
+            Repr::Inline(_) => return Ok(()),
+            Repr::Static(text) => text.len(),
+            Repr::Heap(text) => text.len(),
+        };
+        if len > Self::MAX_LEN {
+            return Err(ShortStringTooLong { len });
+        }
+        Ok(())
+    }
+
+    /// Wraps `text` of any length (inline when it fits).
     fn from_valid(text: &str) -> Self {
         match InlineLen::new(text.len()) {
             Some(len) => {
@@ -342,24 +377,27 @@ impl PartialEq<&str> for ShortString {
     }
 }
 
-impl TryFrom<&str> for ShortString {
-    type Error = ShortStringTooLong;
-    fn try_from(text: &str) -> Result<Self, Self::Error> {
-        Self::new(text)
+impl From<&str> for ShortString {
+    /// Never fails: a text over 255 bytes is refused when it is sent.
+    fn from(text: &str) -> Self {
+        Self::from_valid(text)
     }
 }
 
-impl TryFrom<String> for ShortString {
-    type Error = ShortStringTooLong;
-    fn try_from(text: String) -> Result<Self, Self::Error> {
-        Self::new(text)
+impl From<String> for ShortString {
+    /// Never fails: a text over 255 bytes is refused when it is sent.
+    fn from(text: String) -> Self {
+        match InlineLen::new(text.len()) {
+            Some(_) => Self::from_valid(&text),
+            None => Self(Repr::Heap(Arc::from(text))),
+        }
     }
 }
 
-impl TryFrom<&String> for ShortString {
-    type Error = ShortStringTooLong;
-    fn try_from(text: &String) -> Result<Self, Self::Error> {
-        Self::new(text.as_str())
+impl From<&String> for ShortString {
+    /// Never fails: a text over 255 bytes is refused when it is sent.
+    fn from(text: &String) -> Self {
+        Self::from_valid(text)
     }
 }
 
@@ -537,8 +575,10 @@ impl FieldTable {
         Self(Vec::new())
     }
 
-    /// Sets `key` to `value`, replacing any value it had.
-    pub fn insert(&mut self, key: ShortString, value: impl Into<FieldValue>) {
+    /// Sets `key` to `value`, replacing any value it had. A key over 255
+    /// bytes is refused when the table is sent.
+    pub fn insert(&mut self, key: impl Into<ShortString>, value: impl Into<FieldValue>) {
+        let key = key.into();
         let value = value.into();
         match self.0.iter_mut().find(|(k, _)| *k == key) {
             Some(entry) => entry.1 = value,
@@ -547,8 +587,17 @@ impl FieldTable {
     }
 
     /// Builder form of [`insert`](Self::insert).
+    ///
+    /// ```
+    /// use amqp091::FieldTable;
+    ///
+    /// let arguments = FieldTable::new()
+    ///     .with("x-queue-type", "quorum")
+    ///     .with("x-delivery-limit", 5i32);
+    /// assert_eq!(arguments.get("x-queue-type").and_then(|v| v.as_str()), Some("quorum"));
+    /// ```
     #[must_use]
-    pub fn with(mut self, key: ShortString, value: impl Into<FieldValue>) -> Self {
+    pub fn with(mut self, key: impl Into<ShortString>, value: impl Into<FieldValue>) -> Self {
         self.insert(key, value);
         self
     }
@@ -580,6 +629,23 @@ impl FieldTable {
     /// Entries in wire order.
     pub fn iter(&self) -> impl Iterator<Item = (&ShortString, &FieldValue)> {
         self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    /// Whether every key, those of nested tables included, fits the 255
+    /// bytes of the wire; sending checks it.
+    pub fn check_keys(&self) -> Result<(), ShortStringTooLong> {
+        fn check_value(value: &FieldValue) -> Result<(), ShortStringTooLong> {
+            match value {
+                FieldValue::Table(table) => table.check_keys(),
+                FieldValue::Array(items) => items.iter().try_for_each(check_value),
+                _ => Ok(()),
+            }
+        }
+        for (key, value) in &self.0 {
+            key.check()?;
+            check_value(value)?;
+        }
+        Ok(())
     }
 }
 
@@ -745,10 +811,14 @@ fn read_value(buf: &mut Input<'_>, depth: u16) -> Result<FieldValue, DecodeError
     })
 }
 
-/// Writes a `shortstr`.
+/// Writes a `shortstr`. Callers check lengths first
+/// ([`ShortString::check`], the generated `check_short_strings`), before
+/// anything is queued: the length byte of a longer text would be wrong. Its
+/// bytes are written whole all the same, so that a frame holding one is
+/// always over 255 bytes, which lets the publish path skip the check for the
+/// usual small frames (see `Channel::encode_head`).
 #[inline]
 pub fn write_short_string(buf: &mut BytesMut, value: &ShortString) {
-    // The length is ≤ 255 by construction.
     buf.put_u8(value.len() as u8);
     buf.put_slice(value.as_bytes());
 }

@@ -353,20 +353,6 @@ pub trait ChannelMethods: ChannelRpc {
         args.no_wait = true;
         self.send(Method::BasicCancel(args))
     }
-    /// Sends `basic.ack`; the spec defines no reply.
-    fn basic_ack(
-        &self,
-        args: basic::Ack,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
-        self.send(Method::BasicAck(args))
-    }
-    /// Sends `basic.reject`; the spec defines no reply.
-    fn basic_reject(
-        &self,
-        args: basic::Reject,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
-        self.send(Method::BasicReject(args))
-    }
     /// Sends `basic.recover-async`; the spec defines no reply.
     fn basic_recover_async(
         &self,
@@ -395,13 +381,6 @@ pub trait ChannelMethods: ChannelRpc {
                 }
             }
         }
-    }
-    /// Sends `basic.nack`; the spec defines no reply.
-    fn basic_nack(
-        &self,
-        args: basic::Nack,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
-        self.send(Method::BasicNack(args))
     }
     /// Sends `tx.select` and waits for `tx.select-ok`.
     fn tx_select(

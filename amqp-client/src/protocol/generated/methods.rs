@@ -5,7 +5,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use crate::protocol::error::DecodeError;
 use crate::protocol::method_info::{Direction, FieldInfo, MethodId, MethodInfo, WireKind};
-use crate::protocol::wire::{self, FieldTable, ShortString};
+use crate::protocol::wire::{self, FieldTable, FieldTooLong, ShortString};
 /// Methods of the `connection` class (10).
 pub mod connection {
     use super::*;
@@ -60,6 +60,19 @@ pub mod connection {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.server_properties.check_keys() {
+                return Err(FieldTooLong {
+                    field: "server-properties",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -158,6 +171,31 @@ pub mod connection {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.client_properties.check_keys() {
+                return Err(FieldTooLong {
+                    field: "client-properties",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.mechanism.check() {
+                return Err(FieldTooLong {
+                    field: "mechanism",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.locale.check() {
+                return Err(FieldTooLong {
+                    field: "locale",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -218,6 +256,13 @@ pub mod connection {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -278,6 +323,13 @@ pub mod connection {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -341,6 +393,13 @@ pub mod connection {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -412,6 +471,13 @@ pub mod connection {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -479,6 +545,19 @@ pub mod connection {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.virtual_host.check() {
+                return Err(FieldTooLong {
+                    field: "virtual-host",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -529,6 +608,13 @@ pub mod connection {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -599,6 +685,19 @@ pub mod connection {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.reply_text.check() {
+                return Err(FieldTooLong {
+                    field: "reply-text",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -650,6 +749,13 @@ pub mod connection {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -696,6 +802,19 @@ pub mod connection {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.reason.check() {
+                return Err(FieldTooLong {
+                    field: "reason",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -736,6 +855,13 @@ pub mod connection {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -801,6 +927,19 @@ pub mod connection {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.reason.check() {
+                return Err(FieldTooLong {
+                    field: "reason",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -843,6 +982,13 @@ pub mod connection {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -890,6 +1036,13 @@ pub mod channel {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -936,6 +1089,13 @@ pub mod channel {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -985,6 +1145,13 @@ pub mod channel {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -1041,6 +1208,13 @@ pub mod channel {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -1118,6 +1292,19 @@ pub mod channel {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.reply_text.check() {
+                return Err(FieldTooLong {
+                    field: "reply-text",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -1169,6 +1356,13 @@ pub mod channel {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -1273,6 +1467,31 @@ pub mod exchange {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.exchange.check() {
+                return Err(FieldTooLong {
+                    field: "exchange",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.kind.check() {
+                return Err(FieldTooLong {
+                    field: "type",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.arguments.check_keys() {
+                return Err(FieldTooLong {
+                    field: "arguments",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -1353,6 +1572,13 @@ pub mod exchange {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -1418,6 +1644,19 @@ pub mod exchange {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.exchange.check() {
+                return Err(FieldTooLong {
+                    field: "exchange",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -1477,6 +1716,13 @@ pub mod exchange {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -1556,6 +1802,37 @@ pub mod exchange {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.destination.check() {
+                return Err(FieldTooLong {
+                    field: "destination",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.source.check() {
+                return Err(FieldTooLong {
+                    field: "source",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.routing_key.check() {
+                return Err(FieldTooLong {
+                    field: "routing-key",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.arguments.check_keys() {
+                return Err(FieldTooLong {
+                    field: "arguments",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -1619,6 +1896,13 @@ pub mod exchange {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -1698,6 +1982,37 @@ pub mod exchange {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.destination.check() {
+                return Err(FieldTooLong {
+                    field: "destination",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.source.check() {
+                return Err(FieldTooLong {
+                    field: "source",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.routing_key.check() {
+                return Err(FieldTooLong {
+                    field: "routing-key",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.arguments.check_keys() {
+                return Err(FieldTooLong {
+                    field: "arguments",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -1761,6 +2076,13 @@ pub mod exchange {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -1858,6 +2180,25 @@ pub mod queue {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.queue.check() {
+                return Err(FieldTooLong {
+                    field: "queue",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.arguments.check_keys() {
+                return Err(FieldTooLong {
+                    field: "arguments",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -1958,6 +2299,19 @@ pub mod queue {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.queue.check() {
+                return Err(FieldTooLong {
+                    field: "queue",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -2048,6 +2402,37 @@ pub mod queue {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.queue.check() {
+                return Err(FieldTooLong {
+                    field: "queue",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.exchange.check() {
+                return Err(FieldTooLong {
+                    field: "exchange",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.routing_key.check() {
+                return Err(FieldTooLong {
+                    field: "routing-key",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.arguments.check_keys() {
+                return Err(FieldTooLong {
+                    field: "arguments",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -2111,6 +2496,13 @@ pub mod queue {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -2183,6 +2575,37 @@ pub mod queue {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.queue.check() {
+                return Err(FieldTooLong {
+                    field: "queue",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.exchange.check() {
+                return Err(FieldTooLong {
+                    field: "exchange",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.routing_key.check() {
+                return Err(FieldTooLong {
+                    field: "routing-key",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.arguments.check_keys() {
+                return Err(FieldTooLong {
+                    field: "arguments",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -2236,6 +2659,13 @@ pub mod queue {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -2294,6 +2724,19 @@ pub mod queue {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.queue.check() {
+                return Err(FieldTooLong {
+                    field: "queue",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -2354,6 +2797,13 @@ pub mod queue {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -2429,6 +2879,19 @@ pub mod queue {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.queue.check() {
+                return Err(FieldTooLong {
+                    field: "queue",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -2502,6 +2965,13 @@ pub mod queue {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -2569,6 +3039,13 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -2624,6 +3101,13 @@ pub mod basic {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -2717,6 +3201,31 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.queue.check() {
+                return Err(FieldTooLong {
+                    field: "queue",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.consumer_tag.check() {
+                return Err(FieldTooLong {
+                    field: "consumer-tag",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.arguments.check_keys() {
+                return Err(FieldTooLong {
+                    field: "arguments",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -2801,6 +3310,19 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.consumer_tag.check() {
+                return Err(FieldTooLong {
+                    field: "consumer-tag",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -2857,6 +3379,19 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.consumer_tag.check() {
+                return Err(FieldTooLong {
+                    field: "consumer-tag",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -2915,6 +3450,19 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.consumer_tag.check() {
+                return Err(FieldTooLong {
+                    field: "consumer-tag",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -2990,6 +3538,25 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.exchange.check() {
+                return Err(FieldTooLong {
+                    field: "exchange",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.routing_key.check() {
+                return Err(FieldTooLong {
+                    field: "routing-key",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -3082,6 +3649,31 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.reply_text.check() {
+                return Err(FieldTooLong {
+                    field: "reply-text",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.exchange.check() {
+                return Err(FieldTooLong {
+                    field: "exchange",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.routing_key.check() {
+                return Err(FieldTooLong {
+                    field: "routing-key",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -3170,6 +3762,31 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.consumer_tag.check() {
+                return Err(FieldTooLong {
+                    field: "consumer-tag",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.exchange.check() {
+                return Err(FieldTooLong {
+                    field: "exchange",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.routing_key.check() {
+                return Err(FieldTooLong {
+                    field: "routing-key",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -3252,6 +3869,19 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.queue.check() {
+                return Err(FieldTooLong {
+                    field: "queue",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -3340,6 +3970,25 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            if let Err(e) = self.exchange.check() {
+                return Err(FieldTooLong {
+                    field: "exchange",
+                    len: e.len,
+                });
+            }
+            if let Err(e) = self.routing_key.check() {
+                return Err(FieldTooLong {
+                    field: "routing-key",
+                    len: e.len,
+                });
+            }
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -3407,6 +4056,13 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -3463,6 +4119,13 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -3528,6 +4191,13 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -3586,6 +4256,13 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -3642,6 +4319,13 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -3689,6 +4373,13 @@ pub mod basic {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -3749,6 +4440,13 @@ pub mod basic {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -3810,6 +4508,13 @@ pub mod tx {
             replies: &[MethodId::new(90u16, 11u16)],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -3847,6 +4552,13 @@ pub mod tx {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -3884,6 +4596,13 @@ pub mod tx {
             replies: &[MethodId::new(90u16, 21u16)],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -3921,6 +4640,13 @@ pub mod tx {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -3958,6 +4684,13 @@ pub mod tx {
             replies: &[MethodId::new(90u16, 31u16)],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -3995,6 +4728,13 @@ pub mod tx {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -4045,6 +4785,13 @@ pub mod confirm {
                 },
             ],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, buf: &mut BytesMut) {
@@ -4092,6 +4839,13 @@ pub mod confirm {
             replies: &[],
             fields: &[],
         };
+        /// Checks that every shortstr argument (and every key of a
+        /// table argument) fits the 255 bytes of the wire: the encoders
+        /// assume it, and callers check it before anything is queued.
+        #[inline]
+        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            Ok(())
+        }
         /// Writes the arguments (everything after the class and method ids).
         #[inline]
         pub fn encode_args(&self, _buf: &mut BytesMut) {}
@@ -4383,6 +5137,76 @@ impl Method {
             Method::TxRollbackOk(_) => &tx::RollbackOk::INFO,
             Method::ConfirmSelect(_) => &confirm::Select::INFO,
             Method::ConfirmSelectOk(_) => &confirm::SelectOk::INFO,
+        }
+    }
+    /// Checks that every shortstr argument (and table key) fits
+    /// 255 bytes; see the method structs' `check_short_strings`.
+    pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        match self {
+            Method::ConnectionStart(m) => m.check_short_strings(),
+            Method::ConnectionStartOk(m) => m.check_short_strings(),
+            Method::ConnectionSecure(m) => m.check_short_strings(),
+            Method::ConnectionSecureOk(m) => m.check_short_strings(),
+            Method::ConnectionTune(m) => m.check_short_strings(),
+            Method::ConnectionTuneOk(m) => m.check_short_strings(),
+            Method::ConnectionOpen(m) => m.check_short_strings(),
+            Method::ConnectionOpenOk(m) => m.check_short_strings(),
+            Method::ConnectionClose(m) => m.check_short_strings(),
+            Method::ConnectionCloseOk(m) => m.check_short_strings(),
+            Method::ConnectionBlocked(m) => m.check_short_strings(),
+            Method::ConnectionUnblocked(m) => m.check_short_strings(),
+            Method::ConnectionUpdateSecret(m) => m.check_short_strings(),
+            Method::ConnectionUpdateSecretOk(m) => m.check_short_strings(),
+            Method::ChannelOpen(m) => m.check_short_strings(),
+            Method::ChannelOpenOk(m) => m.check_short_strings(),
+            Method::ChannelFlow(m) => m.check_short_strings(),
+            Method::ChannelFlowOk(m) => m.check_short_strings(),
+            Method::ChannelClose(m) => m.check_short_strings(),
+            Method::ChannelCloseOk(m) => m.check_short_strings(),
+            Method::ExchangeDeclare(m) => m.check_short_strings(),
+            Method::ExchangeDeclareOk(m) => m.check_short_strings(),
+            Method::ExchangeDelete(m) => m.check_short_strings(),
+            Method::ExchangeDeleteOk(m) => m.check_short_strings(),
+            Method::ExchangeBind(m) => m.check_short_strings(),
+            Method::ExchangeBindOk(m) => m.check_short_strings(),
+            Method::ExchangeUnbind(m) => m.check_short_strings(),
+            Method::ExchangeUnbindOk(m) => m.check_short_strings(),
+            Method::QueueDeclare(m) => m.check_short_strings(),
+            Method::QueueDeclareOk(m) => m.check_short_strings(),
+            Method::QueueBind(m) => m.check_short_strings(),
+            Method::QueueBindOk(m) => m.check_short_strings(),
+            Method::QueueUnbind(m) => m.check_short_strings(),
+            Method::QueueUnbindOk(m) => m.check_short_strings(),
+            Method::QueuePurge(m) => m.check_short_strings(),
+            Method::QueuePurgeOk(m) => m.check_short_strings(),
+            Method::QueueDelete(m) => m.check_short_strings(),
+            Method::QueueDeleteOk(m) => m.check_short_strings(),
+            Method::BasicQos(m) => m.check_short_strings(),
+            Method::BasicQosOk(m) => m.check_short_strings(),
+            Method::BasicConsume(m) => m.check_short_strings(),
+            Method::BasicConsumeOk(m) => m.check_short_strings(),
+            Method::BasicCancel(m) => m.check_short_strings(),
+            Method::BasicCancelOk(m) => m.check_short_strings(),
+            Method::BasicPublish(m) => m.check_short_strings(),
+            Method::BasicReturn(m) => m.check_short_strings(),
+            Method::BasicDeliver(m) => m.check_short_strings(),
+            Method::BasicGet(m) => m.check_short_strings(),
+            Method::BasicGetOk(m) => m.check_short_strings(),
+            Method::BasicGetEmpty(m) => m.check_short_strings(),
+            Method::BasicAck(m) => m.check_short_strings(),
+            Method::BasicReject(m) => m.check_short_strings(),
+            Method::BasicRecoverAsync(m) => m.check_short_strings(),
+            Method::BasicRecover(m) => m.check_short_strings(),
+            Method::BasicRecoverOk(m) => m.check_short_strings(),
+            Method::BasicNack(m) => m.check_short_strings(),
+            Method::TxSelect(m) => m.check_short_strings(),
+            Method::TxSelectOk(m) => m.check_short_strings(),
+            Method::TxCommit(m) => m.check_short_strings(),
+            Method::TxCommitOk(m) => m.check_short_strings(),
+            Method::TxRollback(m) => m.check_short_strings(),
+            Method::TxRollbackOk(m) => m.check_short_strings(),
+            Method::ConfirmSelect(m) => m.check_short_strings(),
+            Method::ConfirmSelectOk(m) => m.check_short_strings(),
         }
     }
     /// Writes the arguments (everything after the class and method ids).

@@ -4,7 +4,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use crate::protocol::error::DecodeError;
-use crate::protocol::wire::{self, FieldTable, ShortString};
+use crate::protocol::wire::{self, FieldTable, FieldTooLong, ShortString};
 /// The 14 content header properties of the `basic` class; `None` is absent on the wire.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct BasicProperties {
@@ -42,14 +42,14 @@ impl BasicProperties {
     pub const TABLE_FLAGS: u16 = 8192u16;
     /// Sets `content-type`.
     #[must_use]
-    pub fn with_content_type(mut self, value: ShortString) -> Self {
-        self.content_type = Some(value);
+    pub fn with_content_type(mut self, value: impl Into<ShortString>) -> Self {
+        self.content_type = Some(value.into());
         self
     }
     /// Sets `content-encoding`.
     #[must_use]
-    pub fn with_content_encoding(mut self, value: ShortString) -> Self {
-        self.content_encoding = Some(value);
+    pub fn with_content_encoding(mut self, value: impl Into<ShortString>) -> Self {
+        self.content_encoding = Some(value.into());
         self
     }
     /// Sets `headers`.
@@ -72,26 +72,26 @@ impl BasicProperties {
     }
     /// Sets `correlation-id`.
     #[must_use]
-    pub fn with_correlation_id(mut self, value: ShortString) -> Self {
-        self.correlation_id = Some(value);
+    pub fn with_correlation_id(mut self, value: impl Into<ShortString>) -> Self {
+        self.correlation_id = Some(value.into());
         self
     }
     /// Sets `reply-to`.
     #[must_use]
-    pub fn with_reply_to(mut self, value: ShortString) -> Self {
-        self.reply_to = Some(value);
+    pub fn with_reply_to(mut self, value: impl Into<ShortString>) -> Self {
+        self.reply_to = Some(value.into());
         self
     }
     /// Sets `expiration`.
     #[must_use]
-    pub fn with_expiration(mut self, value: ShortString) -> Self {
-        self.expiration = Some(value);
+    pub fn with_expiration(mut self, value: impl Into<ShortString>) -> Self {
+        self.expiration = Some(value.into());
         self
     }
     /// Sets `message-id`.
     #[must_use]
-    pub fn with_message_id(mut self, value: ShortString) -> Self {
-        self.message_id = Some(value);
+    pub fn with_message_id(mut self, value: impl Into<ShortString>) -> Self {
+        self.message_id = Some(value.into());
         self
     }
     /// Sets `timestamp`.
@@ -102,27 +102,122 @@ impl BasicProperties {
     }
     /// Sets `type`.
     #[must_use]
-    pub fn with_kind(mut self, value: ShortString) -> Self {
-        self.kind = Some(value);
+    pub fn with_kind(mut self, value: impl Into<ShortString>) -> Self {
+        self.kind = Some(value.into());
         self
     }
     /// Sets `user-id`.
     #[must_use]
-    pub fn with_user_id(mut self, value: ShortString) -> Self {
-        self.user_id = Some(value);
+    pub fn with_user_id(mut self, value: impl Into<ShortString>) -> Self {
+        self.user_id = Some(value.into());
         self
     }
     /// Sets `app-id`.
     #[must_use]
-    pub fn with_app_id(mut self, value: ShortString) -> Self {
-        self.app_id = Some(value);
+    pub fn with_app_id(mut self, value: impl Into<ShortString>) -> Self {
+        self.app_id = Some(value.into());
         self
     }
     /// Sets `reserved`.
     #[must_use]
-    pub fn with_reserved(mut self, value: ShortString) -> Self {
-        self.reserved = Some(value);
+    pub fn with_reserved(mut self, value: impl Into<ShortString>) -> Self {
+        self.reserved = Some(value.into());
         self
+    }
+    /// Checks that every shortstr property (and every key of the
+    /// headers) fits the 255 bytes of the wire: the encoder
+    /// assumes it, and publishing checks it first.
+    #[inline]
+    pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        if let Some(content_type) = &self.content_type {
+            if let Err(e) = content_type.check() {
+                return Err(FieldTooLong {
+                    field: "content-type",
+                    len: e.len,
+                });
+            }
+        }
+        if let Some(content_encoding) = &self.content_encoding {
+            if let Err(e) = content_encoding.check() {
+                return Err(FieldTooLong {
+                    field: "content-encoding",
+                    len: e.len,
+                });
+            }
+        }
+        if let Some(headers) = &self.headers {
+            if let Err(e) = headers.check_keys() {
+                return Err(FieldTooLong {
+                    field: "headers",
+                    len: e.len,
+                });
+            }
+        }
+        if let Some(correlation_id) = &self.correlation_id {
+            if let Err(e) = correlation_id.check() {
+                return Err(FieldTooLong {
+                    field: "correlation-id",
+                    len: e.len,
+                });
+            }
+        }
+        if let Some(reply_to) = &self.reply_to {
+            if let Err(e) = reply_to.check() {
+                return Err(FieldTooLong {
+                    field: "reply-to",
+                    len: e.len,
+                });
+            }
+        }
+        if let Some(expiration) = &self.expiration {
+            if let Err(e) = expiration.check() {
+                return Err(FieldTooLong {
+                    field: "expiration",
+                    len: e.len,
+                });
+            }
+        }
+        if let Some(message_id) = &self.message_id {
+            if let Err(e) = message_id.check() {
+                return Err(FieldTooLong {
+                    field: "message-id",
+                    len: e.len,
+                });
+            }
+        }
+        if let Some(kind) = &self.kind {
+            if let Err(e) = kind.check() {
+                return Err(FieldTooLong {
+                    field: "type",
+                    len: e.len,
+                });
+            }
+        }
+        if let Some(user_id) = &self.user_id {
+            if let Err(e) = user_id.check() {
+                return Err(FieldTooLong {
+                    field: "user-id",
+                    len: e.len,
+                });
+            }
+        }
+        if let Some(app_id) = &self.app_id {
+            if let Err(e) = app_id.check() {
+                return Err(FieldTooLong {
+                    field: "app-id",
+                    len: e.len,
+                });
+            }
+        }
+        if let Some(reserved) = &self.reserved {
+            if let Err(e) = reserved.check() {
+                return Err(FieldTooLong {
+                    field: "reserved",
+                    len: e.len,
+                });
+            }
+        }
+        Ok(())
     }
     /// Writes the property flags and the present properties.
     pub fn encode(&self, buf: &mut BytesMut) {
