@@ -8,6 +8,7 @@
 //! cargo run --release -p amqp091 --example perf -- --peer sink --confirm 1000
 //! cargo run --release -p amqp091 --example perf -- --peer flood --consumers 1 --prefetch 1000
 //! cargo run --release -p amqp091 --example perf -- --url amqp://127.0.0.1 --producers 1 --consumers 1
+//! # each producer and consumer has a connection of its own; --shared-connection puts them on one
 //! ```
 //!
 //! Prints progress each second, then msgs/s, client CPU per message (user +
@@ -41,6 +42,11 @@ struct Options {
     queue: String,
     /// Instead of messages: this many sequential passive `queue.declare` round trips.
     rpc: Option<u64>,
+    /// All producers and consumers on one connection. By default each has
+    /// its own, as PerfTest does: RabbitMQ's flow control throttles a
+    /// connection that publishes faster than its queues take, and on a
+    /// shared connection that holds back the consumers' acks too.
+    shared_connection: bool,
 }
 
 fn usage() -> ! {
@@ -48,6 +54,7 @@ fn usage() -> ! {
         "usage: perf [--url URL | --peer sink|flood] [--producers N] [--consumers N] [--size BYTES]\n\
          \x20           [--confirm WINDOW] [--prefetch N] [--multi-ack N] [--no-ack]\n\
          \x20           [--duration SECONDS] [--messages N] [--queue NAME] [--rpc ROUND_TRIPS]\n\
+         \x20           [--shared-connection]\n\
          \x20      perf serve sink|flood PORT SIZE"
     );
     std::process::exit(2)
@@ -69,6 +76,7 @@ fn parse() -> Options {
         messages: None,
         queue: "amqp-client.perf".to_owned(),
         rpc: None,
+        shared_connection: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -98,6 +106,11 @@ fn parse() -> Options {
             "--rpc" => o.rpc = Some(number(i).max(1)),
             "--no-ack" => {
                 o.no_ack = true;
+                i += 1;
+                continue;
+            }
+            "--shared-connection" => {
+                o.shared_connection = true;
                 i += 1;
                 continue;
             }
@@ -407,7 +420,8 @@ async fn run(o: Options) -> Result<(), amqp091::Error> {
     let config: Config = o.url.parse()?;
     // The URL may hold a password: print only where it points.
     let address = config.address();
-    let connection = Connection::connect(config.recovery(RecoveryConfig::disabled())).await?;
+    let config = config.recovery(RecoveryConfig::disabled());
+    let connection = Connection::connect(config.clone()).await?;
     let setup = connection.open_channel().await?;
     setup
         .queue_declare(queue::Declare {
@@ -443,9 +457,21 @@ async fn run(o: Options) -> Result<(), amqp091::Error> {
     let epoch = Instant::now();
     let cpu_before = cpu_time();
     let mut tasks = Vec::new();
+    // A connection of its own for each producer and consumer, unless asked.
+    let connection_for = |connection: &Connection| {
+        let (shared, config) = (connection.clone(), config.clone());
+        let own = !o.shared_connection;
+        async move {
+            if own {
+                Connection::connect(config).await
+            } else {
+                Ok(shared)
+            }
+        }
+    };
     for _ in 0..o.consumers {
         tasks.push(tokio::spawn(consumer(
-            connection.clone(),
+            connection_for(&connection).await?,
             o.clone(),
             counters.clone(),
             epoch,
@@ -453,7 +479,7 @@ async fn run(o: Options) -> Result<(), amqp091::Error> {
     }
     for _ in 0..o.producers {
         tasks.push(tokio::spawn(producer(
-            connection.clone(),
+            connection_for(&connection).await?,
             o.clone(),
             counters.clone(),
             epoch,
