@@ -329,8 +329,7 @@ impl Drop for Consumer {
                 .conn
                 .control
                 .send(Command::ForgetConsumer {
-                    channel: self.channel.id(),
-                    channel_epoch: self.channel.inner.epoch.clone(),
+                    channel: self.channel.inner.target,
                     tag: self.tag.clone(),
                     requeue,
                     requeue_epoch: epoch,

@@ -1042,8 +1042,7 @@ impl Harness {
         consumer.receiver.close();
         if consumer.end.get().is_none() || !requeue.is_empty() {
             self.control.push_back(Command::ForgetConsumer {
-                channel: channel.id,
-                channel_epoch: channel.epoch.clone(),
+                channel: channel.target,
                 tag: consumer.tag.clone(),
                 requeue,
                 requeue_epoch: epoch,

@@ -134,9 +134,9 @@ pub(crate) struct ChannelRef {
     pub incarnation: u32,
 }
 
-/// Hashes consumer tags a word at a time (FxHash's mixing): a delivery's
-/// consumer is looked up by tag on its way in and again when it is routed,
-/// and the default SipHash was a tenth of a delivery's instructions. Tags
+/// Hashes consumer tags a word at a time (FxHash's mixing): every delivery
+/// looks its consumer up by tag, and the default SipHash showed on the
+/// consume path (callgrind). Tags
 /// are chosen by the application or given by the broker at its request, so
 /// no remote peer can insert keys to flood a table.
 #[derive(Default)]
@@ -394,10 +394,9 @@ impl<P: Ports> Machine<P> {
         self.pump_rpc(id);
     }
 
-    /// The channel a command is for, or why it cannot take one: unknown, or
-    /// closed (then with the error that closed it).
-    /// The channel a handle's command names, unless it closed (or its id
-    /// now belongs to another channel).
+    /// The channel a handle's command names, or why it cannot take one:
+    /// unknown, its id now another channel's, or closed (then with the error
+    /// that closed it).
     pub(super) fn usable_channel(
         &mut self,
         target: ChannelRef,

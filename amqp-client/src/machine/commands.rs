@@ -54,10 +54,7 @@ pub(crate) enum Command<P: Ports> {
     /// A dropped consumer: cancel it, and requeue what it had buffered
     /// (`requeue`) and what still arrives for it.
     ForgetConsumer {
-        channel: u16,
-        /// The epoch of the consumer's channel: a channel whose id was
-        /// reused since has another.
-        channel_epoch: Arc<AtomicU64>,
+        channel: ChannelRef,
         tag: ShortString,
         /// Buffered delivery tags, of epoch `requeue_epoch`.
         requeue: Vec<u64>,
@@ -101,7 +98,7 @@ impl<P: Ports> std::fmt::Debug for Command<P> {
             Command::Settle { channel, .. } => ("Settle", Some(*channel)),
             Command::Publish { channel, .. } => ("Publish", Some(channel.id)),
             Command::Consume { channel, .. } => ("Consume", Some(channel.id)),
-            Command::ForgetConsumer { channel, .. } => ("ForgetConsumer", Some(*channel)),
+            Command::ForgetConsumer { channel, .. } => ("ForgetConsumer", Some(channel.id)),
             Command::WaitForConfirms { channel, .. } => ("WaitForConfirms", Some(channel.id)),
             Command::SetReturns { channel, .. } => ("SetReturns", Some(channel.id)),
             Command::CloseChannel { channel, .. } => ("CloseChannel", Some(channel.id)),
@@ -138,19 +135,23 @@ impl<P: Ports> Machine<P> {
             Command::CloseChannel { channel, reply } => self.close_channel(channel, reply),
             Command::ForgetConsumer {
                 channel,
-                channel_epoch,
                 tag,
                 requeue,
                 requeue_epoch,
             } => {
                 // The consumer's channel is gone (and the id maybe reused): so is the consumer.
-                let same_channel = self
+                let current_epoch = self
                     .channels
-                    .get(&channel)
-                    .is_some_and(|state| Arc::ptr_eq(&state.epoch, &channel_epoch));
-                if same_channel {
-                    let current = channel_epoch.load(Ordering::Acquire) == requeue_epoch;
-                    self.forget_consumer(channel, tag, if current { requeue } else { Vec::new() });
+                    .get(&channel.id)
+                    .filter(|state| state.incarnation == channel.incarnation)
+                    .map(|state| state.epoch.load(Ordering::Acquire));
+                if let Some(epoch) = current_epoch {
+                    let requeue = if epoch == requeue_epoch {
+                        requeue
+                    } else {
+                        Vec::new()
+                    };
+                    self.forget_consumer(channel.id, tag, requeue);
                 }
             }
             other if recovering => self.refuse(other),
@@ -450,11 +451,11 @@ impl<P: Ports> Machine<P> {
     /// answers `reply` at close-ok; lost with the old connection, it is done.
     fn close_channel(&mut self, target: ChannelRef, reply: Option<P::Reply<Result<(), Error>>>) {
         let channel = target.id;
-        let state = match self.channels.get_mut(&channel) {
-            Some(state) if state.incarnation == target.incarnation => Some(state),
-            // Its id was reused since: that channel is not this handle's.
-            _ => None,
-        };
+        // An id reused since is another channel than this handle's.
+        let state = self
+            .channels
+            .get_mut(&channel)
+            .filter(|state| state.incarnation == target.incarnation);
         let Some(state) = state else {
             if let Some(reply) = reply {
                 self.output.answer(reply, Ok(()));

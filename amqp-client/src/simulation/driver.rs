@@ -427,8 +427,7 @@ impl SimDriver {
         consumer.receiver.close();
         if consumer.end.get().is_none() || !requeue.is_empty() {
             self.control.push_back(Command::ForgetConsumer {
-                channel: channel.id,
-                channel_epoch: channel.epoch.clone(),
+                channel: channel.target,
                 tag: consumer.tag,
                 requeue,
                 requeue_epoch: epoch,

@@ -188,8 +188,7 @@ fn forgetting_a_no_ack_consumer_cancels_it_without_nacking_its_deliveries() {
         // What a dropped consumer that buffered 2 and 3 asks for.
         m.command(
             Command::ForgetConsumer {
-                channel: id,
-                channel_epoch: m.channels[&id].epoch.clone(),
+                channel: target(&m, id),
                 tag: ShortString::from_static("t"),
                 requeue: vec![2, 3],
                 requeue_epoch: m.channels[&id].epoch.load(Ordering::Acquire),
