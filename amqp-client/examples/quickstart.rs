@@ -50,7 +50,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "received {:?} (delivery tag {}, content type {:?})",
         String::from_utf8_lossy(&delivery.body),
         delivery.envelope.delivery_tag,
-        delivery.properties.content_type.as_deref()
+        delivery
+            .properties
+            .content_type
+            .as_ref()
+            .map(|t| t.to_string_lossy())
     );
     delivery.ack().await?;
     println!("acked");

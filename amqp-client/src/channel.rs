@@ -72,7 +72,7 @@ impl std::fmt::Debug for Channel {
 #[derive(Debug, Clone, Default)]
 pub struct ConsumeOptions {
     /// The consumer tag; empty lets the client choose one.
-    pub consumer_tag: String,
+    pub consumer_tag: ShortString,
     /// Deliveries need no ack.
     pub no_ack: bool,
     /// The only consumer of the queue.
@@ -289,8 +289,8 @@ impl Channel {
     /// so memory does not pile up in the client.
     pub async fn basic_publish(
         &self,
-        exchange: &str,
-        routing_key: &str,
+        exchange: impl Into<ShortString>,
+        routing_key: impl Into<ShortString>,
         mandatory: bool,
         properties: &BasicProperties,
         body: impl Into<Bytes>,

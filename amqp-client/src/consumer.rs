@@ -345,7 +345,7 @@ impl Channel {
     /// Starts a consumer on `queue`; its deliveries come as a stream.
     pub async fn basic_consume(
         &self,
-        queue: &str,
+        queue: impl Into<ShortString>,
         options: ConsumeOptions,
     ) -> Result<Consumer, Error> {
         self.check()?;
@@ -358,7 +358,7 @@ impl Channel {
             // Short enough to be stored inline by ShortString.
             ShortString::from(format!("ctag-{}.{n}", self.inner.id))
         } else {
-            ShortString::from(&options.consumer_tag)
+            options.consumer_tag
         };
         let consume = basic::Consume {
             queue: queue.into(),
@@ -396,7 +396,7 @@ impl Channel {
     /// the reason (`Ok` for a cancel by the application).
     pub async fn basic_consume_with<F, Fut>(
         &self,
-        queue: &str,
+        queue: impl Into<ShortString>,
         options: ConsumeOptions,
         mut handler: F,
     ) -> Result<tokio::task::JoinHandle<Result<(), Error>>, Error>
@@ -414,7 +414,11 @@ impl Channel {
     }
 
     /// Fetches one message from `queue`; `None` when it is empty.
-    pub async fn basic_get(&self, queue: &str, no_ack: bool) -> Result<Option<GetMessage>, Error> {
+    pub async fn basic_get(
+        &self,
+        queue: impl Into<ShortString>,
+        no_ack: bool,
+    ) -> Result<Option<GetMessage>, Error> {
         let reply = self
             .rpc(Method::BasicGet(basic::Get {
                 queue: queue.into(),

@@ -307,11 +307,11 @@ fn short_strings_compare_by_content_whatever_their_storage() {
     assert_eq!(inline, stat);
     let long = "x".repeat(200);
     let heap = ShortString::new(&long).expect("≤255");
-    assert_eq!(heap.as_str(), long);
+    assert_eq!(heap.to_str(), Ok(long.as_str()));
     assert_eq!(ShortString::new("a".repeat(31)).expect("31").len(), 31);
     assert_eq!(
-        ShortString::new("é".repeat(15)).expect("30 bytes").as_str(),
-        "é".repeat(15)
+        ShortString::new("é".repeat(15)).expect("30 bytes").to_str(),
+        Ok("é".repeat(15).as_str())
     );
     assert!(ShortString::new("y".repeat(256)).is_err());
     assert_eq!(std::mem::size_of::<ShortString>(), 32);
@@ -328,7 +328,7 @@ fn short_strings_convert_from_str_and_string_without_failing() {
     for len in [0, 31, 32, 255] {
         let text = "q".repeat(len);
         let short: ShortString = text.clone().into();
-        assert_eq!(short.as_str(), text);
+        assert_eq!(short.to_str(), Ok(text.as_str()));
         assert!(short.check().is_ok(), "{len} bytes fit");
     }
     // Longer is held, and refused when it would be encoded.
@@ -401,7 +401,7 @@ fn over_long_short_strings_are_named_by_the_checks_of_methods_and_properties() {
         })
     );
     assert_eq!(
-        fine.with_headers(FieldTable::new().with(long.as_str(), "v"))
+        fine.with_headers(FieldTable::new().with(&long, "v"))
             .check_short_strings()
             .map_err(|e| e.field),
         Err("headers")
@@ -415,11 +415,11 @@ fn the_properties_setters_take_plain_strings() {
         .with_message_id("1")
         .with_reply_to(String::from("amq.rabbitmq.reply-to"))
         .with_delivery_mode(2);
-    assert_eq!(properties.content_type.as_deref(), Some("text/plain"));
-    assert_eq!(properties.message_id.as_deref(), Some("1"));
+    assert_eq!(properties.content_type.as_ref().unwrap(), "text/plain");
+    assert_eq!(properties.message_id.as_ref().unwrap(), "1");
     assert_eq!(
-        properties.reply_to.as_deref(),
-        Some("amq.rabbitmq.reply-to")
+        properties.reply_to.as_ref().unwrap(),
+        "amq.rabbitmq.reply-to"
     );
     assert_eq!(properties.delivery_mode, Some(2));
 }
@@ -433,22 +433,22 @@ fn confirmations_say_whether_the_broker_acked() {
 }
 
 #[test]
-fn non_utf8_short_strings_from_the_wire_are_replaced_not_rejected() {
+fn non_utf8_short_strings_from_the_wire_keep_their_bytes() {
     let mut input: &[u8] = &[3, b'a', 0xFF, b'b'];
-    let s = wire::read_short_string(&mut input).expect("lossy");
-    assert_eq!(s.as_str(), "a\u{FFFD}b");
-}
-
-/// What decoding `text` as a `shortstr` must give: invalid UTF-8 replaced,
-/// cut to 255 bytes at a character boundary.
-fn lossy_short(text: &[u8]) -> String {
-    let mut lossy = String::from_utf8_lossy(text).into_owned();
-    let mut end = lossy.len().min(ShortString::MAX_LEN);
-    while !lossy.is_char_boundary(end) {
-        end -= 1;
-    }
-    lossy.truncate(end);
-    lossy
+    let s = wire::read_short_string(&mut input).expect("any bytes");
+    assert_eq!(s.as_bytes(), b"a\xFFb");
+    let not_utf8 = s.to_str().expect_err("0xFF is not UTF-8");
+    assert_eq!(not_utf8.valid_up_to(), 1);
+    assert_eq!(s.to_string_lossy(), "a\u{FFFD}b");
+    assert_eq!(s.to_string(), "a\u{FFFD}b");
+    assert_eq!(format!("{s:?}"), r#"b"a\xffb""#);
+    // Encoded again, byte for byte.
+    let mut out = BytesMut::new();
+    wire::write_short_string(&mut out, &s);
+    assert_eq!(&out[..], &[3, b'a', 0xFF, b'b']);
+    // Text and bytes of the same value are the same short string.
+    assert_eq!(ShortString::from("é"), ShortString::from(&b"\xc3\xa9"[..]));
+    assert_eq!(format!("{:?}", ShortString::from("é")), r#""é""#);
 }
 
 #[test]
@@ -477,7 +477,7 @@ fn short_strings_of_every_inline_length_decode_with_and_without_bytes_after_them
 
 proptest! {
     #[test]
-    fn short_strings_from_any_bytes_decode_lossily_and_consume_exactly_their_length(
+    fn short_strings_from_any_bytes_decode_unchanged_and_consume_exactly_their_length(
         text in proptest::collection::vec(any::<u8>(), 0..=255),
         ascii in any::<bool>(),
         after in proptest::collection::vec(any::<u8>(), 0..40),
@@ -488,7 +488,11 @@ proptest! {
         input.extend_from_slice(&after);
         let mut rest = &input[..];
         let decoded = wire::read_short_string(&mut rest).expect("any bytes decode");
-        prop_assert_eq!(decoded.as_str(), lossy_short(&text));
+        prop_assert_eq!(decoded.as_bytes(), &text[..]);
         prop_assert_eq!(rest, &after[..]);
+        prop_assert_eq!(decoded.to_str().ok(), std::str::from_utf8(&text).ok());
+        let mut out = BytesMut::new();
+        wire::write_short_string(&mut out, &decoded);
+        prop_assert_eq!(&out[..], &input[..input.len() - after.len()]);
     }
 }

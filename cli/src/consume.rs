@@ -100,12 +100,21 @@ fn write_delivery(
     if json {
         let envelope = &delivery.envelope;
         let mut line = Map::new();
-        line.insert("exchange".into(), json!(envelope.exchange.as_str()));
-        line.insert("routing_key".into(), json!(envelope.routing_key.as_str()));
+        line.insert(
+            "exchange".into(),
+            json!(envelope.exchange.to_string_lossy()),
+        );
+        line.insert(
+            "routing_key".into(),
+            json!(envelope.routing_key.to_string_lossy()),
+        );
         line.insert("redelivered".into(), json!(envelope.redelivered));
         line.insert("delivery_tag".into(), json!(envelope.delivery_tag));
         if !envelope.consumer_tag.is_empty() {
-            line.insert("consumer_tag".into(), json!(envelope.consumer_tag.as_str()));
+            line.insert(
+                "consumer_tag".into(),
+                json!(envelope.consumer_tag.to_string_lossy()),
+            );
         }
         if let Some(count) = message_count {
             line.insert("message_count".into(), json!(count));

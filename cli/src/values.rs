@@ -7,9 +7,9 @@ use serde_json::{json, Map, Value};
 
 use crate::fail::Failure;
 
-/// The one place a `ShortString` is built from user input. The library is
-/// making `ShortString` construction infallible; this is the line to change
-/// then (the check moves to where it is sent).
+/// The one place a `ShortString` is built from user input: checked here,
+/// although the library would refuse it when sent, so that the error names
+/// the flag and nothing is connected for a command that cannot run.
 pub fn short(what: &str, text: &str) -> Result<ShortString, Failure> {
     ShortString::new(text).map_err(|_| {
         Failure::usage(format!(
@@ -200,7 +200,7 @@ pub fn properties_json(p: &BasicProperties) -> Value {
     let mut map = Map::new();
     let mut text = |name: &str, value: &Option<ShortString>| {
         if let Some(value) = value {
-            map.insert(name.to_owned(), json!(value.as_str()));
+            map.insert(name.to_owned(), json!(value.to_string_lossy()));
         }
     };
     text("content_type", &p.content_type);

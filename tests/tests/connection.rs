@@ -341,8 +341,8 @@ async fn every_property_and_every_header_type_round_trips() {
         .expect("open")
         .expect("ok");
     assert_eq!(*delivery.properties, properties);
-    assert_eq!(delivery.envelope.routing_key.as_str(), q);
-    assert_eq!(delivery.envelope.exchange.as_str(), "");
+    assert_eq!(delivery.envelope.routing_key, q.as_str());
+    assert_eq!(delivery.envelope.exchange, "");
     connection.close().await.expect("close");
 }
 

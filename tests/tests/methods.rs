@@ -154,7 +154,11 @@ async fn queue_declare_bind_unbind_purge_delete() {
         .await
         .expect("declare");
     assert_eq!(
-        (ok.queue.as_str(), ok.message_count, ok.consumer_count),
+        (
+            ok.queue.to_str().unwrap(),
+            ok.message_count,
+            ok.consumer_count
+        ),
         (q.as_str(), 0, 0)
     );
 
@@ -166,7 +170,7 @@ async fn queue_declare_bind_unbind_purge_delete() {
         .await
         .expect("server-named");
     assert!(
-        server_named.queue.starts_with("amq.gen-"),
+        server_named.queue.as_bytes().starts_with(b"amq.gen-"),
         "{:?}",
         server_named.queue
     );
@@ -463,7 +467,7 @@ async fn confirm_select_acks_returns_and_waits_for_all() {
     match returned {
         Confirmation::Returned(message) => {
             assert_eq!(message.reply_code.code(), 312);
-            assert_eq!(message.routing_key.as_str(), unroutable);
+            assert_eq!(message.routing_key.to_str().unwrap(), unroutable);
             assert_eq!(&message.body[..], b"bounce");
         }
         other => panic!("expected a return, got {other:?}"),
@@ -509,7 +513,10 @@ async fn returns_without_confirm_mode_reach_the_returns_stream() {
         .expect("returned")
         .expect("open");
     assert_eq!(
-        (message.reply_code.code(), message.routing_key.as_str()),
+        (
+            message.reply_code.code(),
+            message.routing_key.to_str().unwrap()
+        ),
         (312, unroutable.as_str())
     );
     assert_eq!(&message.body[..], b"lost?");
@@ -537,7 +544,7 @@ async fn an_unroutable_mandatory_publish_in_confirm_mode_is_returned_as_no_route
     assert_eq!(message.reply_code, ReplyCode::NO_ROUTE);
     assert_eq!(ReplyError::from(message.reply_code), ReplyError::NoRoute);
     assert_eq!(message.reply_code.to_string(), "312 NO_ROUTE");
-    assert_eq!(message.routing_key.as_str(), unroutable);
+    assert_eq!(message.routing_key.to_str().unwrap(), unroutable);
     // A soft-error code, but carried by basic.return: the channel stays open.
     channel
         .basic_qos(basic::Qos::default())
@@ -588,7 +595,7 @@ async fn consumer_cancelled_by_the_broker_ends_with_a_typed_reason() {
             by_broker: true,
             consumer_tag,
             ..
-        }) => assert_eq!(consumer_tag, consumer.tag().as_str()),
+        }) => assert_eq!(consumer_tag, consumer.tag().to_str().unwrap()),
         other => panic!("expected a broker cancel, got {other:?}"),
     }
     assert!(consumer.next().await.is_none());

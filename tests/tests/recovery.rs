@@ -469,7 +469,7 @@ async fn server_named_and_exclusive_queues_come_back_with_bindings_and_consumers
         b"routed",
         "binding and consumer follow the new name"
     );
-    assert_eq!(delivery.envelope.routing_key.as_str(), "rk");
+    assert_eq!(delivery.envelope.routing_key, "rk");
     connection.close().await.expect("close");
 }
 

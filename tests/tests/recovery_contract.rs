@@ -202,7 +202,7 @@ async fn a_server_named_queue_bound_in_the_hook_is_one_binding_after_each_of_thr
                 })
                 .await?;
             let consumer = channel
-                .basic_consume(declared.queue.as_str(), ConsumeOptions::default())
+                .basic_consume(&declared.queue, ConsumeOptions::default())
                 .await?;
             forward(consumer, bodies, ended);
             let _ = runs.send(info);

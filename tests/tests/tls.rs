@@ -149,7 +149,7 @@ async fn round_trip(connection: &Connection) {
         })
         .await
         .expect("queue.declare");
-    assert_eq!(declared.queue.as_str(), queue);
+    assert_eq!(declared.queue, queue.as_str());
     channel
         .basic_publish("", &queue, false, &BasicProperties::default(), "over TLS")
         .await

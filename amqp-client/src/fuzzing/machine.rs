@@ -2051,7 +2051,7 @@ impl Harness {
                             .get()
                             .message_id
                             .as_ref()
-                            .and_then(|id| id.strip_prefix('p')?.parse().ok());
+                            .and_then(|id| id.to_str().ok()?.strip_prefix('p')?.parse().ok());
                         if let Some(publish) = publish {
                             confirms.unconfirmed.insert(seq, publish);
                         }

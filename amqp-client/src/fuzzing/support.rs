@@ -25,6 +25,6 @@ pub(crate) fn expects_reply(method: &Method) -> bool {
 }
 
 /// A short string from text known to fit.
-pub(crate) fn short(text: impl AsRef<str>) -> ShortString {
+pub(crate) fn short(text: impl AsRef<[u8]>) -> ShortString {
     ShortString::new(text).expect("a short string")
 }

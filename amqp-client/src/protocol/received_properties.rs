@@ -226,7 +226,10 @@ mod tests {
         let received = ReceivedProperties::decode(&encode(&properties)).unwrap();
         assert!(matches!(received.encoded, Encoded::Inline { .. }));
         assert!(received.decoded.get().is_none());
-        assert_eq!(received.content_type.as_deref(), Some("application/json"));
+        assert_eq!(
+            received.content_type.as_ref().map(|t| t.to_str()),
+            Some(Ok("application/json"))
+        );
         assert!(received.decoded.get().is_some());
         assert_eq!(received, properties);
         assert_eq!(received.into_inner(), properties);

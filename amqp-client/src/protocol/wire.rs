@@ -36,12 +36,21 @@ pub struct FieldTooLong {
     pub len: usize,
 }
 
-/// An AMQP `shortstr`: UTF-8 text, at most 255 bytes on the wire.
+/// An AMQP `shortstr`: at most 255 bytes on the wire, kept exactly as the
+/// peer sent them.
 ///
-/// Made from `&str` or `String` with `.into()`, which never fails: a longer
-/// text is refused when the method or message that carries it is sent
-/// ([`Error::NameTooLong`](crate::Error::NameTooLong), nothing sent). Use
-/// [`ShortString::new`] to have the length checked at once.
+/// AMQP does not require a short string to be UTF-8, and other clients do
+/// send routing keys, consumer tags and header keys that are not. So a
+/// received short string is never altered: it compares, hashes and is sent
+/// back byte for byte. Reading it as text is explicit: [`to_str`](Self::to_str)
+/// fails on bytes that are not UTF-8, [`to_string_lossy`](Self::to_string_lossy)
+/// replaces them, and [`as_bytes`](Self::as_bytes) gives them as they are.
+/// `Display` writes the lossy form.
+///
+/// Made from `&str`, `String`, `&[u8]` or `Vec<u8>` with `.into()`, which
+/// never fails: a value over 255 bytes is refused when the method or message
+/// that carries it is sent ([`Error::NameTooLong`](crate::Error::NameTooLong),
+/// nothing sent). Use [`ShortString::new`] to have the length checked at once.
 ///
 /// ```
 /// use amqp091::ShortString;
@@ -49,20 +58,19 @@ pub struct FieldTooLong {
 /// let queue: ShortString = "jobs".into();
 /// let tag: ShortString = format!("worker-{}", 7).into();
 /// assert_eq!(queue, "jobs");
-/// assert_eq!(tag.as_str(), "worker-7");
+/// assert_eq!(tag.to_str(), Ok("worker-7"));
 /// assert!(ShortString::new("x".repeat(256)).is_err());
-/// ```
 ///
-/// Strings of up to 31 bytes (exchange names, routing keys, consumer tags,
-/// RabbitMQ's generated ones included) are stored inline: decoding one copies
-/// a few bytes instead of allocating or touching a reference count. Bytes
-/// that are not UTF-8 (a broken peer) are replaced with U+FFFD and the result
-/// cut to 255 bytes, as the Java client does, so that a delivery is never
-/// lost over a malformed routing key.
+/// // A routing key another client sent as Latin-1 keeps its bytes.
+/// let key = ShortString::from(&b"caf\xe9"[..]);
+/// assert_eq!(key.as_bytes(), b"caf\xe9");
+/// assert!(key.to_str().is_err());
+/// assert_eq!(key.to_string_lossy(), "caf\u{fffd}");
+/// ```
 #[derive(Clone)]
 pub struct ShortString(Repr);
 
-/// Inline capacity: the length byte and the text fill 32 bytes, the size of
+/// Inline capacity: the length byte and the bytes fill 32 bytes, the size of
 /// the whole type.
 const INLINE: usize = 31;
 
@@ -70,25 +78,25 @@ const INLINE: usize = 31;
 enum Repr {
     Inline(Inline),
     Static(&'static str),
-    Heap(Arc<str>),
+    Heap(Arc<[u8]>),
 }
 
 /// An inline string laid out as it is on the wire: the length byte, then the
-/// text. [`Repr`]'s tag lives in the length byte's unused values, so the
-/// type holds 31 bytes of text in 32, and decoding one is a copy of 32 bytes
-/// of the frame as they are.
+/// bytes. [`Repr`]'s tag lives in the length byte's unused values, so the
+/// type holds 31 bytes in 32, and decoding one is a copy of 32 bytes of the
+/// frame as they are.
 #[derive(Clone)]
 #[repr(C)]
 struct Inline {
     len: InlineLen,
-    /// `data[..len]` is the text; bytes after it are unspecified (decoding
+    /// `data[..len]` is the value; bytes after it are unspecified (decoding
     /// copies a fixed-size window of the frame).
     data: [u8; INLINE],
 }
 
 impl Inline {
     #[inline(always)]
-    fn text(&self) -> &[u8] {
+    fn bytes(&self) -> &[u8] {
         // `len` is at most `INLINE` by its type.
         &self.data[..self.len as usize]
     }
@@ -129,13 +137,13 @@ impl ShortString {
     /// The longest `shortstr` in bytes.
     pub const MAX_LEN: usize = 255;
 
-    /// Checks the length and wraps `text`.
-    pub fn new(text: impl AsRef<str>) -> Result<Self, ShortStringTooLong> {
-        let text = text.as_ref();
-        if text.len() > Self::MAX_LEN {
-            return Err(ShortStringTooLong { len: text.len() });
+    /// Checks the length and wraps `value` (text or bytes).
+    pub fn new(value: impl AsRef<[u8]>) -> Result<Self, ShortStringTooLong> {
+        let bytes = value.as_ref();
+        if bytes.len() > Self::MAX_LEN {
+            return Err(ShortStringTooLong { len: bytes.len() });
         }
-        Ok(Self::from_valid(text))
+        Ok(Self::from_slice(bytes))
     }
 
     /// Wraps a static string without copying it. Like `.into()`, a text
@@ -151,7 +159,7 @@ impl ShortString {
             // At most 31 by its type.
             Repr::Inline(_) => return Ok(()),
             Repr::Static(text) => text.len(),
-            Repr::Heap(text) => text.len(),
+            Repr::Heap(bytes) => bytes.len(),
         };
         if len > Self::MAX_LEN {
             return Err(ShortStringTooLong { len });
@@ -159,34 +167,39 @@ impl ShortString {
         Ok(())
     }
 
-    /// Wraps `text` of any length (inline when it fits).
-    fn from_valid(text: &str) -> Self {
-        match InlineLen::new(text.len()) {
+    /// Wraps `bytes` of any length (inline when they fit).
+    fn from_slice(bytes: &[u8]) -> Self {
+        match InlineLen::new(bytes.len()) {
             Some(len) => {
                 let mut data = [0; INLINE];
-                data[..text.len()].copy_from_slice(text.as_bytes());
+                data[..bytes.len()].copy_from_slice(bytes);
                 Self(Repr::Inline(Inline { len, data }))
             }
-            None => Self(Repr::Heap(Arc::from(text))),
+            None => Self(Repr::Heap(Arc::from(bytes))),
         }
     }
 
-    /// The text.
-    pub fn as_str(&self) -> &str {
+    /// The value as text, or the error saying where it stops being UTF-8.
+    pub fn to_str(&self) -> Result<&str, std::str::Utf8Error> {
         match &self.0 {
-            // Only UTF-8 is ever stored inline, so this never falls back.
-            Repr::Inline(inline) => std::str::from_utf8(inline.text()).unwrap_or_default(),
-            Repr::Static(text) => text,
-            Repr::Heap(text) => text,
+            Repr::Static(text) => Ok(text),
+            _ => std::str::from_utf8(self.as_bytes()),
         }
     }
 
-    /// The bytes of the text.
+    /// The value as text, with each run of bytes that is not UTF-8 replaced
+    /// by U+FFFD (borrowed when it is all UTF-8).
+    pub fn to_string_lossy(&self) -> Cow<'_, str> {
+        String::from_utf8_lossy(self.as_bytes())
+    }
+
+    /// The bytes, exactly as received or given.
+    #[inline(always)]
     pub fn as_bytes(&self) -> &[u8] {
         match &self.0 {
-            Repr::Inline(inline) => inline.text(),
+            Repr::Inline(inline) => inline.bytes(),
             Repr::Static(text) => text.as_bytes(),
-            Repr::Heap(text) => text.as_bytes(),
+            Repr::Heap(bytes) => bytes,
         }
     }
 
@@ -200,56 +213,37 @@ impl ShortString {
         self.len() == 0
     }
 
-    /// Reads a `shortstr` (length byte, text) off the front of `buf`.
+    /// Reads a `shortstr` (length byte, bytes) off the front of `buf`.
     #[inline(always)]
     fn read(buf: &mut Input<'_>) -> Result<Self, DecodeError> {
-        // The common case: a short ASCII string with at least 32 bytes of
-        // input from its length byte on, taken as one fixed-size window.
+        // The common case: a string of up to 31 bytes with at least 32 bytes
+        // of input from its length byte on, taken as one fixed-size window.
         if let Some(window) = buf.first_chunk::<{ INLINE + 1 }>() {
-            let len = usize::from(window[0]);
-            if let Some(inline_len) = InlineLen::new(len) {
-                if is_ascii_text(window, len) {
-                    *buf = &buf[1 + len..];
-                    return Ok(Self::from_window(window, inline_len));
-                }
+            if let Some(inline_len) = InlineLen::new(usize::from(window[0])) {
+                *buf = &buf[1 + inline_len as usize..];
+                return Ok(Self::from_window(window, inline_len));
             }
         }
         let len = usize::from(read_u8(buf)?);
-        let text = take(buf, len, ValueKind::ShortStr)?;
+        let bytes = take(buf, len, ValueKind::ShortStr)?;
         // The last field of a frame has fewer than 32 bytes after it.
-        if let Some(inline_len) = InlineLen::new(len) {
-            let window = window_of(text);
-            if is_ascii_text(&window, len) {
-                return Ok(Self::from_window(&window, inline_len));
-            }
-        }
-        Ok(Self::from_wire(text))
+        Ok(match InlineLen::new(len) {
+            Some(inline_len) => Self::from_window(&window_of(bytes), inline_len),
+            None => Self(Repr::Heap(Arc::from(bytes))),
+        })
     }
 
     /// An inline string from the wire bytes `window` (the length byte, the
-    /// text, then anything), whose first byte is `len`.
+    /// value, then anything), whose first byte is `len`.
     #[inline(always)]
     fn from_window(window: &[u8; INLINE + 1], len: InlineLen) -> Self {
         let data = window[1..].try_into().unwrap_or([0; INLINE]);
         Self(Repr::Inline(Inline { len, data }))
     }
-
-    /// A string from the wire bytes of its text, which may not be UTF-8.
-    fn from_wire(bytes: &[u8]) -> Self {
-        if let Ok(text) = std::str::from_utf8(bytes) {
-            return Self::from_valid(text);
-        }
-        let text = String::from_utf8_lossy(bytes);
-        let mut end = text.len().min(Self::MAX_LEN);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        Self::from_valid(&text[..end])
-    }
 }
 
 /// The wire bytes of a short string of at most 31 bytes (the length byte,
-/// the text, zeros after it), assembled in two 128-bit registers from loads
+/// the value, zeros after it), assembled in two 128-bit registers from loads
 /// that stay within `text`. A byte-wise copy into a stack buffer followed by
 /// wide reads of it stalls on store forwarding, which cost more than this.
 #[inline(always)]
@@ -292,28 +286,6 @@ fn window_of(text: &[u8]) -> [u8; INLINE + 1] {
     window
 }
 
-/// Whether the `len` bytes after the length byte at `window[0]` are ASCII,
-/// tested as two 16-byte words with the bytes past the text masked off (no
-/// per-byte loop). The length byte itself is at most 31, so never has its
-/// high bit set.
-#[inline(always)]
-fn is_ascii_text(window: &[u8; INLINE + 1], len: usize) -> bool {
-    const HIGH_BITS: u128 = u128::from_ne_bytes([0x80; 16]);
-    fn first_bytes(n: usize) -> u128 {
-        match n {
-            0 => 0,
-            1..=15 => (1u128 << (n * 8)) - 1,
-            _ => u128::MAX,
-        }
-    }
-    let (head, tail) = window.split_at(16);
-    let head = u128::from_le_bytes(head.try_into().unwrap_or_default());
-    let tail = u128::from_le_bytes(tail.try_into().unwrap_or_default());
-    let head = head & first_bytes(len + 1);
-    let tail = tail & first_bytes((len + 1).saturating_sub(16));
-    (head | tail) & HIGH_BITS == 0
-}
-
 impl PartialEq for ShortString {
     fn eq(&self, other: &Self) -> bool {
         self.as_bytes() == other.as_bytes()
@@ -341,63 +313,97 @@ impl Ord for ShortString {
 }
 
 impl fmt::Debug for ShortString {
+    /// Text in quotes, as `str` shows it; bytes that are not UTF-8 as a byte
+    /// string literal (`b"caf\xe9"`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
+        match self.to_str() {
+            Ok(text) => fmt::Debug::fmt(text, f),
+            Err(_) => write!(f, "b\"{}\"", self.as_bytes().escape_ascii()),
+        }
     }
 }
 
 impl fmt::Display for ShortString {
+    /// The lossy text ([`ShortString::to_string_lossy`]).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        for chunk in self.as_bytes().utf8_chunks() {
+            f.write_str(chunk.valid())?;
+            if !chunk.invalid().is_empty() {
+                f.write_str("\u{fffd}")?;
+            }
+        }
+        Ok(())
     }
 }
 
-impl std::ops::Deref for ShortString {
-    type Target = str;
-    fn deref(&self) -> &str {
-        self.as_str()
-    }
-}
-
-impl AsRef<str> for ShortString {
-    fn as_ref(&self) -> &str {
-        self.as_str()
+impl AsRef<[u8]> for ShortString {
+    fn as_ref(&self) -> &[u8] {
+        self.as_bytes()
     }
 }
 
 impl PartialEq<str> for ShortString {
     fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
+        self.as_bytes() == other.as_bytes()
     }
 }
 
 impl PartialEq<&str> for ShortString {
     fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl PartialEq<[u8]> for ShortString {
+    fn eq(&self, other: &[u8]) -> bool {
+        self.as_bytes() == other
+    }
+}
+
+impl PartialEq<&[u8]> for ShortString {
+    fn eq(&self, other: &&[u8]) -> bool {
+        self.as_bytes() == *other
     }
 }
 
 impl From<&str> for ShortString {
     /// Never fails: a text over 255 bytes is refused when it is sent.
     fn from(text: &str) -> Self {
-        Self::from_valid(text)
+        Self::from_slice(text.as_bytes())
     }
 }
 
 impl From<String> for ShortString {
     /// Never fails: a text over 255 bytes is refused when it is sent.
     fn from(text: String) -> Self {
-        match InlineLen::new(text.len()) {
-            Some(_) => Self::from_valid(&text),
-            None => Self(Repr::Heap(Arc::from(text))),
-        }
+        Self::from_slice(text.as_bytes())
     }
 }
 
 impl From<&String> for ShortString {
     /// Never fails: a text over 255 bytes is refused when it is sent.
     fn from(text: &String) -> Self {
-        Self::from_valid(text)
+        Self::from_slice(text.as_bytes())
+    }
+}
+
+impl From<&ShortString> for ShortString {
+    fn from(value: &ShortString) -> Self {
+        value.clone()
+    }
+}
+
+impl From<&[u8]> for ShortString {
+    /// Never fails: a value over 255 bytes is refused when it is sent.
+    fn from(bytes: &[u8]) -> Self {
+        Self::from_slice(bytes)
+    }
+}
+
+impl From<Vec<u8>> for ShortString {
+    /// Never fails: a value over 255 bytes is refused when it is sent.
+    fn from(bytes: Vec<u8>) -> Self {
+        Self::from_slice(&bytes)
     }
 }
 
@@ -602,17 +608,16 @@ impl FieldTable {
         self
     }
 
-    /// The value of `key`.
-    pub fn get(&self, key: &str) -> Option<&FieldValue> {
-        self.0
-            .iter()
-            .find(|(k, _)| k.as_str() == key)
-            .map(|(_, v)| v)
+    /// The value of `key` (text or bytes).
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Option<&FieldValue> {
+        let key = key.as_ref();
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
     /// Removes `key` and returns its value.
-    pub fn remove(&mut self, key: &str) -> Option<FieldValue> {
-        let index = self.0.iter().position(|(k, _)| k.as_str() == key)?;
+    pub fn remove(&mut self, key: impl AsRef<[u8]>) -> Option<FieldValue> {
+        let key = key.as_ref();
+        let index = self.0.iter().position(|(k, _)| k == key)?;
         Some(self.0.remove(index).1)
     }
 
@@ -733,8 +738,8 @@ pub fn read_long_string(buf: &mut Input<'_>) -> Result<Bytes, DecodeError> {
     )?))
 }
 
-/// Checks a `shortstr` and steps over it without building it. Bytes that are
-/// not UTF-8 are not an error here either: [`read_short_string`] replaces them.
+/// Checks a `shortstr` and steps over it without building it. Any bytes are
+/// accepted, as [`read_short_string`] accepts them.
 #[inline]
 pub fn skip_short_string(buf: &mut Input<'_>) -> Result<(), DecodeError> {
     let len = usize::from(read_u8(buf)?);

@@ -8,7 +8,7 @@ use crate::protocol::FieldValue;
 
 impl Broker {
     pub(super) fn exchange_method(&mut self, id: u16, method: Method) {
-        let reserved = |name: &ShortString| name.is_empty() || name.starts_with("amq.");
+        let reserved = |name: &ShortString| name.is_empty() || name.as_bytes().starts_with(b"amq.");
         match &method {
             Method::ExchangeDeclare(d) => {
                 if !d.passive && reserved(&d.exchange) {
@@ -19,7 +19,7 @@ impl Broker {
                         &method,
                     );
                 }
-                let kind = Kind::parse(&d.kind)
+                let kind = Kind::parse(d.kind.as_bytes())
                     .unwrap_or_else(|| violation(format!("exchange type {}", d.kind)));
                 match self.store.exchanges.get(&d.exchange) {
                     Some(x)
@@ -201,7 +201,7 @@ impl Broker {
 
     pub(super) fn declare_queue(&mut self, id: u16, d: &queue::Declare, request: &Method) {
         let generation = self.conn().generation;
-        if !d.passive && d.queue.starts_with("amq.") {
+        if !d.passive && d.queue.as_bytes().starts_with(b"amq.") {
             return self.channel_error(
                 id,
                 ReplyCode::ACCESS_REFUSED,

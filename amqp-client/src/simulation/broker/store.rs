@@ -18,12 +18,12 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    pub(crate) fn parse(name: &str) -> Option<Self> {
+    pub(crate) fn parse(name: &[u8]) -> Option<Self> {
         match name {
-            "direct" => Some(Self::Direct),
-            "fanout" => Some(Self::Fanout),
-            "topic" => Some(Self::Topic),
-            "headers" => Some(Self::Headers),
+            b"direct" => Some(Self::Direct),
+            b"fanout" => Some(Self::Fanout),
+            b"topic" => Some(Self::Topic),
+            b"headers" => Some(Self::Headers),
             _ => None,
         }
     }
@@ -105,13 +105,13 @@ fn short(text: &str) -> ShortString {
 }
 
 /// Topic matching: `*` is one word, `#` any number of words.
-fn topic_matches(pattern: &[&str], key: &[&str]) -> bool {
+fn topic_matches(pattern: &[&[u8]], key: &[&[u8]]) -> bool {
     match (pattern.split_first(), key.split_first()) {
         (None, None) => true,
-        (Some((&"#", rest)), _) => {
+        (Some((&b"#", rest)), _) => {
             topic_matches(rest, key) || (!key.is_empty() && topic_matches(pattern, &key[1..]))
         }
-        (Some((&"*", rest)), Some((_, key_rest))) => topic_matches(rest, key_rest),
+        (Some((&b"*", rest)), Some((_, key_rest))) => topic_matches(rest, key_rest),
         (Some((word, rest)), Some((first, key_rest))) => {
             word == first && topic_matches(rest, key_rest)
         }
@@ -122,7 +122,9 @@ fn topic_matches(pattern: &[&str], key: &[&str]) -> bool {
 /// Headers matching: `x-match` all (default) or any over the other arguments.
 fn headers_match(arguments: &FieldTable, headers: Option<&FieldTable>) -> bool {
     let any = arguments.get("x-match").and_then(FieldValue::as_str) == Some("any");
-    let mut wanted = arguments.iter().filter(|(k, _)| !k.starts_with("x-"));
+    let mut wanted = arguments
+        .iter()
+        .filter(|(k, _)| !k.as_bytes().starts_with(b"x-"));
     let has = |(key, value): (&ShortString, &FieldValue)| {
         headers.and_then(|h| h.get(key)).is_some_and(|v| v == value)
     };
@@ -236,13 +238,14 @@ impl Store {
             let Some(kind) = self.exchanges.get(&source).map(|x| x.kind) else {
                 continue;
             };
-            let words: Vec<&str> = key.split('.').collect();
+            let words: Vec<&[u8]> = key.as_bytes().split(|b| *b == b'.').collect();
             for binding in self.bindings.iter().filter(|b| b.source == source) {
                 let matched = match kind {
                     Kind::Direct => binding.key == *key,
                     Kind::Fanout => true,
                     Kind::Topic => {
-                        let pattern: Vec<&str> = binding.key.split('.').collect();
+                        let pattern: Vec<&[u8]> =
+                            binding.key.as_bytes().split(|b| *b == b'.').collect();
                         topic_matches(&pattern, &words)
                     }
                     Kind::Headers => headers_match(&binding.arguments, headers),
@@ -354,8 +357,8 @@ mod tests {
     #[test]
     fn topic_patterns_match_as_rabbitmq_does() {
         let m = |p: &str, k: &str| {
-            let p: Vec<&str> = p.split('.').collect();
-            let k: Vec<&str> = k.split('.').collect();
+            let p: Vec<&[u8]> = p.as_bytes().split(|b| *b == b'.').collect();
+            let k: Vec<&[u8]> = k.as_bytes().split(|b| *b == b'.').collect();
             topic_matches(&p, &k)
         };
         assert!(m("a.*", "a.b"));
