@@ -4,13 +4,14 @@
 //! `spec/`; the rest is hand-written: wire primitives ([`wire`]), the frame
 //! codec ([`frame`]), content properties kept encoded until read
 //! ([`received_properties`]), errors ([`error`]), method metadata
-//! ([`method_info`]) and the RPC primitives the generated stubs call ([`rpc`]).
+//! ([`method_info`]) and the RPC primitives the generated `Channel` methods
+//! call ([`rpc`]).
 
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic, unused_imports)]
 mod generated {
     //! Written by `cargo xtask regen`; see `codegen/`.
-    /// The channel RPC stubs.
+    /// The `Channel` methods of the AMQP methods a client sends.
     pub mod channel_stubs;
     /// Protocol version, frame constants and reply codes.
     pub mod constants;
@@ -29,7 +30,6 @@ pub mod wire;
 
 pub use error::{DecodeError, FrameError, ValueKind};
 pub use frame::{ContentHeader, Frame, FrameDecoder};
-pub use generated::channel_stubs::ChannelMethods;
 pub use generated::constants::{self, ReplyCode, ReplyError, ReplyKind};
 pub use generated::methods::{self, *};
 pub use generated::properties::{self, BasicProperties};
