@@ -1,5 +1,5 @@
 //! The channel handle: the AMQP methods of a channel (the generated ones in
-//! `protocol/generated/channel_stubs.rs`, an `impl Channel` of their own),
+//! `channel/generated_methods.rs`, an `impl Channel` of their own),
 //! publishing with optional confirms, consuming, `basic.get`, returns.
 
 use std::future::Future;
@@ -20,6 +20,13 @@ use crate::protocol::constants::FRAME_MIN_SIZE;
 use crate::protocol::frame;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{BasicProperties, ChannelRpc, FieldTable, ShortString};
+
+// Written by `cargo xtask regen` (see `codegen/`): here rather than under
+// `protocol/generated/` because it is an `impl Channel`, and the protocol
+// layer must not depend on the channel.
+#[rustfmt::skip]
+#[allow(clippy::all, clippy::pedantic)]
+mod generated_methods;
 
 /// What a queued publish costs in memory beyond its frames (command, queue
 /// entry, handles), charged to the publish budget with its bytes so that the

@@ -908,7 +908,7 @@ fn stub(m: &Method) -> Option<TokenStream> {
     let full = m.full_name();
     let fn_name = format_ident!("{}", m.channel_method()?);
     let path = struct_path(m);
-    // channel_stubs.rs imports every class module.
+    // generated_methods.rs imports every class module.
     let struct_link = format!("[`{}::{}`]", m.class_name, camel(&m.name));
     let variant = variant_ident(m);
     let has_args = m.fields.iter().any(|f| !f.reserved);
@@ -1004,12 +1004,12 @@ fn stub(m: &Method) -> Option<TokenStream> {
     Some(out)
 }
 
-/// `channel_stubs.rs`: a `Channel` method per method a client sends on an
+/// `channel/generated_methods.rs`: a `Channel` method per method a client sends on an
 /// open channel, built on the two primitives of `ChannelRpc`.
 pub fn stubs(model: &Model) -> TokenStream {
     let fns = model.methods().filter_map(stub);
     quote! {
-        use crate::channel::Channel;
+        use super::Channel;
         use crate::error::Error;
         use crate::protocol::methods::*;
         use crate::protocol::rpc::{ChannelRpc, UnexpectedReply};

@@ -24,6 +24,9 @@ pub const OVERLAY_PATH: &str = "spec/rabbitmq-extensions.xml";
 pub const DOCS_PATH: &str = "spec/amqp0-9-1.docs.xml";
 /// Where the generated modules live, relative to the workspace root.
 pub const OUTPUT_DIR: &str = "amqp-client/src/protocol/generated";
+/// Where the generated `Channel` methods live: in the channel module, which
+/// builds on the protocol layer (never the other way).
+pub const CHANNEL_METHODS_PATH: &str = "amqp-client/src/channel/generated_methods.rs";
 
 /// One generated file: its path relative to the workspace root and its text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +85,7 @@ pub fn generate_from(
             contents: format(emit::properties(&model))?,
         },
         GeneratedFile {
-            path: out.join("channel_stubs.rs"),
+            path: PathBuf::from(CHANNEL_METHODS_PATH),
             contents: format(emit::stubs(&model))?,
         },
     ])

@@ -152,4 +152,38 @@ mod tests {
             ["basic.ack", "basic.deliver", "basic.nack", "basic.return"]
         );
     }
+
+    /// A reader finds every AMQP method of a channel from `Channel`'s page:
+    /// its docs name each request a client sends on a channel, and link the
+    /// generated method of each that has one.
+    #[test]
+    fn the_channel_docs_name_every_method_a_client_sends_on_a_channel() {
+        let root = workspace_root();
+        let read = |rel: &str| std::fs::read_to_string(root.join(rel)).expect("source file");
+        let model = amqp_codegen::documented_model(
+            &read(amqp_codegen::SPEC_PATH),
+            &read(amqp_codegen::OVERLAY_PATH),
+            &read(amqp_codegen::DOCS_PATH),
+        )
+        .expect("model");
+        let source = read("amqp-client/src/channel.rs");
+        let end = source.find("pub struct Channel {").expect("Channel");
+        let start = source[..end].rfind("\n\n").expect("a blank line before its docs");
+        let docs = &source[start..end];
+        let mut missing = Vec::new();
+        for method in model
+            .methods()
+            .filter(|m| m.class_name != "connection" && m.is_request())
+        {
+            if !docs.contains(&format!("`{}`", method.full_name())) {
+                missing.push(method.full_name());
+            }
+            if let Some(name) = method.channel_method() {
+                if !docs.contains(&format!("(Self::{name})")) {
+                    missing.push(format!("Channel::{name}"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "Channel's docs do not name {missing:?}");
+    }
 }

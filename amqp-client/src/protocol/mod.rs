@@ -5,14 +5,13 @@
 //! codec ([`frame`]), content properties kept encoded until read
 //! ([`received_properties`]), errors ([`error`]), method metadata
 //! ([`method_info`]) and the RPC primitives the generated `Channel` methods
-//! call ([`rpc`]).
+//! call ([`rpc`]; those methods are generated into the `channel` module,
+//! which builds on this one).
 
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic, unused_imports)]
 mod generated {
     //! Written by `cargo xtask regen`; see `codegen/`.
-    /// The `Channel` methods of the AMQP methods a client sends.
-    pub mod channel_stubs;
     /// Protocol version, frame constants and reply codes.
     pub mod constants;
     /// One struct per method and the [`Method`](methods::Method) enum.

@@ -2,7 +2,7 @@
 // spec/rabbitmq-extensions.xml and spec/amqp0-9-1.docs.xml. Do not edit:
 // change the spec, its docs or codegen/ and run `cargo xtask regen`.
 
-use crate::channel::Channel;
+use super::Channel;
 use crate::error::Error;
 use crate::protocol::methods::*;
 use crate::protocol::rpc::{ChannelRpc, UnexpectedReply};
