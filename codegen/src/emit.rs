@@ -904,7 +904,8 @@ pub fn properties(model: &Model) -> TokenStream {
     }
 }
 
-fn stub(m: &Method) -> Option<TokenStream> {
+/// The `Channel` method (and its `_no_wait` twin) that sends `m`, if it gets one.
+fn channel_method(m: &Method) -> Option<TokenStream> {
     let full = m.full_name();
     let fn_name = format_ident!("{}", m.channel_method()?);
     let path = struct_path(m);
@@ -1006,8 +1007,8 @@ fn stub(m: &Method) -> Option<TokenStream> {
 
 /// `channel/generated_methods.rs`: a `Channel` method per method a client sends on an
 /// open channel, built on the two primitives of `ChannelRpc`.
-pub fn stubs(model: &Model) -> TokenStream {
-    let fns = model.methods().filter_map(stub);
+pub fn channel_methods(model: &Model) -> TokenStream {
+    let fns = model.methods().filter_map(channel_method);
     quote! {
         use super::Channel;
         use crate::error::Error;

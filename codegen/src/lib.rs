@@ -86,7 +86,7 @@ pub fn generate_from(
         },
         GeneratedFile {
             path: PathBuf::from(CHANNEL_METHODS_PATH),
-            contents: format(emit::stubs(&model))?,
+            contents: format(emit::channel_methods(&model))?,
         },
     ])
 }

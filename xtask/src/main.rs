@@ -168,7 +168,9 @@ mod tests {
         .expect("model");
         let source = read("amqp-client/src/channel.rs");
         let end = source.find("pub struct Channel {").expect("Channel");
-        let start = source[..end].rfind("\n\n").expect("a blank line before its docs");
+        let start = source[..end]
+            .rfind("\n\n")
+            .expect("a blank line before its docs");
         let docs = &source[start..end];
         let mut missing = Vec::new();
         for method in model

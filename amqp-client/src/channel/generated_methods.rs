@@ -352,7 +352,8 @@ impl Channel {
     ///
     /// RabbitMQ also sends `basic.cancel` to the client when a consumer ends
     /// without being asked to, e.g. when its queue is deleted (consumer
-    /// cancel notification); the consumer's stream then ends with an error.
+    /// cancel notification); the consumer's stream then ends with
+    /// [`Error::ConsumerCancelled`](crate::Error::ConsumerCancelled).
     ///
     /// Sends `basic.cancel` and waits for `basic.cancel-ok`. Its `no_wait` is ignored: [`basic_cancel_no_wait`](Self::basic_cancel_no_wait) sends it without waiting. Its arguments and an example: [`basic::Cancel`].
     pub async fn basic_cancel(

@@ -579,9 +579,8 @@ pub mod connection {
         }
     }
     /// Opens the connection on a virtual host, the last step of the
-    /// handshake. A virtual host the user may not access fails the
-    /// connection with `access-refused` (403), an unknown one with
-    /// `not-allowed` (530) or `invalid-path` (402).
+    /// handshake. RabbitMQ fails the connection with `not-allowed` (530)
+    /// when the virtual host does not exist or the user may not access it.
     ///
     /// `connection.open` (10/40), sent by the client. Answered by `connection.open-ok`.
     ///
@@ -4044,7 +4043,8 @@ pub mod basic {
     ///
     /// RabbitMQ also sends `basic.cancel` to the client when a consumer ends
     /// without being asked to, e.g. when its queue is deleted (consumer
-    /// cancel notification); the consumer's stream then ends with an error.
+    /// cancel notification); the consumer's stream then ends with
+    /// [`Error::ConsumerCancelled`](crate::Error::ConsumerCancelled).
     ///
     /// `basic.cancel` (60/30), sent by either peer. Answered by `basic.cancel-ok`. Sent with [`Channel::basic_cancel`](crate::Channel::basic_cancel).
     ///
