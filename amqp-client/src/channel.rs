@@ -21,13 +21,6 @@ use crate::protocol::frame;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{BasicProperties, ChannelRpc, FieldTable, ShortString};
 
-// Written by `cargo xtask regen` (see `codegen/`): here rather than under
-// `protocol/generated/` because it is an `impl Channel`, and the protocol
-// layer must not depend on the channel.
-#[rustfmt::skip]
-#[allow(clippy::all, clippy::pedantic)]
-mod generated_methods;
-
 /// What a queued publish costs in memory beyond its frames (command, queue
 /// entry, handles), charged to the publish budget with its bytes so that the
 /// budget bounds memory for small messages too.
@@ -665,3 +658,13 @@ impl ChannelRpc for Channel {
         Ok(())
     }
 }
+
+// Written by `cargo xtask regen` (see `codegen/`): here rather than under
+// `protocol/generated/` because it is an `impl Channel`, and the protocol
+// layer must not depend on the channel. The docs it carries come from
+// spec/amqp0-9-1.docs.xml, whose links spell out `crate::` paths because
+// the same text lands in several modules: where the path is also in scope,
+// rustdoc would call the explicit target redundant.
+#[rustfmt::skip]
+#[allow(clippy::all, clippy::pedantic, rustdoc::redundant_explicit_links)]
+mod generated_methods;

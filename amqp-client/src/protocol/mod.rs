@@ -8,8 +8,15 @@
 //! call ([`rpc`]; those methods are generated into the `channel` module,
 //! which builds on this one).
 
+// The docs of spec/amqp0-9-1.docs.xml spell out `crate::` paths in links,
+// since the same text lands in several modules: see `channel.rs`.
 #[rustfmt::skip]
-#[allow(clippy::all, clippy::pedantic, unused_imports)]
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unused_imports,
+    rustdoc::redundant_explicit_links
+)]
 mod generated {
     //! Written by `cargo xtask regen`; see `codegen/`.
     /// Protocol version, frame constants and reply codes.
