@@ -1645,8 +1645,8 @@ pub mod exchange {
         /// `exchange` (shortstr).
         pub exchange: ShortString,
         /// The exchange type: `direct`, `fanout`, `topic` or `headers`, or one a
-        /// plugin adds (e.g. `x-consistent-hash`). Unknown types fail with
-        /// `command-invalid` (503).
+        /// plugin adds (e.g. `x-consistent-hash`). RabbitMQ answers an unknown
+        /// type with `command-invalid` (503), which closes the connection.
         ///
         /// `type` (shortstr).
         pub kind: ShortString,
@@ -3646,10 +3646,12 @@ pub mod basic {
         ///
         /// `prefetch-count` (short).
         pub prefetch_count: u16,
-        /// RabbitMQ reads this differently from the spec: `false` applies the
-        /// limit to each consumer started afterwards on the channel, `true` to
-        /// all the channel's consumers together. Quorum queues do not support
-        /// `true`.
+        /// Where the limit applies. The spec shares it across the channel
+        /// (`false`) or the whole connection (`true`); RabbitMQ reads it one
+        /// level down: `false` gives each consumer started afterwards on the
+        /// channel a limit of its own, `true` shares one limit among all the
+        /// channel's consumers. Quorum queues refuse consumers on a channel with
+        /// a `true` limit.
         ///
         /// `global` (bit).
         pub global: bool,
