@@ -92,6 +92,37 @@ impl Drop for ChannelInner {
 /// # }
 /// ```
 ///
+/// Consuming: a prefetch limit, then each delivery settled on the delivery
+/// itself (`basic.ack`, `basic.nack` and `basic.reject` have no `Channel`
+/// method; see the table below).
+///
+/// ```no_run
+/// use amqp091::prelude::*;
+/// use amqp091::ConsumeOptions;
+///
+/// # async fn example(channel: amqp091::Channel) -> Result<(), amqp091::Error> {
+/// channel.basic_qos(basic::Qos { prefetch_count: 50, ..Default::default() }).await?;
+/// let mut consumer = channel.basic_consume("jobs", ConsumeOptions::default()).await?;
+/// while let Some(delivery) = consumer.next().await {
+///     let delivery = delivery?;
+///     match std::str::from_utf8(&delivery.body) {
+///         Ok(job) => {
+///             println!("job: {job}");
+///             delivery.ack().await?;
+///         }
+///         // Not requeued: dropped, or dead-lettered if the queue has a
+///         // dead-letter exchange.
+///         Err(_) => delivery.reject(false).await?,
+///     }
+/// }
+/// // A single message, polling instead:
+/// if let Some(message) = channel.basic_get("jobs", false).await? {
+///     message.delivery.ack().await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
+///
 /// # Every AMQP method, and where to find it
 ///
 /// Each method a client sends on a channel has a method here taking its
