@@ -1,4 +1,5 @@
-//! The channel handle: RPCs (through the generated [`ChannelMethods`](crate::protocol::ChannelMethods)),
+//! The channel handle: the AMQP methods of a channel (the generated ones in
+//! `channel/generated_methods.rs`, an `impl Channel` of their own),
 //! publishing with optional confirms, consuming, `basic.get`, returns.
 
 use std::future::Future;
@@ -52,9 +53,109 @@ impl Drop for ChannelInner {
     }
 }
 
-/// A channel. Cheap to clone, `Send + Sync`: many tasks may use it at once;
-/// their synchronous calls queue so that one is on the wire at a time.
-/// It closes when [`close`](Self::close) is called or its last handle drops.
+/// A channel: where exchanges and queues are declared, messages published
+/// and consumed. Open one with
+/// [`Connection::open_channel`](crate::Connection::open_channel).
+///
+/// Cheap to clone, `Send + Sync`: many tasks may use it at once; their
+/// synchronous calls queue so that one is on the wire at a time. It closes
+/// when [`close`](Self::close) is called, when its last handle drops, or
+/// when the broker closes it on an error (a soft error such as `not-found`,
+/// reported by the failed call and by [`closed_error`](Self::closed_error)
+/// afterwards).
+///
+/// ```no_run
+/// use amqp091::prelude::*;
+/// use amqp091::{BasicProperties, Connection};
+///
+/// # async fn example() -> Result<(), amqp091::Error> {
+/// let connection = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+/// let channel = connection.open_channel().await?;
+/// channel
+///     .exchange_declare(exchange::Declare {
+///         exchange: "logs".into(),
+///         kind: "fanout".into(),
+///         ..Default::default()
+///     })
+///     .await?;
+/// let declared = channel.queue_declare(queue::Declare::default()).await?;
+/// channel
+///     .queue_bind(queue::Bind {
+///         queue: declared.queue.clone(),
+///         exchange: "logs".into(),
+///         ..Default::default()
+///     })
+///     .await?;
+/// channel.basic_publish("logs", "", false, &BasicProperties::default(), "hi").await?;
+/// channel.close().await?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Consuming: a prefetch limit, then each delivery settled on the delivery
+/// itself (`basic.ack`, `basic.nack` and `basic.reject` have no `Channel`
+/// method; see the table below).
+///
+/// ```no_run
+/// use amqp091::prelude::*;
+/// use amqp091::ConsumeOptions;
+///
+/// # async fn example(channel: amqp091::Channel) -> Result<(), amqp091::Error> {
+/// channel.basic_qos(basic::Qos { prefetch_count: 50, ..Default::default() }).await?;
+/// let mut consumer = channel.basic_consume("jobs", ConsumeOptions::default()).await?;
+/// while let Some(delivery) = consumer.next().await {
+///     let delivery = delivery?;
+///     match std::str::from_utf8(&delivery.body) {
+///         Ok(job) => {
+///             println!("job: {job}");
+///             delivery.ack().await?;
+///         }
+///         // Not requeued: dropped, or dead-lettered if the queue has a
+///         // dead-letter exchange.
+///         Err(_) => delivery.reject(false).await?,
+///     }
+/// }
+/// // A single message, polling instead:
+/// if let Some(message) = channel.basic_get("jobs", false).await? {
+///     message.delivery.ack().await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Every AMQP method, and where to find it
+///
+/// Each method a client sends on a channel has a method here taking its
+/// struct from [`protocol`](crate::protocol) (`queue_declare` takes a
+/// [`queue::Declare`](crate::protocol::queue::Declare)); those with a
+/// `no-wait` flag have a `_no_wait` twin that does not wait for the reply.
+/// Their docs, and the structs', say what each method and field means and
+/// where RabbitMQ departs from the spec. The rest are sent by the calls that
+/// must track state with them:
+///
+/// | AMQP method | Sent by |
+/// |---|---|
+/// | `channel.open` | [`Connection::open_channel`](crate::Connection::open_channel) |
+/// | `channel.close` | [`close`](Self::close) (received: the channel's error) |
+/// | `channel.flow` | [`channel_flow`](Self::channel_flow) (RabbitMQ refuses `active = false`) |
+/// | `exchange.declare`, `exchange.delete` | [`exchange_declare`](Self::exchange_declare), [`exchange_delete`](Self::exchange_delete) |
+/// | `exchange.bind`, `exchange.unbind` (RabbitMQ) | [`exchange_bind`](Self::exchange_bind), [`exchange_unbind`](Self::exchange_unbind) |
+/// | `queue.declare`, `queue.delete`, `queue.purge` | [`queue_declare`](Self::queue_declare), [`queue_delete`](Self::queue_delete), [`queue_purge`](Self::queue_purge) |
+/// | `queue.bind`, `queue.unbind` | [`queue_bind`](Self::queue_bind), [`queue_unbind`](Self::queue_unbind) |
+/// | `basic.qos` | [`basic_qos`](Self::basic_qos) |
+/// | `basic.publish` | [`basic_publish`](Self::basic_publish), [`publish`](Self::publish) |
+/// | `basic.consume` | [`basic_consume`](Self::basic_consume), [`basic_consume_with`](Self::basic_consume_with); deliveries (`basic.deliver`) come on the [`Consumer`](crate::Consumer) |
+/// | `basic.cancel` | [`Consumer::cancel`](crate::Consumer::cancel) (or [`basic_cancel`](Self::basic_cancel), which leaves the client's side of the consumer to the broker's cancel-ok) |
+/// | `basic.get` | [`basic_get`](Self::basic_get) |
+/// | `basic.ack`, `basic.nack`, `basic.reject` | [`Delivery::ack`](crate::Delivery::ack), [`Delivery::ack_multiple`](crate::Delivery::ack_multiple), [`Delivery::nack`](crate::Delivery::nack), [`Delivery::reject`](crate::Delivery::reject): a delivery knows which connection its tag belongs to, so a tag from before a reconnect is refused instead of settling another message |
+/// | `basic.recover`, `basic.recover-async` | [`basic_recover`](Self::basic_recover), [`basic_recover_async`](Self::basic_recover_async) (RabbitMQ supports only `requeue = true`) |
+/// | `basic.return` (from the broker) | [`returns`](Self::returns), or the publish's [`Confirmation`] in confirm mode |
+/// | `tx.select`, `tx.commit`, `tx.rollback` | [`tx_select`](Self::tx_select), [`tx_commit`](Self::tx_commit), [`tx_rollback`](Self::tx_rollback) |
+/// | `confirm.select` (RabbitMQ) | [`confirm_select`](Self::confirm_select); the broker's `basic.ack`/`basic.nack` resolve each [`PublishConfirm`], and [`wait_for_confirms`](Self::wait_for_confirms) awaits them all |
+///
+/// The `connection` class is run by [`Connection`](crate::Connection)
+/// (`connection.blocked` is [`Connection::blocked`](crate::Connection::blocked),
+/// `connection.update-secret` [`Connection::update_secret`](crate::Connection::update_secret)).
 #[derive(Clone)]
 pub struct Channel {
     pub(crate) inner: Arc<ChannelInner>,
@@ -152,7 +253,8 @@ impl Channel {
         }
     }
 
-    /// The channel id.
+    /// The channel's number on its connection (1 and up), as in the
+    /// broker's logs and management UI.
     pub fn id(&self) -> u16 {
         self.inner.id
     }
@@ -187,7 +289,16 @@ impl Channel {
         Ok(())
     }
 
-    /// The error that closed the channel (or its connection), if it is closed.
+    /// The error that closed the channel (or its connection), if it is
+    /// closed: every call on a closed channel fails with it.
+    ///
+    /// ```no_run
+    /// # fn example(channel: amqp091::Channel) {
+    /// if let Some(error) = channel.closed_error() {
+    ///     eprintln!("channel {} is closed: {error}", channel.id());
+    /// }
+    /// # }
+    /// ```
     #[inline]
     pub fn closed_error(&self) -> Option<Error> {
         self.inner
@@ -257,8 +368,18 @@ impl Channel {
         Ok(reply)
     }
 
-    /// Closes the channel: sends `channel.close` and waits for close-ok.
-    /// Closing a channel that the broker already closed returns that error.
+    /// Closes the channel: sends `channel.close` (behind what was already
+    /// published on it) and waits for `channel.close-ok`. Closing a channel
+    /// again is `Ok`; closing one that the broker closed returns the
+    /// broker's error. Dropping the last handle closes it too, without
+    /// waiting.
+    ///
+    /// ```no_run
+    /// # async fn example(channel: amqp091::Channel) -> Result<(), amqp091::Error> {
+    /// channel.close().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn close(&self) -> Result<(), Error> {
         if let Some(error) = self.closed_error() {
             return match error {
@@ -283,10 +404,39 @@ impl Channel {
             .await
     }
 
-    /// Publishes a message. In confirm mode the returned confirmation
-    /// resolves to ack, nack or returned; otherwise it resolves at once.
-    /// While the broker blocks the connection this waits for it to unblock,
-    /// so memory does not pile up in the client.
+    /// Publishes a message (`basic.publish`) to `exchange` (`""` is the
+    /// default exchange, which routes to the queue named `routing_key`).
+    /// With `mandatory`, an unroutable message comes back (`basic.return`):
+    /// in the confirmation in confirm mode, else on [`returns`](Self::returns);
+    /// without it, the broker drops it.
+    ///
+    /// Returns once the message is queued for the connection. The
+    /// [`PublishConfirm`] it returns resolves, in confirm mode
+    /// ([`confirm_select`](Self::confirm_select)), to the broker's ack, nack
+    /// or return; otherwise at once to
+    /// [`Confirmation::NotRequested`].
+    /// While the broker blocks the connection (`connection.blocked`) this
+    /// waits for it to unblock, so memory does not pile up in the client.
+    /// A shortstr over 255 bytes or a frame over the broker's `frame_max`
+    /// is refused here, before anything is sent.
+    ///
+    /// ```no_run
+    /// use amqp091::prelude::*;
+    /// use amqp091::{BasicProperties, Confirmation};
+    ///
+    /// # async fn example(channel: amqp091::Channel) -> Result<(), amqp091::Error> {
+    /// channel.confirm_select(confirm::Select::default()).await?;
+    /// let properties = BasicProperties::default()
+    ///     .with_content_type("text/plain")
+    ///     .with_delivery_mode(2);
+    /// let confirm = channel.basic_publish("", "my-queue", true, &properties, "hello").await?;
+    /// match confirm.await? {
+    ///     Confirmation::Ack => {}
+    ///     other => eprintln!("not taken: {other:?}"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn basic_publish(
         &self,
         exchange: impl Into<ShortString>,
@@ -305,7 +455,28 @@ impl Channel {
         self.publish(publish, properties, body.into()).await
     }
 
-    /// [`basic_publish`](Self::basic_publish) with the method struct.
+    /// [`basic_publish`](Self::basic_publish) with the method struct, for
+    /// a publisher that builds its [`basic::Publish`] once and clones it
+    /// (cheap: its names are [`ShortString`]s). Its `immediate` must stay
+    /// `false`: RabbitMQ closes the connection on it.
+    ///
+    /// ```no_run
+    /// use amqp091::prelude::*;
+    /// use amqp091::BasicProperties;
+    ///
+    /// # async fn example(channel: amqp091::Channel) -> Result<(), amqp091::Error> {
+    /// let publish = basic::Publish {
+    ///     exchange: "my-exchange".into(),
+    ///     routing_key: "my-key".into(),
+    ///     ..Default::default()
+    /// };
+    /// let properties = BasicProperties::default();
+    /// for n in 0..10 {
+    ///     channel.publish(publish.clone(), &properties, format!("message {n}").into()).await?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn publish(
         &self,
         publish: basic::Publish,
@@ -429,7 +600,26 @@ impl Channel {
         Ok(())
     }
 
-    /// Waits until every publish so far is confirmed; `true` if all were acked.
+    /// Waits until the broker has confirmed every message published on the
+    /// channel so far; `true` if it acked them all since the last wait,
+    /// `false` if it nacked any. Needs confirm mode
+    /// ([`confirm_select`](Self::confirm_select)): without it this fails
+    /// with [`Error::NotInConfirmMode`].
+    ///
+    /// ```no_run
+    /// use amqp091::prelude::*;
+    /// use amqp091::BasicProperties;
+    ///
+    /// # async fn example(channel: amqp091::Channel) -> Result<(), amqp091::Error> {
+    /// channel.confirm_select(confirm::Select::default()).await?;
+    /// for n in 0..100 {
+    ///     let body = format!("message {n}");
+    ///     channel.basic_publish("", "my-queue", false, &BasicProperties::default(), body).await?;
+    /// }
+    /// assert!(channel.wait_for_confirms().await?, "the broker nacked a message");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn wait_for_confirms(&self) -> Result<bool, Error> {
         self.check()?;
         let (reply, answer) = oneshot::channel();
@@ -441,9 +631,22 @@ impl Channel {
         self.answer("wait_for_confirms", answer).await
     }
 
-    /// Messages the broker returns as unroutable (published `mandatory`
-    /// without confirm mode; in confirm mode they come with the confirmation).
-    /// Calling it again replaces the earlier stream.
+    /// Messages the broker returns as unroutable (`basic.return` of a
+    /// message published `mandatory` without confirm mode; in confirm mode
+    /// they come with the confirmation instead), as a stream holding up to
+    /// `capacity` of them. Calling it again replaces the earlier stream.
+    ///
+    /// ```no_run
+    /// # async fn example(channel: amqp091::Channel) -> Result<(), amqp091::Error> {
+    /// let mut returns = channel.returns(16).await?;
+    /// tokio::spawn(async move {
+    ///     while let Some(returned) = returns.recv().await {
+    ///         eprintln!("unroutable: {returned:?}");
+    ///     }
+    /// });
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn returns(&self, capacity: usize) -> Result<mpsc::Receiver<ReturnedMessage>, Error> {
         let (returns, receiver) = mpsc::channel(capacity.max(1));
         self.send_command(Command::SetReturns {
@@ -486,3 +689,13 @@ impl ChannelRpc for Channel {
         Ok(())
     }
 }
+
+// Written by `cargo xtask regen` (see `codegen/`): here rather than under
+// `protocol/generated/` because it is an `impl Channel`, and the protocol
+// layer must not depend on the channel. The docs it carries come from
+// spec/amqp0-9-1.docs.xml, whose links spell out `crate::` paths because
+// the same text lands in several modules: where the path is also in scope,
+// rustdoc would call the explicit target redundant.
+#[rustfmt::skip]
+#[allow(clippy::all, clippy::pedantic, rustdoc::redundant_explicit_links)]
+mod generated_methods;

@@ -70,9 +70,8 @@ pub use protocol::{
     BasicProperties, Decimal, FieldTable, FieldValue, ReplyCode, ReplyError, ShortString,
 };
 
-/// What most programs need in scope: the generated channel methods and the
-/// method structs they take.
+/// What most programs need in scope: the modules of the method structs that
+/// the [`Channel`] methods take (`queue::Declare`, `basic::Qos`…).
 pub mod prelude {
     pub use crate::protocol::methods::{basic, channel, confirm, exchange, queue, tx};
-    pub use crate::protocol::ChannelMethods;
 }

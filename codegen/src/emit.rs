@@ -5,26 +5,113 @@ use quote::{format_ident, quote};
 
 use crate::model::{camel, Direction, Field, FieldGroup, Method, Model, ReplyKind, WireType};
 
-/// Methods that the hand-written channel core owns rather than a generated stub:
-/// they open or close the channel, carry content, or must register state
-/// (a consumer) before the broker's reply can be acted on.
-const CORE_OWNED: &[&str] = &[
-    "channel.open",
-    "channel.close",
-    "basic.publish",
-    "basic.get",
-    "basic.consume",
-    // Settled through `Delivery::ack`/`nack`/`reject`, which know the
-    // connection epoch a delivery tag belongs to: a raw stub taking a bare
-    // tag could ack, after a reconnect, a different message than meant.
-    "basic.ack",
-    "basic.nack",
-    "basic.reject",
-];
-
+/// Doc attributes, one per line of `text` (Markdown).
 fn doc(text: &str) -> TokenStream {
-    let text = format!(" {text}");
-    quote!(#[doc = #text])
+    let lines = text.lines().map(|line| {
+        let line = if line.is_empty() {
+            String::new()
+        } else {
+            format!(" {line}")
+        };
+        quote!(#[doc = #line])
+    });
+    quote!(#(#lines)*)
+}
+
+/// `text` (from the docs file, required by [`crate::docs::apply`]) and
+/// `more`, as paragraphs.
+fn paragraphs(text: Option<&str>, more: &str) -> String {
+    match text {
+        Some(text) if !text.is_empty() => format!("{text}\n\n{more}"),
+        _ => more.to_owned(),
+    }
+}
+
+/// A value for a field in a generated doc example, for the fields that
+/// read better with one than with their default.
+fn example_value(f: &Field) -> Option<&'static str> {
+    Some(match (f.ident.as_str(), f.wire) {
+        ("queue", WireType::ShortStr) => "\"my-queue\".into()",
+        ("exchange" | "source", WireType::ShortStr) => "\"my-exchange\".into()",
+        ("destination", WireType::ShortStr) => "\"my-other-exchange\".into()",
+        ("routing_key", WireType::ShortStr) => "\"my-key\".into()",
+        ("kind", WireType::ShortStr) => "\"direct\".into()",
+        ("consumer_tag", WireType::ShortStr) => "\"my-consumer\".into()",
+        ("durable" | "requeue" | "active", WireType::Bit) => "true",
+        ("prefetch_count", WireType::Short) => "10",
+        _ => return None,
+    })
+}
+
+/// The expression of a doc example that sends `m` through its generated
+/// channel method `name`, awaited.
+fn example_call(m: &Method, name: &str) -> String {
+    let visible: Vec<&Field> = m.fields.iter().filter(|f| !f.reserved).collect();
+    if visible.is_empty() {
+        return format!("channel.{name}().await?");
+    }
+    let path = format!("{}::{}", m.class_name, camel(&m.name));
+    let set: Vec<String> = visible
+        .iter()
+        .filter_map(|f| example_value(f).map(|v| format!("        {}: {v},", f.ident)))
+        .collect();
+    if set.is_empty() {
+        return format!("channel.{name}({path}::default()).await?");
+    }
+    let rest = if set.len() < visible.len() {
+        "        ..Default::default()\n"
+    } else {
+        ""
+    };
+    format!(
+        "channel\n    .{name}({path} {{\n{}\n{rest}    }})\n    .await?",
+        set.join("\n")
+    )
+}
+
+/// A `no_run` doc example section around `code`.
+fn example_section(code: &str) -> String {
+    format!("# Example\n\n```no_run\n{code}\n```")
+}
+
+/// The body of a doc example given a `channel`.
+fn on_a_channel(body: &str) -> String {
+    let prelude = if body.contains("::") {
+        "use amqp091::prelude::*;\n\n"
+    } else {
+        ""
+    };
+    format!(
+        "# async fn example(channel: amqp091::Channel) -> Result<(), amqp091::Error> {{\n\
+         {prelude}{body}\n# Ok(())\n# }}"
+    )
+}
+
+/// The doc example of a method struct: the docs file's, or one sending it
+/// through its channel method, or (for a reply) one reading a field of it.
+fn method_example(model: &Model, m: &Method) -> Option<String> {
+    if let Some(example) = &m.example {
+        return Some(example_section(example));
+    }
+    if let Some(name) = m.channel_method() {
+        return Some(example_section(&on_a_channel(&format!(
+            "{};",
+            example_call(m, &name)
+        ))));
+    }
+    let field = m.fields.iter().find(|f| !f.reserved)?;
+    let request = model.methods().find(|r| {
+        r.replies
+            .iter()
+            .any(|(c, id, _)| (*c, *id) == (m.class_id, m.method_id))
+    })?;
+    let name = request.channel_method()?;
+    let var = m.name.replace('-', "_");
+    Some(example_section(&on_a_channel(&format!(
+        "let {var} = {};\nprintln!(\"{{:?}}\", {var}.{});",
+        example_call(request, &name),
+        field.ident
+    ))))
 }
 
 fn variant_ident(m: &Method) -> proc_macro2::Ident {
@@ -155,7 +242,7 @@ fn bit_mask(position: usize) -> Literal {
     Literal::u8_suffixed(1u8 << position)
 }
 
-fn method_struct(m: &Method) -> TokenStream {
+fn method_struct(model: &Model, m: &Method) -> TokenStream {
     let name = format_ident!("{}", camel(&m.name));
     let full = m.full_name();
     let sender = match m.direction {
@@ -178,17 +265,26 @@ fn method_struct(m: &Method) -> TokenStream {
             .collect();
         summary.push_str(&format!(" Answered by {}.", replies.join(" or ")));
     }
-    let struct_doc = doc(&summary);
+    if let Some(channel_method) = m.channel_method() {
+        summary.push_str(&format!(
+            " Sent with [`Channel::{channel_method}`](crate::Channel::{channel_method})."
+        ));
+    }
+    let mut text = paragraphs(m.doc.as_deref(), &summary);
+    if let Some(example) = method_example(model, m) {
+        text = format!("{text}\n\n{example}");
+    }
+    let struct_doc = doc(&text);
 
     let visible: Vec<_> = m.fields.iter().filter(|f| !f.reserved).collect();
     let field_defs = visible.iter().map(|f| {
         let ident = format_ident!("{}", f.ident);
         let ty = rust_type(f.wire);
-        let mut text = format!("`{}` ({}).", f.spec_name, wire_name(f.wire));
+        let mut wire = format!("`{}` ({}).", f.spec_name, wire_name(f.wire));
         if f.secret {
-            text.push_str(" A credential: `Debug` prints only its length.");
+            wire.push_str(" A credential: `Debug` prints only its length.");
         }
-        let d = doc(&text);
+        let d = doc(&paragraphs(f.doc.as_deref(), &wire));
         quote!(#d pub #ident: #ty,)
     });
 
@@ -386,10 +482,10 @@ fn redacting_debug(name: &proc_macro2::Ident, visible: &[&Field]) -> TokenStream
 pub fn methods(model: &Model) -> TokenStream {
     let modules = model.classes.iter().map(|class| {
         let module = format_ident!("{}", class.name);
-        let structs = class.methods.iter().map(method_struct);
-        let d = doc(&format!(
-            "Methods of the `{}` class ({}).",
-            class.name, class.id
+        let structs = class.methods.iter().map(|m| method_struct(model, m));
+        let d = doc(&paragraphs(
+            class.doc.as_deref(),
+            &format!("Methods of the `{}` class ({}).", class.name, class.id),
         ));
         quote! {
             #d
@@ -403,7 +499,12 @@ pub fn methods(model: &Model) -> TokenStream {
     let variants = all.iter().map(|m| {
         let v = variant_ident(m);
         let p = struct_path(m);
-        let d = doc(&format!("`{}`.", m.full_name()));
+        let d = doc(&format!(
+            "`{}`: see [`{}::{}`].",
+            m.full_name(),
+            m.class_name,
+            camel(&m.name)
+        ));
         quote!(#d #v(#p),)
     });
     let info_arms = all.iter().map(|m| {
@@ -678,13 +779,16 @@ pub fn properties(model: &Model) -> TokenStream {
         let fields = class.properties.iter().map(|f| {
             let ident = format_ident!("{}", f.ident);
             let ty = rust_type(f.wire);
-            let fd = doc(&format!("`{}` ({}).", f.spec_name, wire_name(f.wire)));
+            let fd = doc(&paragraphs(
+                f.doc.as_deref(),
+                &format!("`{}` ({}).", f.spec_name, wire_name(f.wire)),
+            ));
             quote!(#fd pub #ident: Option<#ty>,)
         });
         let setters = class.properties.iter().map(|f| {
             let ident = format_ident!("{}", f.ident);
             let setter = format_ident!("with_{}", f.ident);
-            let fd = doc(&format!("Sets `{}`.", f.spec_name));
+            let fd = doc(&format!("Sets [`{}`](Self::{}).", f.ident, f.ident));
             if f.wire == WireType::ShortStr {
                 // `&str` and `String` too; an over-long value is refused
                 // when the message is published.
@@ -800,17 +904,13 @@ pub fn properties(model: &Model) -> TokenStream {
     }
 }
 
-fn stub(m: &Method) -> Option<TokenStream> {
+/// The `Channel` method (and its `_no_wait` twin) that sends `m`, if it gets one.
+fn channel_method(m: &Method) -> Option<TokenStream> {
     let full = m.full_name();
-    if m.class_name == "connection"
-        || m.direction == Direction::ToClient
-        || m.is_reply
-        || CORE_OWNED.contains(&full.as_str())
-    {
-        return None;
-    }
-    let fn_name = format_ident!("{}_{}", m.class_name, m.name.replace('-', "_"));
+    let fn_name = format_ident!("{}", m.channel_method()?);
     let path = struct_path(m);
+    // generated_methods.rs imports every class module.
+    let struct_link = format!("[`{}::{}`]", m.class_name, camel(&m.name));
     let variant = variant_ident(m);
     let has_args = m.fields.iter().any(|f| !f.reserved);
     let (param, build) = if has_args {
@@ -818,13 +918,21 @@ fn stub(m: &Method) -> Option<TokenStream> {
     } else {
         (quote!(), quote!(#path {}))
     };
+    let see = if has_args {
+        format!("Its arguments and an example: {struct_link}.")
+    } else {
+        format!("An example: {struct_link}.")
+    };
     let mut out = TokenStream::new();
     if m.replies.is_empty() {
-        let d = doc(&format!("Sends `{full}`; the spec defines no reply."));
+        let d = doc(&paragraphs(
+            m.doc.as_deref(),
+            &format!("Sends `{full}`; the spec defines no reply. {see}"),
+        ));
         out.extend(quote! {
             #d
-            fn #fn_name(&self, #param) -> impl Future<Output = Result<(), Self::Error>> + Send {
-                self.send(Method::#variant(#build))
+            pub async fn #fn_name(&self, #param) -> Result<(), Error> {
+                ChannelRpc::send(self, Method::#variant(#build)).await
             }
         });
         return Some(out);
@@ -861,55 +969,56 @@ fn stub(m: &Method) -> Option<TokenStream> {
         .iter()
         .map(|(_, _, r)| format!("`{}.{r}`", m.class_name))
         .collect();
-    let d = doc(&format!(
-        "Sends `{full}` and waits for {}.",
-        reply_names.join(" or ")
-    ));
+    let mut sends = format!("Sends `{full}` and waits for {}.", reply_names.join(" or "));
+    if m.has_no_wait() {
+        sends.push_str(&format!(
+            " Its `no_wait` is ignored: [`{fn_name}_no_wait`](Self::{fn_name}_no_wait) sends it without waiting."
+        ));
+    }
+    let d = doc(&paragraphs(m.doc.as_deref(), &format!("{sends} {see}")));
     out.extend(quote! {
         #d
-        fn #fn_name(&self, #param) -> impl Future<Output = Result<#reply_ty, Self::Error>> + Send {
+        pub async fn #fn_name(&self, #param) -> Result<#reply_ty, Error> {
             #no_wait_off
-            async move {
-                let request = Method::#variant(#build);
-                match self.call(request).await? {
-                    #arms
-                    #[allow(unreachable_patterns)]
-                    other => Err(UnexpectedReply { request: &#path::INFO, reply: other.info() }.into()),
-                }
+            let request = Method::#variant(#build);
+            match ChannelRpc::call(self, request).await? {
+                #arms
+                #[allow(unreachable_patterns)]
+                other => Err(UnexpectedReply { request: &#path::INFO, reply: other.info() }.into()),
             }
         }
     });
     if m.has_no_wait() {
         let nw = format_ident!("{}_no_wait", fn_name);
         let d = doc(&format!(
-            "Sends `{full}` with `no-wait` set: the broker sends no reply, and reports a failure by closing the channel."
+            "Sends `{full}` with `no-wait` set: the broker sends no reply, and reports a failure by closing the channel. \
+             Otherwise as [`{fn_name}`](Self::{fn_name})."
         ));
         out.extend(quote! {
             #d
-            fn #nw(&self, mut args: #path) -> impl Future<Output = Result<(), Self::Error>> + Send {
+            pub async fn #nw(&self, mut args: #path) -> Result<(), Error> {
                 args.no_wait = true;
-                self.send(Method::#variant(args))
+                ChannelRpc::send(self, Method::#variant(args)).await
             }
         });
     }
     Some(out)
 }
 
-/// `channel_stubs.rs`: one method per client-sent channel method.
-pub fn stubs(model: &Model) -> TokenStream {
-    let fns = model.methods().filter_map(stub);
+/// `channel/generated_methods.rs`: a `Channel` method per method a client sends on an
+/// open channel, built on the two primitives of `ChannelRpc`.
+pub fn channel_methods(model: &Model) -> TokenStream {
+    let fns = model.methods().filter_map(channel_method);
     quote! {
-        use core::future::Future;
-
+        use super::Channel;
+        use crate::error::Error;
         use crate::protocol::methods::*;
         use crate::protocol::rpc::{ChannelRpc, UnexpectedReply};
 
-        /// One call per method a client sends on an open channel, built on the two
-        /// primitives of [`ChannelRpc`]. Implemented for every `ChannelRpc`.
-        pub trait ChannelMethods: ChannelRpc {
+        /// The AMQP methods a client sends on an open channel, one call each,
+        /// generated from the spec (`spec/amqp0-9-1.docs.xml` holds their docs).
+        impl Channel {
             #(#fns)*
         }
-
-        impl<T: ChannelRpc + ?Sized> ChannelMethods for T {}
     }
 }

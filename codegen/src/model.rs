@@ -51,6 +51,9 @@ pub struct Field {
     /// A credential (see [`SECRET_FIELDS`]): its method's `Debug` shows only
     /// its length.
     pub secret: bool,
+    /// What the field means (Markdown), from the docs file; `None` before
+    /// [`crate::docs::apply`] and for reserved fields.
+    pub doc: Option<String>,
 }
 
 /// Consecutive fields as the codec sees them.
@@ -85,6 +88,12 @@ pub struct Method {
     pub is_reply: bool,
     /// Fields in wire order.
     pub fields: Vec<Field>,
+    /// What the method does (Markdown), from the docs file; `None` before
+    /// [`crate::docs::apply`].
+    pub doc: Option<String>,
+    /// Rust code of a doc example from the docs file, for a method that is
+    /// sent some other way than through a generated channel method.
+    pub example: Option<String>,
 }
 
 impl Method {
@@ -113,7 +122,48 @@ impl Method {
     pub fn groups(&self) -> Vec<FieldGroup> {
         group_fields(&self.fields)
     }
+
+    /// Whether it is a request a client may send: not only the server
+    /// sends it, and it answers nothing.
+    pub fn is_request(&self) -> bool {
+        self.direction != Direction::ToClient && !self.is_reply
+    }
+
+    /// The name of the generated `Channel` method that sends it
+    /// (`queue_declare`), if it gets one: every request sent on an open
+    /// channel, except those the hand-written core owns ([`CORE_OWNED`]).
+    pub fn channel_method(&self) -> Option<String> {
+        let full = self.full_name();
+        if self.class_name == "connection"
+            || !self.is_request()
+            || CORE_OWNED.contains(&full.as_str())
+        {
+            return None;
+        }
+        Some(format!(
+            "{}_{}",
+            self.class_name,
+            self.name.replace('-', "_")
+        ))
+    }
 }
+
+/// Methods that the hand-written channel core owns rather than a generated
+/// `Channel` method: they open or close the channel, carry content, or must
+/// register state (a consumer) before the broker's reply can be acted on.
+pub const CORE_OWNED: &[&str] = &[
+    "channel.open",
+    "channel.close",
+    "basic.publish",
+    "basic.get",
+    "basic.consume",
+    // Settled through `Delivery::ack`/`nack`/`reject`, which know the
+    // connection epoch a delivery tag belongs to: a raw method taking a bare
+    // tag could ack, after a reconnect, a different message than meant.
+    "basic.ack",
+    "basic.nack",
+    "basic.reject",
+];
 
 /// A class after lowering.
 #[derive(Debug, Clone)]
@@ -126,6 +176,9 @@ pub struct Class {
     pub properties: Vec<Field>,
     /// Methods.
     pub methods: Vec<Method>,
+    /// What the class is for (Markdown), from the docs file; `None` before
+    /// [`crate::docs::apply`].
+    pub doc: Option<String>,
 }
 
 /// Soft (channel) or hard (connection) error, or success.
@@ -265,6 +318,7 @@ fn lower_field(spec: &RawSpec, raw: &RawField) -> Result<Field, SpecError> {
         wire: resolve(spec, &raw.domain)?,
         reserved: raw.reserved,
         secret: false,
+        doc: None,
     })
 }
 
@@ -373,6 +427,8 @@ pub fn lower(spec: &RawSpec) -> Result<Model, SpecError> {
                     .iter()
                     .map(|f| lower_field(spec, f))
                     .collect::<Result<Vec<_>, _>>()?,
+                doc: None,
+                example: None,
             });
         }
         classes.push(Class {
@@ -380,6 +436,7 @@ pub fn lower(spec: &RawSpec) -> Result<Model, SpecError> {
             id: raw_class.index,
             properties,
             methods,
+            doc: None,
         });
     }
     mark_secrets(&mut classes)?;

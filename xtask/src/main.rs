@@ -107,6 +107,7 @@ mod tests {
         let spec = std::fs::read_to_string(root.join(amqp_codegen::SPEC_PATH)).expect("spec");
         let overlay =
             std::fs::read_to_string(root.join(amqp_codegen::OVERLAY_PATH)).expect("overlay");
+        let docs = std::fs::read_to_string(root.join(amqp_codegen::DOCS_PATH)).expect("docs");
         let start = spec
             .find(r#"<method name="qos""#)
             .expect("basic.qos in spec");
@@ -114,7 +115,15 @@ mod tests {
             start + spec[start..].find("</method>").expect("end of basic.qos") + "</method>".len();
         let mut edited = spec.clone();
         edited.replace_range(start..end, "");
-        let files = amqp_codegen::generate_from(&edited, &overlay).expect("generate");
+        // Docs naming a method the spec lacks are refused: its docs go too.
+        let start = docs
+            .find(r#"<method name="qos">"#)
+            .expect("basic.qos in docs");
+        let end =
+            start + docs[start..].find("</method>").expect("end of basic.qos") + "</method>".len();
+        let mut edited_docs = docs.clone();
+        edited_docs.replace_range(start..end, "");
+        let files = amqp_codegen::generate_from(&edited, &overlay, &edited_docs).expect("generate");
         let stale = amqp_codegen::stale_files(&root, &files);
         assert!(
             stale.iter().any(|p| p.ends_with("methods.rs")),
@@ -142,5 +151,41 @@ mod tests {
             on_path,
             ["basic.ack", "basic.deliver", "basic.nack", "basic.return"]
         );
+    }
+
+    /// A reader finds every AMQP method of a channel from `Channel`'s page:
+    /// its docs name each request a client sends on a channel, and link the
+    /// generated method of each that has one.
+    #[test]
+    fn the_channel_docs_name_every_method_a_client_sends_on_a_channel() {
+        let root = workspace_root();
+        let read = |rel: &str| std::fs::read_to_string(root.join(rel)).expect("source file");
+        let model = amqp_codegen::documented_model(
+            &read(amqp_codegen::SPEC_PATH),
+            &read(amqp_codegen::OVERLAY_PATH),
+            &read(amqp_codegen::DOCS_PATH),
+        )
+        .expect("model");
+        let source = read("amqp-client/src/channel.rs");
+        let end = source.find("pub struct Channel {").expect("Channel");
+        let start = source[..end]
+            .rfind("\n\n")
+            .expect("a blank line before its docs");
+        let docs = &source[start..end];
+        let mut missing = Vec::new();
+        for method in model
+            .methods()
+            .filter(|m| m.class_name != "connection" && m.is_request())
+        {
+            if !docs.contains(&format!("`{}`", method.full_name())) {
+                missing.push(method.full_name());
+            }
+            if let Some(name) = method.channel_method() {
+                if !docs.contains(&format!("(Self::{name})")) {
+                    missing.push(format!("Channel::{name}"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "Channel's docs do not name {missing:?}");
     }
 }

@@ -702,7 +702,7 @@ impl Harness {
         tags[input.below(tags.len())].clone()
     }
 
-    /// The synchronous methods of `ChannelMethods` (what `Channel::rpc`
+    /// The synchronous generated `Channel` methods (what `Channel::rpc`
     /// sends), `basic.get` and `basic.cancel` included.
     fn request(&mut self, input: &mut Choices<'_>, index: usize) -> Method {
         match input.below(18) {
@@ -822,7 +822,7 @@ impl Harness {
         }
     }
 
-    /// The no-wait methods of `ChannelMethods` (what `ChannelRpc::send` sends).
+    /// The generated no-wait `Channel` methods (what `ChannelRpc::send` sends).
     fn send_no_wait(&mut self, input: &mut Choices<'_>) {
         let Some(index) = self.usable_channel(input) else {
             return;

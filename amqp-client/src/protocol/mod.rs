@@ -4,14 +4,21 @@
 //! `spec/`; the rest is hand-written: wire primitives ([`wire`]), the frame
 //! codec ([`frame`]), content properties kept encoded until read
 //! ([`received_properties`]), errors ([`error`]), method metadata
-//! ([`method_info`]) and the RPC primitives the generated stubs call ([`rpc`]).
+//! ([`method_info`]) and the RPC primitives the generated `Channel` methods
+//! call ([`rpc`]; those methods are generated into the `channel` module,
+//! which builds on this one).
 
+// The docs of spec/amqp0-9-1.docs.xml spell out `crate::` paths in links,
+// since the same text lands in several modules: see `channel.rs`.
 #[rustfmt::skip]
-#[allow(clippy::all, clippy::pedantic, unused_imports)]
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unused_imports,
+    rustdoc::redundant_explicit_links
+)]
 mod generated {
     //! Written by `cargo xtask regen`; see `codegen/`.
-    /// The channel RPC stubs.
-    pub mod channel_stubs;
     /// Protocol version, frame constants and reply codes.
     pub mod constants;
     /// One struct per method and the [`Method`](methods::Method) enum.
@@ -29,7 +36,6 @@ pub mod wire;
 
 pub use error::{DecodeError, FrameError, ValueKind};
 pub use frame::{ContentHeader, Frame, FrameDecoder};
-pub use generated::channel_stubs::ChannelMethods;
 pub use generated::constants::{self, ReplyCode, ReplyError, ReplyKind};
 pub use generated::methods::{self, *};
 pub use generated::properties::{self, BasicProperties};

@@ -1,5 +1,6 @@
-//! The two primitives that the generated channel stubs
-//! ([`ChannelMethods`](crate::protocol::ChannelMethods)) are built on.
+//! The two primitives that the generated `Channel` methods
+//! ([`Channel::queue_declare`](crate::Channel::queue_declare) and the rest)
+//! are built on.
 
 use core::future::Future;
 
@@ -18,7 +19,7 @@ pub struct UnexpectedReply {
     pub reply: &'static MethodInfo,
 }
 
-/// A channel as the generated stubs see it: something that can make a
+/// A channel as the generated methods see it: something that can make a
 /// synchronous call and send a method that has no reply.
 pub trait ChannelRpc: Sync {
     /// The error of a failed call; a wrong reply converts into it.
