@@ -55,6 +55,27 @@ impl Drop for ChannelInner {
 /// A channel. Cheap to clone, `Send + Sync`: many tasks may use it at once;
 /// their synchronous calls queue so that one is on the wire at a time.
 /// It closes when [`close`](Self::close) is called or its last handle drops.
+///
+/// Opened with [`Connection::open_channel`](crate::Connection::open_channel);
+/// the spec's methods take their method struct from [`prelude`](crate::prelude):
+///
+/// ```no_run
+/// use amqp091::prelude::*;
+/// use amqp091::{BasicProperties, Connection};
+///
+/// # async fn example(connection: Connection) -> Result<(), amqp091::Error> {
+/// let channel = connection.open_channel().await?;
+/// channel.basic_qos(basic::Qos { prefetch_count: 50, ..Default::default() }).await?;
+/// let publisher = channel.clone();
+/// tokio::spawn(async move {
+///     publisher.basic_publish("", "jobs", false, &BasicProperties::default(), "from a task").await
+/// });
+/// if let Some(error) = channel.closed_error() {
+///     eprintln!("channel {} is closed: {error}", channel.id());
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Channel {
     pub(crate) inner: Arc<ChannelInner>,
@@ -69,6 +90,22 @@ impl std::fmt::Debug for Channel {
 }
 
 /// Options of [`Channel::basic_consume`].
+///
+/// ```no_run
+/// use amqp091::{Channel, ConsumeOptions, FieldTable};
+///
+/// # async fn example(channel: Channel) -> Result<(), amqp091::Error> {
+/// let options = ConsumeOptions {
+///     consumer_tag: "billing-1".into(),
+///     exclusive: true,
+///     arguments: FieldTable::new().with("x-priority", 10i32),
+///     ..ConsumeOptions::default()
+/// };
+/// let consumer = channel.basic_consume("invoices", options).await?;
+/// assert_eq!(consumer.tag(), "billing-1");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct ConsumeOptions {
     /// The consumer tag; empty lets the client choose one.
@@ -86,6 +123,29 @@ pub struct ConsumeOptions {
 /// The confirmation of one publish: `.await` it for the outcome, or drop it
 /// when it does not matter (it is not itself a future, so dropping it
 /// unawaited is not a mistake).
+///
+/// Publishing many messages, then awaiting their confirmations, keeps the
+/// pipe full:
+///
+/// ```no_run
+/// use amqp091::prelude::*;
+/// use amqp091::{BasicProperties, Channel, Confirmation};
+///
+/// # async fn example(channel: Channel) -> Result<(), amqp091::Error> {
+/// channel.confirm_select(confirm::Select::default()).await?;
+/// let mut pending = Vec::new();
+/// for n in 0..100 {
+///     let body = format!("message {n}");
+///     pending.push(channel.basic_publish("", "jobs", false, &BasicProperties::default(), body).await?);
+/// }
+/// for confirm in pending {
+///     if confirm.await? != Confirmation::Ack {
+///         eprintln!("a message was not taken; publish it again");
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub struct PublishConfirm {
     /// In confirm mode: the answer, and the connection whose error explains
     /// an answer that never comes.
@@ -111,7 +171,24 @@ impl std::future::IntoFuture for PublishConfirm {
     }
 }
 
-/// The future of a [`PublishConfirm`].
+/// The future of a [`PublishConfirm`], from `IntoFuture`: what `.await` on
+/// one polls. Named to store it, or to poll it with others:
+///
+/// ```no_run
+/// use std::future::IntoFuture;
+/// use amqp091::prelude::*;
+/// use amqp091::{BasicProperties, Channel, ConfirmationFuture};
+///
+/// # async fn example(channel: Channel) -> Result<(), amqp091::Error> {
+/// channel.confirm_select(confirm::Select::default()).await?;
+/// let properties = BasicProperties::default();
+/// let first: ConfirmationFuture = channel.basic_publish("", "a", false, &properties, "1").await?.into_future();
+/// let second = channel.basic_publish("", "b", false, &properties, "2").await?.into_future();
+/// let (first, second) = tokio::join!(first, second);
+/// assert!(first?.is_ack() && second?.is_ack());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct ConfirmationFuture(PublishConfirm);
 
