@@ -239,7 +239,7 @@ impl TlsConfig {
 ///     retry_initial_connect: true,
 ///     ..RecoveryConfig::default()
 /// };
-/// // The third retry waits 800 ms (before jitter); none waits over 5 s.
+/// // Attempt 3 (the fourth) waits 800 ms before jitter; none waits over 5 s.
 /// assert_eq!(recovery.delay(3, 1.0), Duration::from_millis(800));
 /// assert_eq!(recovery.delay(10, 1.0), Duration::from_secs(5));
 /// let config = Config::default().recovery(recovery);

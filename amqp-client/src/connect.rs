@@ -20,7 +20,7 @@ use crate::transport::{self, Stream};
 /// let connection = Connection::builder(Config::default())
 ///     .on_connect(|_connection, info: ConnectInfo| async move {
 ///         if info.is_reconnect() {
-///             eprintln!("reconnect {} to {} after {} attempts", info.reconnects, info.address, info.attempt);
+///             eprintln!("reconnect {} to {}, at attempt {}", info.reconnects, info.address, info.attempt);
 ///         }
 ///         Ok(())
 ///     })

@@ -12,20 +12,24 @@ use crate::protocol::{ReceivedProperties, ReplyCode, ShortString};
 ///
 /// ```no_run
 /// use amqp091::{Connection, RecoveryEvent};
+/// use tokio::sync::broadcast::error::RecvError;
 ///
 /// # async fn example(connection: Connection) {
 /// let mut events = connection.recovery_events();
-/// while let Ok(event) = events.recv().await {
-///     match event {
-///         RecoveryEvent::Recovering { cause } => eprintln!("connection lost: {cause}"),
-///         RecoveryEvent::AttemptFailed { attempt, error } => eprintln!("attempt {attempt}: {error}"),
-///         RecoveryEvent::QueueRenamed { old, new } => eprintln!("queue {old} is now {new}"),
-///         RecoveryEvent::Recovered => eprintln!("back"),
-///         RecoveryEvent::Failed { error } => {
+/// loop {
+///     match events.recv().await {
+///         Ok(RecoveryEvent::Recovering { cause }) => eprintln!("connection lost: {cause}"),
+///         Ok(RecoveryEvent::AttemptFailed { attempt, error }) => eprintln!("attempt {attempt}: {error}"),
+///         Ok(RecoveryEvent::QueueRenamed { old, new }) => eprintln!("queue {old} is now {new}"),
+///         Ok(RecoveryEvent::Recovered) => eprintln!("back"),
+///         Ok(RecoveryEvent::Failed { error }) => {
 ///             eprintln!("gave up: {error}");
 ///             break;
 ///         }
-///         _ => {}
+///         Ok(_) => {}
+///         // A slow reader misses the oldest events, not the newest.
+///         Err(RecvError::Lagged(missed)) => eprintln!("{missed} events missed"),
+///         Err(RecvError::Closed) => break,
 ///     }
 /// }
 /// # }

@@ -56,14 +56,18 @@
 //!
 //! ```no_run
 //! use amqp091::{Connection, RecoveryEvent};
+//! use tokio::sync::broadcast::error::RecvError;
 //!
 //! # async fn example() -> Result<(), amqp091::Error> {
 //! let connection = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
 //! let mut events = connection.recovery_events();
 //! tokio::spawn(async move {
-//!     while let Ok(event) = events.recv().await {
-//!         if let RecoveryEvent::Recovered = event {
-//!             eprintln!("connection recovered");
+//!     loop {
+//!         match events.recv().await {
+//!             Ok(RecoveryEvent::Recovering { cause }) => eprintln!("connection lost: {cause}"),
+//!             Ok(RecoveryEvent::Recovered) => eprintln!("connection recovered"),
+//!             Ok(_) | Err(RecvError::Lagged(_)) => {}
+//!             Err(RecvError::Closed) => break,
 //!         }
 //!     }
 //! });
