@@ -170,6 +170,22 @@ impl std::fmt::Debug for Channel {
 }
 
 /// Options of [`Channel::basic_consume`].
+///
+/// ```no_run
+/// use amqp091::{Channel, ConsumeOptions, FieldTable};
+///
+/// # async fn example(channel: Channel) -> Result<(), amqp091::Error> {
+/// let options = ConsumeOptions {
+///     consumer_tag: "billing-1".into(),
+///     exclusive: true,
+///     arguments: FieldTable::new().with("x-priority", 10i32),
+///     ..ConsumeOptions::default()
+/// };
+/// let consumer = channel.basic_consume("invoices", options).await?;
+/// assert_eq!(consumer.tag(), "billing-1");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct ConsumeOptions {
     /// The consumer tag; empty lets the client choose one.
@@ -187,6 +203,29 @@ pub struct ConsumeOptions {
 /// The confirmation of one publish: `.await` it for the outcome, or drop it
 /// when it does not matter (it is not itself a future, so dropping it
 /// unawaited is not a mistake).
+///
+/// Publishing many messages, then awaiting their confirmations, keeps the
+/// pipe full:
+///
+/// ```no_run
+/// use amqp091::prelude::*;
+/// use amqp091::{BasicProperties, Channel, Confirmation};
+///
+/// # async fn example(channel: Channel) -> Result<(), amqp091::Error> {
+/// channel.confirm_select(confirm::Select::default()).await?;
+/// let mut pending = Vec::new();
+/// for n in 0..100 {
+///     let body = format!("message {n}");
+///     pending.push(channel.basic_publish("", "jobs", false, &BasicProperties::default(), body).await?);
+/// }
+/// for confirm in pending {
+///     if confirm.await? != Confirmation::Ack {
+///         eprintln!("a message was not taken; publish it again");
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub struct PublishConfirm {
     /// In confirm mode: the answer, and the connection whose error explains
     /// an answer that never comes.
@@ -212,7 +251,24 @@ impl std::future::IntoFuture for PublishConfirm {
     }
 }
 
-/// The future of a [`PublishConfirm`].
+/// The future of a [`PublishConfirm`], from `IntoFuture`: what `.await` on
+/// one polls. Named to store it, or to poll it with others:
+///
+/// ```no_run
+/// use std::future::IntoFuture;
+/// use amqp091::prelude::*;
+/// use amqp091::{BasicProperties, Channel, ConfirmationFuture};
+///
+/// # async fn example(channel: Channel) -> Result<(), amqp091::Error> {
+/// channel.confirm_select(confirm::Select::default()).await?;
+/// let properties = BasicProperties::default();
+/// let first: ConfirmationFuture = channel.basic_publish("", "a", false, &properties, "1").await?.into_future();
+/// let second = channel.basic_publish("", "b", false, &properties, "2").await?.into_future();
+/// let (first, second) = tokio::join!(first, second);
+/// assert!(first?.is_ack() && second?.is_ack());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct ConfirmationFuture(PublishConfirm);
 

@@ -11,6 +11,20 @@ use url::Url;
 use crate::protocol::{FieldTable, FieldValue, ShortString};
 
 /// A URL that cannot be used, naming the part that is wrong.
+///
+/// Parsing a [`Config`] returns it; [`Error`](crate::Error) converts from it,
+/// so `?` works where connecting does.
+///
+/// ```
+/// use amqp091::{Config, UrlError};
+///
+/// let error = "amqp://rabbit/%2f?heartbeat=soon".parse::<Config>().unwrap_err();
+/// assert!(matches!(error, UrlError::Query { ref name, .. } if name == "heartbeat"));
+///
+/// let error = "http://rabbit/".parse::<Config>().unwrap_err();
+/// assert_eq!(error, UrlError::Scheme("http".into()));
+/// assert!(error.to_string().contains("expected `amqp` or `amqps`"));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum UrlError {
@@ -45,6 +59,18 @@ pub enum UrlError {
 }
 
 /// SASL mechanism used to authenticate.
+///
+/// Set in the URL (`?auth_mechanism=external`) or on the [`Config`]:
+///
+/// ```
+/// use amqp091::{AuthMechanism, Config};
+///
+/// let config: Config = "amqps://rabbit/%2f?auth_mechanism=external".parse().unwrap();
+/// assert_eq!(config.auth_mechanism, AuthMechanism::External);
+///
+/// let config = Config::default().auth_mechanism(AuthMechanism::AmqPlain);
+/// assert_eq!(config.auth_mechanism.name(), "AMQPLAIN");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AuthMechanism {
     /// User and password in clear (inside TLS where it matters).
@@ -108,6 +134,25 @@ pub struct TlsConfig {
 /// [`TlsConfig::with_client_config`]). A wrapper so that [`Config`] stays
 /// unwind-safe: rustls's configuration is immutable once built, but holds
 /// trait objects (key log, certificate resolver) that do not say so.
+///
+/// Built with the [`rustls`](crate::rustls) this client re-exports, so that
+/// the versions match (feature `tls`):
+///
+/// ```
+/// use std::sync::Arc;
+/// use amqp091::rustls::{self, ClientConfig, RootCertStore};
+/// use amqp091::TlsConfig;
+///
+/// let provider = Arc::new(rustls::crypto::ring::default_provider());
+/// let client_config = ClientConfig::builder_with_provider(provider)
+///     .with_safe_default_protocol_versions()
+///     .unwrap()
+///     .with_root_certificates(RootCertStore::empty())
+///     .with_no_client_auth();
+/// let tls = TlsConfig::default().with_client_config(Arc::new(client_config));
+/// let ready = tls.client_config.expect("set");
+/// assert!(ready.0.alpn_protocols.is_empty());
+/// ```
 #[cfg(feature = "tls")]
 #[derive(Debug, Clone)]
 pub struct ReadyClientConfig(pub std::sync::Arc<tokio_rustls::rustls::ClientConfig>);
@@ -181,6 +226,28 @@ impl TlsConfig {
 /// heartbeats, a close the application did not ask for), reconnect with
 /// exponential backoff and jitter, trying each address in turn, then re-open
 /// channels and re-create topology and consumers.
+///
+/// On by default; its fields say how hard to try:
+///
+/// ```
+/// use std::time::Duration;
+/// use amqp091::{Config, RecoveryConfig};
+///
+/// let recovery = RecoveryConfig {
+///     max_delay: Duration::from_secs(5),
+///     max_attempts: Some(20),
+///     retry_initial_connect: true,
+///     ..RecoveryConfig::default()
+/// };
+/// // Attempt 3 (the fourth) waits 800 ms before jitter; none waits over 5 s.
+/// assert_eq!(recovery.delay(3, 1.0), Duration::from_millis(800));
+/// assert_eq!(recovery.delay(10, 1.0), Duration::from_secs(5));
+/// let config = Config::default().recovery(recovery);
+/// assert!(config.recovery.enabled);
+///
+/// let config = Config::default().recovery(RecoveryConfig::disabled());
+/// assert!(!config.recovery.enabled);
+/// ```
 #[derive(Debug, Clone)]
 pub struct RecoveryConfig {
     /// Whether to recover at all.
@@ -242,6 +309,27 @@ impl RecoveryConfig {
 
 /// Everything needed to open a connection. Its `Debug` shows every setting
 /// but the password.
+///
+/// Parsed from RabbitMQ's URI form, then adjusted with its builder methods
+/// (or built from [`Config::default`], which is `amqp://guest:guest@localhost:5672/%2f`):
+///
+/// ```
+/// use std::time::Duration;
+/// use amqp091::Config;
+///
+/// let config: Config = "amqps://app:s3cret@rabbit-1:5671/prod?heartbeat=30".parse()?;
+/// assert_eq!((config.host.as_str(), config.port, config.vhost.as_str()), ("rabbit-1", 5671, "prod"));
+/// assert_eq!(config.heartbeat, 30);
+/// assert!(config.tls.is_some());
+///
+/// let config = config
+///     .fallback_address("rabbit-2", 5671)
+///     .connection_name("billing")
+///     .call_timeout(Duration::from_secs(10));
+/// assert_eq!(config.addresses().len(), 2);
+/// assert!(!format!("{config:?}").contains("s3cret"));
+/// # Ok::<(), amqp091::UrlError>(())
+/// ```
 #[derive(Clone)]
 pub struct Config {
     /// Host name or address.

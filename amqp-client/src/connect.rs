@@ -12,6 +12,23 @@ use crate::handshake;
 use crate::transport::{self, Stream};
 
 /// What the on-connect hook is told about the connect it runs after.
+///
+/// ```no_run
+/// use amqp091::{Config, Connection, ConnectInfo};
+///
+/// # async fn example() -> Result<(), amqp091::Error> {
+/// let connection = Connection::builder(Config::default())
+///     .on_connect(|_connection, info: ConnectInfo| async move {
+///         if info.is_reconnect() {
+///             eprintln!("reconnect {} to {}, at attempt {}", info.reconnects, info.address, info.attempt);
+///         }
+///         Ok(())
+///     })
+///     .connect()
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ConnectInfo {
@@ -32,6 +49,15 @@ impl ConnectInfo {
 
 /// A user and secret for one connect attempt, from a
 /// [credentials provider](crate::ConnectionBuilder::credentials_provider).
+/// Its `Debug` hides the secret.
+///
+/// ```
+/// use amqp091::Credentials;
+///
+/// let credentials = Credentials::new("app", "eyJhbGciOi...");
+/// assert_eq!(credentials.user, "app");
+/// assert!(!format!("{credentials:?}").contains("eyJ"));
+/// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// The user name.
@@ -59,7 +85,21 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// The error a credentials provider may fail with.
+/// The error a credentials provider may fail with: any error converts into
+/// it with `?` or `.into()`. A failure counts as an authentication failure
+/// ([`Error::CredentialsProvider`]).
+///
+/// ```
+/// use amqp091::{Credentials, ProviderError};
+///
+/// async fn from_environment() -> Result<Credentials, ProviderError> {
+///     let token = std::env::var("RABBIT_TOKEN")?;
+///     if token.is_empty() {
+///         return Err("RABBIT_TOKEN is empty".into());
+///     }
+///     Ok(Credentials::new("app", token))
+/// }
+/// ```
 pub type ProviderError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Called before each connect attempt for the credentials to use.

@@ -37,6 +37,28 @@ pub(crate) type OnConnect = Arc<
 
 /// Sets up a connection before it opens: the on-connect hook and error
 /// handlers must exist before the first connect to see it.
+///
+/// ```no_run
+/// use amqp091::prelude::*;
+/// use amqp091::{Config, Connection, Credentials};
+///
+/// # async fn fetch_token() -> Result<String, std::io::Error> { Ok(String::new()) }
+/// # async fn example() -> Result<(), amqp091::Error> {
+/// let config: Config = "amqp://rabbit-1/%2f".parse()?;
+/// let connection = Connection::builder(config.fallback_address("rabbit-2", 5672))
+///     // Asked before every connect attempt: a fresh token each time.
+///     .credentials_provider(|| async { Ok(Credentials::new("app", fetch_token().await?)) })
+///     .on_connect(|connection, _info| async move {
+///         let channel = connection.open_channel().await?;
+///         channel.queue_declare(queue::Declare { queue: "updates".into(), ..Default::default() }).await?;
+///         Ok(())
+///     })
+///     .on_error(|error| eprintln!("connection error: {error}"))
+///     .connect()
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
 #[must_use = "a builder does nothing until `connect` is called"]
 pub struct ConnectionBuilder {
     config: Config,
@@ -135,6 +157,21 @@ impl ConnectionBuilder {
 
 /// A connection to a broker. Cheap to clone; every clone, channel and
 /// consumer shares it. Dropping the last of them closes it gracefully.
+///
+/// ```no_run
+/// use amqp091::Connection;
+///
+/// # async fn example() -> Result<(), amqp091::Error> {
+/// let connection = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+/// println!("frame_max {}", connection.server_info().frame_max);
+/// let channel = connection.open_channel().await?;
+/// // ... use the channel; other tasks may use clones of both ...
+/// channel.close().await?;
+/// connection.close().await?;
+/// assert!(connection.is_closed());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Connection {
     pub(crate) inner: Arc<Inner>,

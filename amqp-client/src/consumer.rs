@@ -17,7 +17,24 @@ use crate::protocol::frame::BodyLen;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{ChannelRpc, ReceivedProperties, ShortString};
 
-/// Where a message came from and how to acknowledge it.
+/// Where a message came from and how to acknowledge it: the
+/// [`envelope`](Delivery::envelope) of each [`Delivery`].
+///
+/// ```no_run
+/// use amqp091::{Consumer, Envelope};
+///
+/// # async fn example(mut consumer: Consumer) -> Result<(), amqp091::Error> {
+/// while let Some(delivery) = consumer.next().await {
+///     let delivery = delivery?;
+///     let Envelope { exchange, routing_key, redelivered, .. } = &delivery.envelope;
+///     if *redelivered {
+///         eprintln!("{exchange}/{routing_key} again: it may have been handled already");
+///     }
+///     delivery.ack().await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     /// The consumer it was delivered to (empty for `basic.get`).
@@ -163,7 +180,20 @@ impl Delivery {
     }
 }
 
-/// A message fetched with `basic.get`.
+/// A message fetched with `basic.get` ([`Channel::basic_get`]), settled
+/// through its [`delivery`](Self::delivery).
+///
+/// ```no_run
+/// use amqp091::Channel;
+///
+/// # async fn example(channel: Channel) -> Result<(), amqp091::Error> {
+/// while let Some(message) = channel.basic_get("jobs", false).await? {
+///     println!("{} bytes, {} more waiting", message.delivery.body.len(), message.message_count);
+///     message.delivery.ack().await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct GetMessage {
     /// The delivery (its envelope's consumer tag is empty).
@@ -198,6 +228,28 @@ impl GetMessage {
 /// closes, it yields that error once, then ends. Dropping it cancels it, and
 /// deliveries still on their way are requeued (unless it consumes with
 /// `no_ack`: the broker counts those as acknowledged when it sends them).
+///
+/// Read with [`next`](Self::next), or as a [`Stream`](futures_core::Stream):
+///
+/// ```no_run
+/// use amqp091::{Channel, ConsumeOptions, Error};
+///
+/// # async fn example(channel: Channel) -> Result<(), Error> {
+/// let mut consumer = channel.basic_consume("jobs", ConsumeOptions::default()).await?;
+/// let mut handled = 0;
+/// while let Some(delivery) = consumer.next().await {
+///     // An error: the broker cancelled it (its queue was deleted) or the channel closed.
+///     let delivery = delivery?;
+///     delivery.ack().await?;
+///     handled += 1;
+///     if handled == 10 {
+///         // What is already buffered still comes; then the stream ends.
+///         consumer.cancel().await?;
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub struct Consumer {
     tag: ShortString,
     channel: Channel,

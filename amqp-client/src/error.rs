@@ -7,7 +7,24 @@ use thiserror::Error;
 use crate::config::UrlError;
 use crate::protocol::{FrameError, MethodId, ReplyCode, ReplyError, UnexpectedReply};
 
-/// Who ended a channel or connection.
+/// Who ended a channel or connection: the [`initiator`](CloseReason::initiator)
+/// of a [`CloseReason`].
+///
+/// ```no_run
+/// use amqp091::{Connection, Error, Initiator};
+///
+/// # fn example(connection: &Connection) {
+/// connection.on_error(|error| {
+///     if let Error::ConnectionClosed { reason, .. } = error {
+///         match reason.initiator {
+///             Initiator::Broker => eprintln!("the broker closed the connection: {reason}"),
+///             Initiator::Library => eprintln!("the broker broke the protocol: {reason}"),
+///             Initiator::Application => {} // our own close: nothing to report
+///         }
+///     }
+/// });
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Initiator {
     /// The application asked for it.
@@ -19,7 +36,26 @@ pub enum Initiator {
 }
 
 /// Why a channel or connection ended, as carried by `channel.close` or
-/// `connection.close`.
+/// `connection.close`: inside [`Error::ChannelClosed`] and
+/// [`Error::ConnectionClosed`].
+///
+/// ```no_run
+/// use amqp091::prelude::*;
+/// use amqp091::{Channel, Error, Initiator, ReplyCode, ReplyError};
+///
+/// # async fn example(channel: Channel) {
+/// // A passive declare of a queue that does not exist: the broker closes the channel.
+/// let missing = channel
+///     .queue_declare(queue::Declare { queue: "no-such-queue".into(), passive: true, ..Default::default() })
+///     .await;
+/// if let Err(Error::ChannelClosed { reason, .. }) = missing {
+///     assert_eq!(reason.code, ReplyCode::NOT_FOUND);
+///     assert_eq!(reason.error(), ReplyError::NotFound);
+///     assert_eq!(reason.initiator, Initiator::Broker);
+///     eprintln!("{reason}"); // 404 NOT_FOUND, the broker's text, the method that caused it
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseReason {
     /// The reply code.
@@ -61,6 +97,35 @@ impl std::fmt::Display for CloseReason {
 
 /// Every way a client operation can fail. Cheap to clone: a closed channel or
 /// connection answers every later call with a clone of the error that closed it.
+///
+/// A close by the broker carries its reply code and text; match on the
+/// variant, or classify with [`reply_error`](Self::reply_error),
+/// [`is_connection_error`](Self::is_connection_error) and
+/// [`is_authentication_failure`](Self::is_authentication_failure):
+///
+/// ```
+/// use std::sync::Arc;
+/// use amqp091::{CloseReason, Error, Initiator, ReplyCode, ReplyError};
+///
+/// fn advice(error: &Error) -> String {
+///     match error {
+///         Error::ChannelClosed { reply: ReplyError::NotFound, reason, .. } => {
+///             format!("declare it first ({})", reason.text)
+///         }
+///         Error::AuthenticationFailed { user, .. } => format!("check the password of {user}"),
+///         error if error.is_connection_error() => format!("reconnect: {error}"),
+///         error => error.to_string(),
+///     }
+/// }
+///
+/// // What the broker's `channel.close` for a missing queue becomes:
+/// let text = "NOT_FOUND - no queue 'jobs' in vhost '/'".to_owned();
+/// let reason = CloseReason { code: ReplyCode::NOT_FOUND, text, method: None, initiator: Initiator::Broker };
+/// let error = Error::ChannelClosed { channel: 1, reply: reason.error(), reason: Arc::new(reason) };
+/// assert_eq!(error.reply_code(), Some(ReplyCode::NOT_FOUND));
+/// assert!(!error.is_connection_error());
+/// assert!(advice(&error).starts_with("declare it first"));
+/// ```
 #[derive(Debug, Clone, Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -347,4 +412,17 @@ impl Error {
 }
 
 /// The result of client operations.
+///
+/// ```
+/// use amqp091::prelude::*;
+/// use amqp091::{Channel, Result};
+///
+/// /// Messages ready in `queue` (a passive declare fails if it does not exist).
+/// async fn depth(channel: &Channel, queue: &str) -> Result<u32> {
+///     let declared = channel
+///         .queue_declare(queue::Declare { queue: queue.into(), passive: true, ..Default::default() })
+///         .await?;
+///     Ok(declared.message_count)
+/// }
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -7,7 +7,33 @@ use crate::error::Error;
 use crate::protocol::frame::BodyLen;
 use crate::protocol::{ReceivedProperties, ReplyCode, ShortString};
 
-/// What automatic recovery reports.
+/// What automatic recovery reports, through
+/// [`Connection::recovery_events`](crate::Connection::recovery_events).
+///
+/// ```no_run
+/// use amqp091::{Connection, RecoveryEvent};
+/// use tokio::sync::broadcast::error::RecvError;
+///
+/// # async fn example(connection: Connection) {
+/// let mut events = connection.recovery_events();
+/// loop {
+///     match events.recv().await {
+///         Ok(RecoveryEvent::Recovering { cause }) => eprintln!("connection lost: {cause}"),
+///         Ok(RecoveryEvent::AttemptFailed { attempt, error }) => eprintln!("attempt {attempt}: {error}"),
+///         Ok(RecoveryEvent::QueueRenamed { old, new }) => eprintln!("queue {old} is now {new}"),
+///         Ok(RecoveryEvent::Recovered) => eprintln!("back"),
+///         Ok(RecoveryEvent::Failed { error }) => {
+///             eprintln!("gave up: {error}");
+///             break;
+///         }
+///         Ok(_) => {}
+///         // A slow reader misses the oldest events, not the newest.
+///         Err(RecvError::Lagged(missed)) => eprintln!("{missed} events missed"),
+///         Err(RecvError::Closed) => break,
+///     }
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum RecoveryEvent {
@@ -56,6 +82,24 @@ pub enum RecoveryEvent {
 
 /// A message the broker returned as unroutable. Its `Debug` shows the body's
 /// length, not its bytes (print `body` itself to see them).
+///
+/// In confirm mode it comes as [`Confirmation::Returned`]; otherwise through
+/// [`Channel::returns`](crate::Channel::returns):
+///
+/// ```no_run
+/// use amqp091::{BasicProperties, Channel, ReplyCode};
+///
+/// # async fn example(channel: Channel) -> Result<(), amqp091::Error> {
+/// let mut returns = channel.returns(16).await?;
+/// // `mandatory`: return it if no queue is bound for this key.
+/// channel.basic_publish("amq.direct", "nobody-listens", true, &BasicProperties::default(), "hello").await?;
+/// if let Some(returned) = returns.recv().await {
+///     assert_eq!(returned.reply_code, ReplyCode::NO_ROUTE);
+///     eprintln!("{} returned: {}", returned.routing_key, returned.reply_text);
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, PartialEq)]
 pub struct ReturnedMessage {
     /// The reply code (312 NO_ROUTE, 313 NO_CONSUMERS).
@@ -94,7 +138,25 @@ impl std::fmt::Debug for ReturnedMessage {
     }
 }
 
-/// The outcome of a publish on a channel in confirm mode.
+/// The outcome of a publish on a channel in confirm mode: what a
+/// [`PublishConfirm`](crate::PublishConfirm) resolves to.
+///
+/// ```no_run
+/// use amqp091::prelude::*;
+/// use amqp091::{BasicProperties, Channel, Confirmation};
+///
+/// # async fn example(channel: Channel) -> Result<(), amqp091::Error> {
+/// channel.confirm_select(confirm::Select::default()).await?;
+/// let confirm = channel.basic_publish("orders", "eu", true, &BasicProperties::default(), "order 17").await?;
+/// match confirm.await? {
+///     Confirmation::Ack => {}
+///     Confirmation::Returned(message) => eprintln!("unroutable: {}", message.reply_text),
+///     Confirmation::Nack => eprintln!("the broker could not take it; try again later"),
+///     Confirmation::NotRequested => unreachable!("the channel is in confirm mode"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub enum Confirmation {
     /// The broker took responsibility for the message.

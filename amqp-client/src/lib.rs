@@ -1,23 +1,76 @@
-//! An AMQP 0-9-1 client for RabbitMQ.
+//! An AMQP 0-9-1 client for RabbitMQ, on tokio: publisher confirms,
+//! consumers as streams, automatic connection recovery, TLS.
+//!
+//! # A short tour
+//!
+//! Connect with a URL (or a [`Config`]), open a [`Channel`], declare a queue,
+//! publish with a confirm, consume, close:
 //!
 //! ```no_run
-//! use amqp091::{BasicProperties, Connection, ConsumeOptions};
 //! use amqp091::prelude::*;
+//! use amqp091::{BasicProperties, Confirmation, Connection, ConsumeOptions};
 //!
 //! # async fn example() -> Result<(), amqp091::Error> {
 //! let connection = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
 //! let channel = connection.open_channel().await?;
-//! let declared = channel
-//!     .queue_declare(queue::Declare { queue: "hello".into(), ..Default::default() })
+//! channel
+//!     .queue_declare(queue::Declare { queue: "jobs".into(), durable: true, ..Default::default() })
 //!     .await?;
-//! channel.basic_publish("", &declared.queue, false, &BasicProperties::default(), "hi").await?;
-//! let mut consumer = channel.basic_consume("hello", ConsumeOptions::default()).await?;
+//!
+//! // In confirm mode each publish resolves to the broker's ack or nack.
+//! channel.confirm_select(confirm::Select::default()).await?;
+//! let properties = BasicProperties::default().with_delivery_mode(2);
+//! let confirm = channel.basic_publish("", "jobs", false, &properties, "work").await?;
+//! assert_eq!(confirm.await?, Confirmation::Ack);
+//!
+//! let mut consumer = channel.basic_consume("jobs", ConsumeOptions::default()).await?;
 //! if let Some(delivery) = consumer.next().await {
 //!     let delivery = delivery?;
-//!     assert_eq!(&delivery.body[..], b"hi");
+//!     println!("got {:?}", delivery.body);
 //!     delivery.ack().await?;
 //! }
 //! connection.close().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Where things are
+//!
+//! - **Connecting**: [`Connection::open`] takes a URL; [`Config`] says
+//!   everything a URL can and more (TLS with [`TlsConfig`], fallback
+//!   addresses, timeouts); [`Connection::builder`] adds an on-connect hook,
+//!   error handlers and a credentials provider ([`ConnectionBuilder`]).
+//! - **Channel methods**: [`Channel`] publishes ([`Channel::basic_publish`]),
+//!   consumes ([`Channel::basic_consume`], giving a [`Consumer`] of
+//!   [`Delivery`]s), gets ([`Channel::basic_get`]) and waits for confirms.
+//!   The spec's other methods (`queue_declare`, `exchange_bind`, `basic_qos`,
+//!   `confirm_select`…) take one of the method structs that [`prelude`]
+//!   brings into scope (`queue::Declare`…), with their replies typed.
+//! - **Errors**: every call fails with [`Error`]; a close by the broker
+//!   carries its reply code and text ([`Error::reply_code`],
+//!   [`CloseReason`]).
+//! - **Recovery**: a lost connection is recovered by default, with backoff,
+//!   its channels, topology and consumers included ([`RecoveryConfig`]);
+//!   [`Connection::recovery_events`] reports each step as a
+//!   [`RecoveryEvent`]:
+//!
+//! ```no_run
+//! use amqp091::{Connection, RecoveryEvent};
+//! use tokio::sync::broadcast::error::RecvError;
+//!
+//! # async fn example() -> Result<(), amqp091::Error> {
+//! let connection = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//! let mut events = connection.recovery_events();
+//! tokio::spawn(async move {
+//!     loop {
+//!         match events.recv().await {
+//!             Ok(RecoveryEvent::Recovering { cause }) => eprintln!("connection lost: {cause}"),
+//!             Ok(RecoveryEvent::Recovered) => eprintln!("connection recovered"),
+//!             Ok(_) | Err(RecvError::Lagged(_)) => {}
+//!             Err(RecvError::Closed) => break,
+//!         }
+//!     }
+//! });
 //! # Ok(())
 //! # }
 //! ```

@@ -117,6 +117,18 @@ pub(crate) fn check_frame_size(
 
 /// Negotiated values and what the broker said of itself, as of the first
 /// connect (a reconnect may negotiate others: see [`Connection::frame_max`](crate::Connection::frame_max)).
+///
+/// ```no_run
+/// use amqp091::Connection;
+///
+/// # async fn example() -> Result<(), amqp091::Error> {
+/// let connection = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+/// let info = connection.server_info();
+/// let version = info.properties.get("version").and_then(|v| v.as_str());
+/// println!("RabbitMQ {version:?}, heartbeat {} s, channel_max {}", info.heartbeat, info.channel_max);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct ServerInfo {
     /// Highest usable channel id.

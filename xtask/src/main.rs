@@ -7,6 +7,7 @@
 //! - `test` runs `broker`, then every test of the workspace.
 
 mod broker;
+mod doc_examples;
 mod layering;
 
 use std::path::{Path, PathBuf};

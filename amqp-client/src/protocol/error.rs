@@ -8,7 +8,17 @@ use thiserror::Error;
 use crate::protocol::constants::ReplyCode;
 use crate::protocol::method_info::MethodId;
 
-/// The kind of value a decoder was reading.
+/// The kind of value a decoder was reading, named by
+/// [`DecodeError::Truncated`].
+///
+/// ```
+/// use amqp091::protocol::{DecodeError, ReceivedProperties, ValueKind};
+///
+/// // A content-type of 10 bytes announced, 3 present.
+/// let error = ReceivedProperties::decode(&[0x80, 0x00, 10, b'a', b'b', b'c']).unwrap_err();
+/// assert!(matches!(error, DecodeError::Truncated { what: ValueKind::ShortStr, .. }));
+/// assert_eq!(ValueKind::ShortStr.to_string(), "shortstr");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ValueKind {
     /// u8.
@@ -47,6 +57,15 @@ impl std::fmt::Display for ValueKind {
 /// What was wrong with the bytes of a method, header or table. Small (12
 /// bytes) on purpose: decoders return it in every `Result`, and a large
 /// error type slows the hot path that never fails.
+///
+/// ```
+/// use amqp091::protocol::{DecodeError, ReceivedProperties, ReplyCode};
+///
+/// // Property flags with a bit the basic class does not define.
+/// let error = ReceivedProperties::decode(&[0x00, 0x01]).unwrap_err();
+/// assert_eq!(error, DecodeError::UnknownPropertyFlags(1));
+/// assert_eq!(error.reply_code(), ReplyCode::SYNTAX_ERROR);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum DecodeError {
@@ -94,7 +113,20 @@ impl DecodeError {
     }
 }
 
-/// A frame that cannot be accepted, with where it was found.
+/// A frame that cannot be accepted, with where it was found: what a
+/// [`FrameDecoder`](crate::protocol::FrameDecoder) fails with, and inside
+/// [`Error::Protocol`](crate::Error::Protocol).
+///
+/// ```
+/// use amqp091::protocol::{FrameDecoder, FrameError, ReplyCode};
+/// use bytes::BytesMut;
+///
+/// // A heartbeat frame on channel 3 whose last octet is not the frame end.
+/// let mut read = BytesMut::from(&[8, 0, 3, 0, 0, 0, 0, 0x00][..]);
+/// let error = FrameDecoder::default().decode(&mut read).unwrap_err();
+/// assert_eq!(error, FrameError::BadFrameEnd { found: 0x00, channel: 3 });
+/// assert_eq!((error.channel(), error.reply_code()), (3, ReplyCode::FRAME_ERROR));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum FrameError {

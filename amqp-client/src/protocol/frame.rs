@@ -25,6 +25,24 @@ pub const FRAME_OVERHEAD: usize = 8;
 const BASIC_CLASS_ID: u16 = 60;
 
 /// The payload of a content header frame.
+///
+/// ```
+/// use amqp091::protocol::frame::{self, ContentHeader, Frame, FrameDecoder};
+/// use amqp091::BasicProperties;
+/// use bytes::BytesMut;
+///
+/// let mut wire = BytesMut::new();
+/// let properties = BasicProperties::default().with_content_type("text/plain");
+/// frame::write_header(&mut wire, 1, 5, &properties);
+///
+/// let Some(Frame::Header { header, .. }) = FrameDecoder::default().decode(&mut wire)? else {
+///     panic!("a header frame");
+/// };
+/// let ContentHeader { class_id, body_size, properties } = header;
+/// assert_eq!((class_id, body_size), (60, 5));
+/// assert_eq!(properties.content_type.as_deref(), Some("text/plain"));
+/// # Ok::<(), amqp091::protocol::FrameError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ContentHeader {
     /// The class of the method the content belongs to (always `basic`, 60).
@@ -38,6 +56,30 @@ pub struct ContentHeader {
 /// One decoded frame. Its `Debug` shows a body frame's length, not its
 /// bytes: the I/O task traces every frame, and message bodies (the
 /// application's data) must never reach a log.
+///
+/// ```
+/// use amqp091::protocol::frame::{self, Frame, FrameDecoder};
+/// use amqp091::protocol::methods::basic;
+/// use amqp091::BasicProperties;
+/// use bytes::BytesMut;
+///
+/// let mut wire = BytesMut::new();
+/// let publish = basic::Publish { routing_key: "jobs".into(), ..Default::default() };
+/// frame::write_publish(&mut wire, 1, &publish, &BasicProperties::default(), b"hello", 131_072);
+///
+/// let mut decoder = FrameDecoder::new(131_072);
+/// let mut seen = Vec::new();
+/// while let Some(frame) = decoder.decode(&mut wire)? {
+///     seen.push(match frame {
+///         Frame::Method { method, .. } => method.info().name.to_owned(),
+///         Frame::Header { header, .. } => format!("header of a {}-byte body", header.body_size),
+///         Frame::Body { payload, .. } => format!("{} body bytes", payload.len()),
+///         Frame::Heartbeat => "heartbeat".to_owned(),
+///     });
+/// }
+/// assert_eq!(seen, ["basic.publish", "header of a 5-byte body", "5 body bytes"]);
+/// # Ok::<(), amqp091::protocol::FrameError>(())
+/// ```
 #[derive(Clone, PartialEq)]
 pub enum Frame {
     /// A method frame.
@@ -120,6 +162,24 @@ impl Frame {
 const RESERVE_AHEAD: usize = 1 << 20;
 
 /// Decodes frames from a read buffer, enforcing a frame size limit.
+///
+/// `Ok(None)` asks for more bytes; a whole frame is taken off the buffer's front:
+///
+/// ```
+/// use amqp091::protocol::frame::{self, Frame, FrameDecoder};
+/// use bytes::BytesMut;
+///
+/// let mut wire = BytesMut::new();
+/// frame::write_heartbeat(&mut wire);
+///
+/// let mut decoder = FrameDecoder::new(131_072);
+/// let mut read = BytesMut::from(&wire[..5]);
+/// assert_eq!(decoder.decode(&mut read)?, None);
+/// read.extend_from_slice(&wire[5..]);
+/// assert_eq!(decoder.decode(&mut read)?, Some(Frame::Heartbeat));
+/// assert!(read.is_empty());
+/// # Ok::<(), amqp091::protocol::FrameError>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct FrameDecoder {
     max_frame_size: u32,

@@ -2,6 +2,14 @@
 //! direction, replies and field layout. The generated code fills these in.
 
 /// A (class id, method id) pair.
+///
+/// ```
+/// use amqp091::protocol::methods::queue;
+/// use amqp091::protocol::MethodId;
+///
+/// assert_eq!(queue::Declare::INFO.id, MethodId::new(50, 10));
+/// assert_eq!(MethodId::new(50, 10).to_string(), "50/10");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MethodId {
     /// Class id, e.g. 50 for `queue`.
@@ -27,6 +35,15 @@ impl core::fmt::Display for MethodId {
 }
 
 /// Who may send a method, from the spec's `chassis` elements.
+///
+/// ```
+/// use amqp091::protocol::methods::{basic, channel};
+/// use amqp091::protocol::Direction;
+///
+/// assert_eq!(basic::Publish::INFO.direction, Direction::ToServer);
+/// assert_eq!(basic::Deliver::INFO.direction, Direction::ToClient);
+/// assert_eq!(channel::Close::INFO.direction, Direction::Both);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
     /// Sent by the client only.
@@ -38,6 +55,14 @@ pub enum Direction {
 }
 
 /// A field's wire type.
+///
+/// ```
+/// use amqp091::protocol::methods::queue;
+/// use amqp091::protocol::WireKind;
+///
+/// let bits = queue::Declare::INFO.fields.iter().filter(|f| f.kind == WireKind::Bit);
+/// assert_eq!(bits.count(), 5); // passive, durable, exclusive, auto-delete, no-wait
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WireKind {
     /// u8.
@@ -61,6 +86,15 @@ pub enum WireKind {
 }
 
 /// One field of a method.
+///
+/// ```
+/// use amqp091::protocol::methods::queue;
+/// use amqp091::protocol::{FieldInfo, WireKind};
+///
+/// let fields: Vec<&FieldInfo> = queue::Declare::INFO.fields.iter().filter(|f| !f.reserved).collect();
+/// assert_eq!((fields[0].name, fields[0].kind), ("queue", WireKind::ShortStr));
+/// assert_eq!(fields.last().map(|f| f.name), Some("arguments"));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FieldInfo {
     /// Spec name, e.g. `auto-delete`.
@@ -71,7 +105,18 @@ pub struct FieldInfo {
     pub reserved: bool,
 }
 
-/// What the spec says of one method.
+/// What the spec says of one method: each method struct's `INFO`, and
+/// [`Method::info`](crate::protocol::methods::Method::info) of any method.
+///
+/// ```
+/// use amqp091::protocol::methods::{queue, Method};
+///
+/// let method = Method::QueueDeclare(queue::Declare::default());
+/// let info = method.info();
+/// assert_eq!(info.name, "queue.declare");
+/// assert!(info.synchronous && !info.content);
+/// assert!(info.is_answered_by(queue::DeclareOk::INFO.id));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MethodInfo {
     /// Class and method id.

@@ -28,6 +28,20 @@ const INLINE: usize = 38;
 /// Dereferences to [`BasicProperties`], so `delivery.properties.content_type`
 /// reads like a plain field. Building the struct happens once, in whichever
 /// task reads a property first.
+///
+/// ```
+/// use amqp091::protocol::ReceivedProperties;
+/// use amqp091::BasicProperties;
+///
+/// // As a delivery's `properties` would hold them.
+/// let received = ReceivedProperties::from(
+///     BasicProperties::default().with_content_type("application/json").with_delivery_mode(2),
+/// );
+/// assert_eq!(received.content_type.as_deref(), Some("application/json"));
+/// assert_eq!(received.delivery_mode, Some(2));
+/// let owned: BasicProperties = received.into_inner();
+/// assert!(owned.message_id.is_none());
+/// ```
 #[derive(Clone, Default)]
 pub struct ReceivedProperties {
     encoded: Encoded,
