@@ -25,6 +25,7 @@
 //! The [`protocol`] module is generated from the spec XML (plus hand-written
 //! wire primitives and the frame codec); the rest is the async core.
 
+pub mod arguments;
 pub mod channel;
 mod command_queue;
 pub mod config;
@@ -43,6 +44,7 @@ mod link;
 mod machine;
 mod ports;
 pub mod protocol;
+pub mod rpc_client;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod simulation;
@@ -56,6 +58,10 @@ mod unsettled;
 #[cfg(feature = "tls")]
 pub use tokio_rustls::rustls;
 
+pub use arguments::{
+    ConsumeArguments, Interval, IntervalUnit, InvalidInterval, Overflow, QueueArguments, QueueType,
+    StreamOffset,
+};
 pub use channel::{Channel, ConfirmationFuture, ConsumeOptions, PublishConfirm};
 #[cfg(feature = "tls")]
 pub use config::ReadyClientConfig;
@@ -69,6 +75,7 @@ pub use events::{Confirmation, RecoveryEvent, ReturnedMessage};
 pub use protocol::{
     BasicProperties, Decimal, FieldTable, FieldValue, ReplyCode, ReplyError, ShortString,
 };
+pub use rpc_client::{RpcClient, RpcError};
 
 /// What most programs need in scope: the generated channel methods and the
 /// method structs they take.
