@@ -181,9 +181,6 @@ impl RpcClient {
         timeout: Duration,
     ) -> Result<Delivery, RpcError> {
         let shared = &self.owner.shared;
-        if let Some(error) = shared.ended.get() {
-            return Err(error.clone().into());
-        }
         let n = self.owner.next_id.fetch_add(1, Ordering::Relaxed);
         // Ids never repeat within a client, so a late reply can only match
         // the call it answers, which is gone.
@@ -194,6 +191,11 @@ impl RpcClient {
             shared,
             correlation_id: correlation_id.clone(),
         };
+        // Checked after the insert: the reader sets `ended` before it drops
+        // the waiting calls, so a call is either dropped by it or sees this.
+        if let Some(error) = shared.ended.get() {
+            return Err(error.clone().into());
+        }
         let properties = properties
             .with_reply_to(DIRECT_REPLY_TO)
             .with_correlation_id(correlation_id.clone());
