@@ -304,6 +304,13 @@ impl From<Interval> for StreamOffset {
 }
 
 /// The unit of an [`Interval`], as RabbitMQ writes it (`x-max-age`'s units).
+///
+/// ```
+/// use amqp091::{Interval, IntervalUnit};
+///
+/// assert_eq!(Interval::new(7, IntervalUnit::Days).to_string(), "7D");
+/// assert_eq!(Interval::new(2, IntervalUnit::Months).to_string(), "2M");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IntervalUnit {
     /// `Y`.
@@ -380,6 +387,12 @@ impl fmt::Display for Interval {
 }
 
 /// Text that is not an interval in RabbitMQ's notation.
+///
+/// ```
+/// let error = "an hour".parse::<amqp091::Interval>().unwrap_err();
+/// assert_eq!(error.text, "an hour");
+/// assert!(error.to_string().contains("\"1h\""));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{text:?} is not an interval: expected a positive number and one of the units Y, M, D, h, m, s, as in \"1h\"")]
 pub struct InvalidInterval {

@@ -20,6 +20,20 @@ use crate::protocol::{BasicProperties, ShortString};
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// Why an RPC call failed.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use amqp091::{BasicProperties, RpcClient, RpcError};
+///
+/// # async fn example(client: RpcClient) -> Result<(), amqp091::Error> {
+/// match client.call("", "rpc_queue", BasicProperties::default(), "30", Duration::from_secs(1)).await {
+///     Ok(reply) => println!("{:?}", reply.body),
+///     Err(RpcError::Timeout { .. }) => println!("no server answered in time; try again later"),
+///     Err(RpcError::Client(error)) => return Err(error),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RpcError {
     /// No reply came within the call's timeout. A reply that comes later is
