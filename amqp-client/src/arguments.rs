@@ -13,8 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::channel::ConsumeOptions;
 use crate::protocol::{FieldTable, FieldValue, ShortString};
 
-/// The largest TTL or expiry RabbitMQ accepts, in milliseconds (2³²−1,
-/// about 49.7 days); larger values make it refuse the declare.
+/// The largest TTL or expiry these builders send, in milliseconds (2³²−1,
+/// about 49.7 days): the most every RabbitMQ accepts (older versions refuse
+/// larger values, the limit of Erlang's timers).
 pub const MAX_EXPIRY_MILLIS: u64 = u32::MAX as u64;
 
 /// Milliseconds of `duration`, clipped to [`MAX_EXPIRY_MILLIS`].
@@ -92,7 +93,7 @@ impl Overflow {
 /// into the [`FieldTable`] the declare takes.
 ///
 /// Durations are sent in whole milliseconds (a fraction is dropped) and
-/// clipped to [`MAX_EXPIRY_MILLIS`], the most RabbitMQ accepts; counts over
+/// clipped to [`MAX_EXPIRY_MILLIS`], which every RabbitMQ accepts; counts over
 /// `i64::MAX` are clipped to it. See [`expires`](Self::expires) for a zero
 /// expiry.
 ///

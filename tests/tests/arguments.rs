@@ -9,7 +9,7 @@ use amqp091::{
     BasicProperties, Channel, Confirmation, ConsumeOptions, Consumer, Delivery, FieldValue,
     Overflow, QueueArguments, QueueType, ReplyCode, StreamOffset,
 };
-use amqp_client_tests::{connect, delete_queue, name, passive_declare, unique};
+use amqp_client_tests::{connect, delete_queue, name, passive_declare, rabbitmqctl, unique};
 
 /// How long any one test may take.
 const LIMIT: Duration = Duration::from_secs(30);
@@ -244,6 +244,48 @@ async fn an_idle_queue_with_an_expiry_is_deleted() {
 }
 
 #[tokio::test]
+async fn durations_out_of_rabbitmqs_range_are_sent_as_values_it_accepts() {
+    bounded(async {
+        let connection = connect().await;
+        let channel = connection.open_channel().await.expect("channel");
+        // Clipped to 2^32-1 ms, which every RabbitMQ accepts (before 3.10
+        // it refused more, the limit of Erlang's timers).
+        let longest = unique("longest");
+        let arguments = QueueArguments::new()
+            .message_ttl(Duration::MAX)
+            .expires(Duration::MAX);
+        declare(&channel, &longest, false, arguments).await;
+        delete_queue(&channel, &longest).await;
+        // A zero expiry, which RabbitMQ refuses, is sent as 1 ms.
+        let refused = connection
+            .open_channel()
+            .await
+            .expect("channel")
+            .queue_declare(queue::Declare {
+                queue: name(&unique("zero")),
+                arguments: QueueArguments::new().with("x-expires", 0i64).into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("RabbitMQ refuses a zero x-expires");
+        assert_eq!(
+            refused.reply_code(),
+            Some(ReplyCode::PRECONDITION_FAILED),
+            "{refused}"
+        );
+        declare(
+            &channel,
+            &unique("shortest"),
+            false,
+            QueueArguments::new().expires(Duration::ZERO),
+        )
+        .await;
+        connection.close().await.expect("close");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_quorum_queue_dead_letters_a_message_past_its_delivery_limit() {
     bounded(async {
         let connection = connect().await;
@@ -445,9 +487,22 @@ async fn a_stream_is_read_from_each_kind_of_offset() {
     bounded(async {
         let connection = connect().await;
         let channel = confirming_channel(&connection).await;
+        // Streams need RabbitMQ 3.9 or later with this flag on: without it
+        // the test fails here, saying why, rather than skipping.
+        let flags = rabbitmqctl(&[
+            "list_feature_flags",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "state",
+        ]);
+        assert!(
+            flags
+                .lines()
+                .any(|line| line.split_whitespace().eq(["stream_queue", "enabled"])),
+            "the broker's stream_queue feature flag is not enabled:\n{flags}"
+        );
         let queue = unique("stream");
-        // Fails here, loudly, when the broker has no streams (RabbitMQ
-        // before 3.9, or the stream_queue feature flag disabled).
         declare(
             &channel,
             &queue,
