@@ -53,18 +53,16 @@ pub enum RpcError {
 }
 
 /// The calls waiting for a reply, by correlation id.
-type Pending = Mutex<HashMap<ShortString, oneshot::Sender<Delivery>>>;
+type Calls = HashMap<ShortString, oneshot::Sender<Delivery>>;
 
 struct Shared {
-    pending: Pending,
+    pending: Mutex<Calls>,
     /// Why the reply consumer ended, once it has.
     ended: OnceLock<Error>,
 }
 
 impl Shared {
-    fn pending(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<ShortString, oneshot::Sender<Delivery>>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Calls> {
         // A panic while holding the lock leaves the map consistent (every
         // operation on it is a single insert or remove).
         match self.pending.lock() {
@@ -100,6 +98,11 @@ impl Drop for Owner {
 /// Direct reply-to needs the consumer and the requests on the same
 /// channel, and one reply consumer per channel: give each `RpcClient` a
 /// channel of its own.
+///
+/// When the connection is lost and recovered, the reply consumer is
+/// consumed again with the channel and later calls work as before; the
+/// replies to calls in flight at the loss were addressed to the old
+/// connection and never come, so those calls time out.
 ///
 /// ```no_run
 /// use std::time::Duration;

@@ -10,7 +10,9 @@ use amqp091::prelude::*;
 use amqp091::{
     rpc_client, BasicProperties, Connection, ConsumeOptions, Delivery, RpcClient, RpcError,
 };
-use amqp_client_tests::{connect, name, unique};
+use amqp_client_tests::{
+    close_from_broker, config, connect, connect_with, name, recovered, unique,
+};
 use tokio::sync::Notify;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -249,6 +251,51 @@ async fn a_call_after_the_channel_closed_fails_with_the_close() {
             .expect_err("the channel is closed");
         assert!(matches!(error, RpcError::Client(_)), "{error:?}");
         connection.close().await.expect("close");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn calls_work_again_once_the_connection_recovered() {
+    bounded(async {
+        let server_connection = connect().await;
+        let queue = request_queue(&server_connection, "rpc-recovery").await;
+        let server = serve(
+            server_connection.clone(),
+            queue.clone(),
+            no_delay,
+            Arc::default(),
+        );
+        let connection_name = unique("rpc-recovery-client");
+        let connection = connect_with(config().connection_name(connection_name.clone())).await;
+        let mut events = connection.recovery_events();
+        let client = RpcClient::new(connection.open_channel().await.expect("channel"))
+            .await
+            .expect("client");
+        let call = |body: &'static str| {
+            let client = client.clone();
+            let queue = queue.clone();
+            async move {
+                client
+                    .call(
+                        "",
+                        &queue,
+                        BasicProperties::default(),
+                        body,
+                        Duration::from_secs(10),
+                    )
+                    .await
+            }
+        };
+        assert_eq!(text(&call("before").await.expect("a reply")), "re:before");
+        close_from_broker(&connection_name).await;
+        recovered(&mut events).await;
+        // The reply consumer was consumed again on the recovered channel.
+        assert_eq!(text(&call("after").await.expect("a reply")), "re:after");
+        assert_eq!(client.pending_calls(), 0);
+        server.abort();
+        connection.close().await.expect("close");
+        server_connection.close().await.expect("close");
     })
     .await;
 }
