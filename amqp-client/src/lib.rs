@@ -78,6 +78,7 @@
 //! The [`protocol`] module is generated from the spec XML (plus hand-written
 //! wire primitives and the frame codec); the rest is the async core.
 
+pub mod arguments;
 pub mod channel;
 mod command_queue;
 pub mod config;
@@ -96,6 +97,7 @@ mod link;
 mod machine;
 mod ports;
 pub mod protocol;
+pub mod rpc_client;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod simulation;
@@ -109,6 +111,10 @@ mod unsettled;
 #[cfg(feature = "tls")]
 pub use tokio_rustls::rustls;
 
+pub use arguments::{
+    ConsumeArguments, Interval, IntervalUnit, InvalidInterval, Overflow, QueueArguments, QueueType,
+    StreamOffset,
+};
 pub use channel::{Channel, ConfirmationFuture, ConsumeOptions, PublishConfirm};
 #[cfg(feature = "tls")]
 pub use config::ReadyClientConfig;
@@ -122,6 +128,7 @@ pub use events::{Confirmation, RecoveryEvent, ReturnedMessage};
 pub use protocol::{
     BasicProperties, Decimal, FieldTable, FieldValue, ReplyCode, ReplyError, ShortString,
 };
+pub use rpc_client::{RpcClient, RpcError};
 
 /// What most programs need in scope: the modules of the method structs that
 /// the [`Channel`] methods take (`queue::Declare`, `basic::Qos`…).
