@@ -45,7 +45,7 @@ async fn confirming_channel(connection: &Connection) -> Result<(Channel, String)
             ..Default::default()
         })
         .await?;
-    Ok((channel, declared.queue.as_str().to_owned()))
+    Ok((channel, declared.queue.to_string()))
 }
 
 fn count(confirmation: Confirmation, acked: &mut usize, nacked: &mut usize) {

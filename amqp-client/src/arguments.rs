@@ -523,7 +523,7 @@ mod tests {
     fn entries(table: &FieldTable) -> Vec<(String, FieldValue)> {
         table
             .iter()
-            .map(|(key, value)| (key.as_str().to_owned(), value.clone()))
+            .map(|(key, value)| (key.to_string_lossy().into_owned(), value.clone()))
             .collect()
     }
 

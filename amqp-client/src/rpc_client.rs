@@ -227,7 +227,7 @@ impl RpcClient {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(self.ended_error().into()),
             Err(_) => Err(RpcError::Timeout {
-                correlation_id: correlation_id.as_str().to_owned(),
+                correlation_id: correlation_id.to_string_lossy().into_owned(),
                 timeout,
             }),
         }
@@ -274,7 +274,7 @@ async fn read_replies(mut consumer: Consumer, shared: Arc<Shared>) {
     if shared.ended.get().is_none() {
         let _ = shared.ended.set(Error::ConsumerCancelled {
             channel: consumer.channel().id(),
-            consumer_tag: consumer.tag().as_str().to_owned(),
+            consumer_tag: consumer.tag().to_string_lossy().into_owned(),
             by_broker: false,
         });
     }
@@ -315,7 +315,7 @@ pub async fn reply(
     };
     request
         .channel()
-        .basic_publish("", reply_to.as_str(), false, &properties, body)
+        .basic_publish("", reply_to, false, &properties, body)
         .await
         .map(Some)
 }
