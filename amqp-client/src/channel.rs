@@ -620,8 +620,12 @@ impl Channel {
         // A shortstr over 255 bytes is written whole (see
         // `wire::write_short_string`), so a head of at most 255 bytes holds
         // none; and frame_max is never below the spec's minimum. So the usual
-        // small head needs neither check (they cost more than the encoding).
-        if scratch.len() > ShortString::MAX_LEN {
+        // small head needs neither length check (they cost more than the
+        // encoding), only the UTF-8 one RabbitMQ makes of the method's
+        // shortstrs (it closes the connection over one that is not).
+        if scratch.len() > ShortString::MAX_LEN
+            || !(publish.exchange.is_utf8() && publish.routing_key.is_utf8())
+        {
             let header_len = scratch.len() - method_len;
             if let Err(error) = self.check_head(publish, properties, method_len, header_len) {
                 scratch.clear();
@@ -631,7 +635,8 @@ impl Channel {
         Ok(scratch.split().freeze())
     }
 
-    /// The checks of a publish's head over 255 bytes: its shortstrs, then
+    /// The checks of a publish's head over 255 bytes or with a shortstr
+    /// that is not UTF-8: its shortstrs, then
     /// (over the spec's minimum frame_max) its frames' sizes. Kept out of
     /// [`encode_head`](Self::encode_head), where the usual head skips them.
     #[inline(never)]
@@ -644,10 +649,10 @@ impl Channel {
     ) -> Result<(), Error> {
         publish
             .check_short_strings()
-            .map_err(|e| Error::name_too_long(basic::Publish::INFO.name, e))?;
+            .map_err(|e| Error::bad_name(basic::Publish::INFO.name, e))?;
         properties
             .check_short_strings()
-            .map_err(|e| Error::name_too_long("content header", e))?;
+            .map_err(|e| Error::bad_name("content header", e))?;
         if method_len.max(header_len) > FRAME_MIN_SIZE as usize {
             let frame_max = self.inner.conn.shared.frame_max();
             check_frame_size(basic::Publish::INFO.name, method_len, frame_max)?;

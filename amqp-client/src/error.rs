@@ -262,6 +262,19 @@ pub enum Error {
         /// Its length in bytes.
         len: usize,
     },
+    /// A shortstr argument of a method (a routing key, a queue or exchange
+    /// name, a consumer tag) that is not UTF-8. AMQP allows any bytes, but
+    /// RabbitMQ closes the whole connection on such a method (501
+    /// `FRAME_ERROR`, "Malformed UTF-8 in shortstr"); so it is refused
+    /// before anything was queued, and the channel and the connection stay
+    /// usable. Properties and header keys may be any bytes.
+    #[error("{what}: `{field}` is not UTF-8, which RabbitMQ refuses (it would close the connection); nothing was sent")]
+    NameNotUtf8 {
+        /// The method (`basic.publish`…).
+        what: &'static str,
+        /// The field's spec name (`routing-key`, `consumer-tag`…).
+        field: &'static str,
+    },
     /// `basic.ack`, `basic.nack` or `basic.reject` handed to
     /// [`ChannelRpc::send`](crate::protocol::ChannelRpc::send) with a bare
     /// delivery tag. Settle with [`Delivery::ack`](crate::Delivery::ack),
@@ -383,15 +396,14 @@ impl Error {
         )
     }
 
-    /// [`Error::NameTooLong`] for a field of `what` (a method's name).
-    pub(crate) fn name_too_long(
-        what: &'static str,
-        too_long: crate::protocol::FieldTooLong,
-    ) -> Self {
-        Error::NameTooLong {
-            what,
-            field: too_long.field,
-            len: too_long.len,
+    /// [`Error::NameTooLong`] or [`Error::NameNotUtf8`] for a field of
+    /// `what` (a method's name).
+    pub(crate) fn bad_name(what: &'static str, bad: crate::protocol::BadField) -> Self {
+        match bad {
+            crate::protocol::BadField::TooLong { field, len } => {
+                Error::NameTooLong { what, field, len }
+            }
+            crate::protocol::BadField::NotUtf8 { field } => Error::NameNotUtf8 { what, field },
         }
     }
 

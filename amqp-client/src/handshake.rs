@@ -98,7 +98,7 @@ impl HandshakeIo<'_> {
         // The vhost, the locale, client property keys: refused, not cut.
         method
             .check_short_strings()
-            .map_err(|e| Error::name_too_long(method.info().name, e))?;
+            .map_err(|e| Error::bad_name(method.info().name, e))?;
         self.write.clear();
         frame::write_method(&mut self.write, 0, &method);
         tracing::trace!(channel = 0, ?method, "frame sent");

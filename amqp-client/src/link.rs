@@ -18,7 +18,7 @@ use crate::events::RecoveryEvent;
 use crate::ports::Command;
 use crate::protocol::frame;
 use crate::protocol::methods::Method;
-use crate::protocol::{FieldTable, FieldTooLong, MethodInfo, ReplyCode};
+use crate::protocol::{BadField, FieldTable, MethodInfo, ReplyCode};
 
 /// Publishes queued in the client (not yet written to the socket) may hold
 /// at most this many bytes; beyond it `basic_publish` waits.
@@ -200,10 +200,10 @@ impl Inner {
         &self,
         channel: u16,
         info: &'static MethodInfo,
-        names: Result<(), FieldTooLong>,
+        names: Result<(), BadField>,
         args: impl FnOnce(&mut BytesMut),
     ) -> Result<(), Error> {
-        names.map_err(|e| Error::name_too_long(info.name, e))?;
+        names.map_err(|e| Error::bad_name(info.name, e))?;
         let frame_max = self.shared.frame_max();
         let mut scratch = BytesMut::new();
         frame::write_method_frame(&mut scratch, channel, info.id, args);

@@ -346,7 +346,7 @@ fn short_strings_convert_from_str_and_string_without_failing() {
 
 #[test]
 fn over_long_short_strings_are_named_by_the_checks_of_methods_and_properties() {
-    use amqp091::protocol::{basic, queue, FieldTooLong};
+    use amqp091::protocol::{basic, queue, BadField};
     let long = "n".repeat(256);
     let declare = queue::Declare {
         queue: long.as_str().into(),
@@ -354,14 +354,16 @@ fn over_long_short_strings_are_named_by_the_checks_of_methods_and_properties() {
     };
     assert_eq!(
         declare.check_short_strings(),
-        Err(FieldTooLong {
+        Err(BadField::TooLong {
             field: "queue",
             len: 256
         })
     );
     let method = Method::QueueDeclare(declare);
     assert_eq!(
-        method.check_short_strings().map_err(|e| e.field),
+        method.check_short_strings().map_err(|e| match e {
+            BadField::TooLong { field, .. } | BadField::NotUtf8 { field } => field,
+        }),
         Err("queue")
     );
     let bind = queue::Bind {
@@ -373,7 +375,7 @@ fn over_long_short_strings_are_named_by_the_checks_of_methods_and_properties() {
     };
     assert_eq!(
         bind.check_short_strings(),
-        Err(FieldTooLong {
+        Err(BadField::TooLong {
             field: "arguments",
             len: 256
         })
@@ -383,7 +385,9 @@ fn over_long_short_strings_are_named_by_the_checks_of_methods_and_properties() {
         ..Default::default()
     };
     assert_eq!(
-        publish.check_short_strings().map_err(|e| e.field),
+        publish.check_short_strings().map_err(|e| match e {
+            BadField::TooLong { field, .. } | BadField::NotUtf8 { field } => field,
+        }),
         Err("routing-key")
     );
     let fine = BasicProperties::default()
@@ -395,7 +399,7 @@ fn over_long_short_strings_are_named_by_the_checks_of_methods_and_properties() {
         fine.clone()
             .with_correlation_id(long.as_str())
             .check_short_strings(),
-        Err(FieldTooLong {
+        Err(BadField::TooLong {
             field: "correlation-id",
             len: 256
         })
@@ -403,9 +407,50 @@ fn over_long_short_strings_are_named_by_the_checks_of_methods_and_properties() {
     assert_eq!(
         fine.with_headers(FieldTable::new().with(&long, "v"))
             .check_short_strings()
-            .map_err(|e| e.field),
+            .map_err(|e| match e {
+                BadField::TooLong { field, .. } | BadField::NotUtf8 { field } => field,
+            }),
         Err("headers")
     );
+}
+
+#[test]
+fn method_shortstrs_that_are_not_utf8_are_refused_but_properties_and_keys_are_bytes() {
+    use amqp091::protocol::{basic, BadField};
+    let latin1: ShortString = b"caf\xe9".as_slice().into();
+    let publish = basic::Publish {
+        routing_key: latin1.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        publish.check_short_strings(),
+        Err(BadField::NotUtf8 {
+            field: "routing-key"
+        })
+    );
+    let consume = basic::Consume {
+        queue: "q".into(),
+        consumer_tag: latin1.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        Method::BasicConsume(consume).check_short_strings(),
+        Err(BadField::NotUtf8 {
+            field: "consumer-tag"
+        })
+    );
+    // UTF-8 beyond ASCII, inline and on the heap, passes.
+    for text in ["café", &"é".repeat(100)] {
+        let publish = basic::Publish {
+            routing_key: text.into(),
+            ..Default::default()
+        };
+        assert_eq!(publish.check_short_strings(), Ok(()), "{text}");
+    }
+    let properties = BasicProperties::default()
+        .with_headers(FieldTable::new().with(latin1.clone(), "v"))
+        .with_message_id(latin1);
+    assert_eq!(properties.check_short_strings(), Ok(()));
 }
 
 #[test]

@@ -336,7 +336,7 @@ fn method_struct(model: &Model, m: &Method) -> TokenStream {
     let field_names = visible.iter().map(|f| format_ident!("{}", f.ident));
     let checks: Vec<_> = visible
         .iter()
-        .filter_map(|f| check_field(f, quote!(self.)))
+        .filter_map(|f| check_field(f, quote!(self.), true))
         .collect();
     let buf_param = if m.fields.is_empty() {
         quote!(_buf)
@@ -395,10 +395,12 @@ fn method_struct(model: &Model, m: &Method) -> TokenStream {
             };
 
             /// Checks that every shortstr argument (and every key of a
-            /// table argument) fits the 255 bytes of the wire: the encoders
-            /// assume it, and callers check it before anything is queued.
+            /// table argument) fits the 255 bytes of the wire, which the
+            /// encoders assume, and that every shortstr argument is UTF-8,
+            /// which RabbitMQ requires: callers check it before anything
+            /// is queued.
             #[inline]
-            pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            pub fn check_short_strings(&self) -> Result<(), BadField> {
                 #(#checks)*
                 Ok(())
             }
@@ -435,20 +437,32 @@ fn method_struct(model: &Model, m: &Method) -> TokenStream {
     }
 }
 
-/// The length check of a shortstr or table field reached through `prefix`
-/// (`self.` for a method's field), `None` for other wire types.
-fn check_field(f: &Field, prefix: TokenStream) -> Option<TokenStream> {
+/// The check of a shortstr or table field reached through `prefix` (`self.`
+/// for a method's field), `None` for other wire types: its length, and for a
+/// method's shortstr (`in_method`) that it is UTF-8, as RabbitMQ requires
+/// there (properties and table keys it passes on as bytes).
+fn check_field(f: &Field, prefix: TokenStream, in_method: bool) -> Option<TokenStream> {
     let ident = format_ident!("{}", f.ident);
     let name = &f.spec_name;
     match f.wire {
-        WireType::ShortStr => Some(quote! {
-            if let Err(e) = #prefix #ident.check() {
-                return Err(FieldTooLong { field: #name, len: e.len });
-            }
-        }),
+        WireType::ShortStr => {
+            let utf8 = in_method.then(|| {
+                quote! {
+                    if !#prefix #ident.is_utf8() {
+                        return Err(BadField::NotUtf8 { field: #name });
+                    }
+                }
+            });
+            Some(quote! {
+                if let Err(e) = #prefix #ident.check() {
+                    return Err(BadField::TooLong { field: #name, len: e.len });
+                }
+                #utf8
+            })
+        }
         WireType::Table => Some(quote! {
             if let Err(e) = #prefix #ident.check_keys() {
-                return Err(FieldTooLong { field: #name, len: e.len });
+                return Err(BadField::TooLong { field: #name, len: e.len });
             }
         }),
         _ => None,
@@ -537,7 +551,7 @@ pub fn methods(model: &Model) -> TokenStream {
 
         use crate::protocol::error::DecodeError;
         use crate::protocol::method_info::{Direction, FieldInfo, MethodId, MethodInfo, WireKind};
-        use crate::protocol::wire::{self, FieldTable, FieldTooLong, ShortString};
+        use crate::protocol::wire::{self, FieldTable, BadField, ShortString};
 
         #(#modules)*
 
@@ -557,8 +571,9 @@ pub fn methods(model: &Model) -> TokenStream {
             }
 
             /// Checks that every shortstr argument (and table key) fits
-            /// 255 bytes; see the method structs' `check_short_strings`.
-            pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+            /// 255 bytes and every shortstr argument is UTF-8; see the method
+            /// structs' `check_short_strings`.
+            pub fn check_short_strings(&self) -> Result<(), BadField> {
                 match self { #(#check_arms)* }
             }
 
@@ -800,7 +815,7 @@ pub fn properties(model: &Model) -> TokenStream {
         });
         let prop_checks = class.properties.iter().filter_map(|f| {
             let ident = format_ident!("{}", f.ident);
-            let check = check_field(f, quote!())?;
+            let check = check_field(f, quote!(), false)?;
             Some(quote!(if let Some(#ident) = &self.#ident { #check }))
         });
         let encodes = class.properties.iter().enumerate().map(|(i, f)| {
@@ -854,7 +869,7 @@ pub fn properties(model: &Model) -> TokenStream {
                 /// headers) fits the 255 bytes of the wire: the encoder
                 /// assumes it, and publishing checks it first.
                 #[inline]
-                pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+                pub fn check_short_strings(&self) -> Result<(), BadField> {
                     #(#prop_checks)*
                     Ok(())
                 }
@@ -898,7 +913,7 @@ pub fn properties(model: &Model) -> TokenStream {
         use bytes::{BufMut, Bytes, BytesMut};
 
         use crate::protocol::error::DecodeError;
-        use crate::protocol::wire::{self, FieldTable, FieldTooLong, ShortString};
+        use crate::protocol::wire::{self, FieldTable, BadField, ShortString};
 
         #(#items)*
     }

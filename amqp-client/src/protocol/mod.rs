@@ -42,4 +42,4 @@ pub use generated::properties::{self, BasicProperties};
 pub use method_info::{Direction, FieldInfo, MethodId, MethodInfo, WireKind};
 pub use received_properties::ReceivedProperties;
 pub use rpc::{ChannelRpc, UnexpectedReply};
-pub use wire::{Decimal, FieldTable, FieldTooLong, FieldValue, ShortString, ShortStringTooLong};
+pub use wire::{BadField, Decimal, FieldTable, FieldValue, ShortString, ShortStringTooLong};

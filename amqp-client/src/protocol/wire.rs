@@ -24,16 +24,40 @@ pub struct ShortStringTooLong {
     pub len: usize,
 }
 
-/// A shortstr argument or property over 255 bytes, found when a method or a
-/// message's properties were checked before being encoded.
+/// A shortstr argument or property that cannot be sent as it is, found
+/// when a method or a message's properties were checked before being
+/// encoded.
+///
+/// ```
+/// use amqp091::protocol::{queue, BadField};
+///
+/// let declare = queue::Declare { queue: "q".repeat(256).into(), ..Default::default() };
+/// assert_eq!(declare.check_short_strings(), Err(BadField::TooLong { field: "queue", len: 256 }));
+/// let declare = queue::Declare { queue: b"caf\xe9".as_slice().into(), ..Default::default() };
+/// assert_eq!(declare.check_short_strings(), Err(BadField::NotUtf8 { field: "queue" }));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
-#[error("`{field}` is {len} bytes, over the 255 a shortstr can carry")]
-pub struct FieldTooLong {
-    /// The field's spec name (`queue`, `routing-key`, `message-id`…). For a
-    /// table (`arguments`, `headers`) one of its keys is too long.
-    pub field: &'static str,
-    /// The length in bytes of the string (or table key) that is too long.
-    pub len: usize,
+pub enum BadField {
+    /// Over the 255 bytes of a shortstr.
+    #[error("`{field}` is {len} bytes, over the 255 a shortstr can carry")]
+    TooLong {
+        /// The field's spec name (`queue`, `routing-key`, `message-id`…). For
+        /// a table (`arguments`, `headers`) one of its keys is too long.
+        field: &'static str,
+        /// The length in bytes of the string (or table key) that is too long.
+        len: usize,
+    },
+    /// A method's shortstr argument that is not UTF-8. The wire allows any
+    /// bytes, but RabbitMQ closes the whole connection (501 `FRAME_ERROR`,
+    /// "Malformed UTF-8 in shortstr") on such a method, and a recovered
+    /// connection would replay it; so it is refused before it is sent.
+    /// Properties and table keys may be any bytes: RabbitMQ passes them on
+    /// unchanged.
+    #[error("`{field}` is not UTF-8, which RabbitMQ refuses in a method's arguments")]
+    NotUtf8 {
+        /// The field's spec name (`routing-key`, `consumer-tag`…).
+        field: &'static str,
+    },
 }
 
 /// An AMQP `shortstr`: at most 255 bytes on the wire, kept exactly as the
@@ -99,6 +123,31 @@ impl Inline {
     fn bytes(&self) -> &[u8] {
         // `len` is at most `INLINE` by its type.
         &self.data[..self.len as usize]
+    }
+
+    /// Whether the bytes are ASCII, tested as two 16-byte words with the
+    /// bytes past the value masked off (no per-byte loop). The length byte
+    /// is at most 31, so never has its high bit set.
+    #[inline(always)]
+    fn is_ascii(&self) -> bool {
+        const HIGH_BITS: u128 = u128::from_ne_bytes([0x80; 16]);
+        fn first_bytes(n: usize) -> u128 {
+            match n {
+                0 => 0,
+                1..=15 => (1u128 << (n * 8)) - 1,
+                _ => u128::MAX,
+            }
+        }
+        let len = self.len as usize;
+        let mut window = [0u8; INLINE + 1];
+        window[0] = self.len as u8;
+        window[1..].copy_from_slice(&self.data);
+        let (head, tail) = window.split_at(16);
+        let head = u128::from_le_bytes(head.try_into().unwrap_or_default());
+        let tail = u128::from_le_bytes(tail.try_into().unwrap_or_default());
+        let head = head & first_bytes(len + 1);
+        let tail = tail & first_bytes((len + 1).saturating_sub(16));
+        (head | tail) & HIGH_BITS == 0
     }
 }
 
@@ -176,6 +225,21 @@ impl ShortString {
                 Self(Repr::Inline(Inline { len, data }))
             }
             None => Self(Repr::Heap(Arc::from(bytes))),
+        }
+    }
+
+    /// Whether the bytes are UTF-8 text, as RabbitMQ requires of a method's
+    /// shortstr arguments.
+    #[inline]
+    pub fn is_utf8(&self) -> bool {
+        match &self.0 {
+            Repr::Static(_) => true,
+            // Checked on every publish's exchange and routing key: the usual
+            // short ASCII one without a call.
+            Repr::Inline(inline) => {
+                inline.is_ascii() || std::str::from_utf8(inline.bytes()).is_ok()
+            }
+            Repr::Heap(bytes) => std::str::from_utf8(bytes).is_ok(),
         }
     }
 

@@ -5,7 +5,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use crate::protocol::error::DecodeError;
 use crate::protocol::method_info::{Direction, FieldInfo, MethodId, MethodInfo, WireKind};
-use crate::protocol::wire::{self, FieldTable, FieldTooLong, ShortString};
+use crate::protocol::wire::{self, FieldTable, BadField, ShortString};
 /// Opening, tuning and closing a connection. The client runs this class
 /// itself: [`Connection::open`](crate::Connection::open) performs the
 /// handshake and [`Connection::close`](crate::Connection::close) closes it,
@@ -82,12 +82,14 @@ pub mod connection {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.server_properties.check_keys() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "server-properties",
                     len: e.len,
                 });
@@ -208,26 +210,38 @@ pub mod connection {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.client_properties.check_keys() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "client-properties",
                     len: e.len,
                 });
             }
             if let Err(e) = self.mechanism.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "mechanism",
                     len: e.len,
                 });
             }
+            if !self.mechanism.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "mechanism",
+                });
+            }
             if let Err(e) = self.locale.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "locale",
                     len: e.len,
+                });
+            }
+            if !self.locale.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "locale",
                 });
             }
             Ok(())
@@ -298,10 +312,12 @@ pub mod connection {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -369,10 +385,12 @@ pub mod connection {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -451,10 +469,12 @@ pub mod connection {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -538,10 +558,12 @@ pub mod connection {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -628,14 +650,21 @@ pub mod connection {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.virtual_host.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "virtual-host",
                     len: e.len,
+                });
+            }
+            if !self.virtual_host.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "virtual-host",
                 });
             }
             Ok(())
@@ -693,10 +722,12 @@ pub mod connection {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -791,14 +822,21 @@ pub mod connection {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.reply_text.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "reply-text",
                     len: e.len,
+                });
+            }
+            if !self.reply_text.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "reply-text",
                 });
             }
             Ok(())
@@ -857,10 +895,12 @@ pub mod connection {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -917,14 +957,21 @@ pub mod connection {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.reason.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "reason",
                     len: e.len,
+                });
+            }
+            if !self.reason.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "reason",
                 });
             }
             Ok(())
@@ -973,10 +1020,12 @@ pub mod connection {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -1061,14 +1110,21 @@ pub mod connection {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.reason.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "reason",
                     len: e.len,
+                });
+            }
+            if !self.reason.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "reason",
                 });
             }
             Ok(())
@@ -1118,10 +1174,12 @@ pub mod connection {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -1186,10 +1244,12 @@ pub mod channel {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -1241,10 +1301,12 @@ pub mod channel {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -1322,10 +1384,12 @@ pub mod channel {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -1405,10 +1469,12 @@ pub mod channel {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -1510,14 +1576,21 @@ pub mod channel {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.reply_text.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "reply-text",
                     len: e.len,
+                });
+            }
+            if !self.reply_text.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "reply-text",
                 });
             }
             Ok(())
@@ -1576,10 +1649,12 @@ pub mod channel {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -1738,24 +1813,34 @@ pub mod exchange {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.exchange.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "exchange",
                     len: e.len,
                 });
             }
+            if !self.exchange.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "exchange",
+                });
+            }
             if let Err(e) = self.kind.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "type",
                     len: e.len,
                 });
             }
+            if !self.kind.is_utf8() {
+                return Err(BadField::NotUtf8 { field: "type" });
+            }
             if let Err(e) = self.arguments.check_keys() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "arguments",
                     len: e.len,
                 });
@@ -1845,10 +1930,12 @@ pub mod exchange {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -1944,14 +2031,21 @@ pub mod exchange {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.exchange.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "exchange",
                     len: e.len,
+                });
+            }
+            if !self.exchange.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "exchange",
                 });
             }
             Ok(())
@@ -2018,10 +2112,12 @@ pub mod exchange {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -2136,30 +2232,47 @@ pub mod exchange {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.destination.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "destination",
                     len: e.len,
                 });
             }
+            if !self.destination.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "destination",
+                });
+            }
             if let Err(e) = self.source.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "source",
                     len: e.len,
                 });
             }
+            if !self.source.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "source",
+                });
+            }
             if let Err(e) = self.routing_key.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "routing-key",
                     len: e.len,
                 });
             }
+            if !self.routing_key.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "routing-key",
+                });
+            }
             if let Err(e) = self.arguments.check_keys() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "arguments",
                     len: e.len,
                 });
@@ -2232,10 +2345,12 @@ pub mod exchange {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -2349,30 +2464,47 @@ pub mod exchange {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.destination.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "destination",
                     len: e.len,
                 });
             }
+            if !self.destination.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "destination",
+                });
+            }
             if let Err(e) = self.source.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "source",
                     len: e.len,
                 });
             }
+            if !self.source.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "source",
+                });
+            }
             if let Err(e) = self.routing_key.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "routing-key",
                     len: e.len,
                 });
             }
+            if !self.routing_key.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "routing-key",
+                });
+            }
             if let Err(e) = self.arguments.check_keys() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "arguments",
                     len: e.len,
                 });
@@ -2445,10 +2577,12 @@ pub mod exchange {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -2603,18 +2737,25 @@ pub mod queue {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.queue.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "queue",
                     len: e.len,
                 });
             }
+            if !self.queue.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "queue",
+                });
+            }
             if let Err(e) = self.arguments.check_keys() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "arguments",
                     len: e.len,
                 });
@@ -2748,14 +2889,21 @@ pub mod queue {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.queue.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "queue",
                     len: e.len,
+                });
+            }
+            if !self.queue.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "queue",
                 });
             }
             Ok(())
@@ -2884,30 +3032,47 @@ pub mod queue {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.queue.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "queue",
                     len: e.len,
                 });
             }
+            if !self.queue.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "queue",
+                });
+            }
             if let Err(e) = self.exchange.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "exchange",
                     len: e.len,
                 });
             }
+            if !self.exchange.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "exchange",
+                });
+            }
             if let Err(e) = self.routing_key.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "routing-key",
                     len: e.len,
                 });
             }
+            if !self.routing_key.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "routing-key",
+                });
+            }
             if let Err(e) = self.arguments.check_keys() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "arguments",
                     len: e.len,
                 });
@@ -2980,10 +3145,12 @@ pub mod queue {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -3088,30 +3255,47 @@ pub mod queue {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.queue.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "queue",
                     len: e.len,
                 });
             }
+            if !self.queue.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "queue",
+                });
+            }
             if let Err(e) = self.exchange.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "exchange",
                     len: e.len,
                 });
             }
+            if !self.exchange.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "exchange",
+                });
+            }
             if let Err(e) = self.routing_key.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "routing-key",
                     len: e.len,
                 });
             }
+            if !self.routing_key.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "routing-key",
+                });
+            }
             if let Err(e) = self.arguments.check_keys() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "arguments",
                     len: e.len,
                 });
@@ -3174,10 +3358,12 @@ pub mod queue {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -3262,14 +3448,21 @@ pub mod queue {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.queue.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "queue",
                     len: e.len,
+                });
+            }
+            if !self.queue.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "queue",
                 });
             }
             Ok(())
@@ -3356,10 +3549,12 @@ pub mod queue {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -3467,14 +3662,21 @@ pub mod queue {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.queue.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "queue",
                     len: e.len,
+                });
+            }
+            if !self.queue.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "queue",
                 });
             }
             Ok(())
@@ -3574,10 +3776,12 @@ pub mod queue {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -3684,10 +3888,12 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -3748,10 +3954,12 @@ pub mod basic {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -3887,24 +4095,36 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.queue.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "queue",
                     len: e.len,
                 });
             }
+            if !self.queue.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "queue",
+                });
+            }
             if let Err(e) = self.consumer_tag.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "consumer-tag",
                     len: e.len,
                 });
             }
+            if !self.consumer_tag.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "consumer-tag",
+                });
+            }
             if let Err(e) = self.arguments.check_keys() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "arguments",
                     len: e.len,
                 });
@@ -4000,14 +4220,21 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.consumer_tag.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "consumer-tag",
                     len: e.len,
+                });
+            }
+            if !self.consumer_tag.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "consumer-tag",
                 });
             }
             Ok(())
@@ -4099,14 +4326,21 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.consumer_tag.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "consumer-tag",
                     len: e.len,
+                });
+            }
+            if !self.consumer_tag.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "consumer-tag",
                 });
             }
             Ok(())
@@ -4191,14 +4425,21 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.consumer_tag.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "consumer-tag",
                     len: e.len,
+                });
+            }
+            if !self.consumer_tag.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "consumer-tag",
                 });
             }
             Ok(())
@@ -4318,20 +4559,32 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.exchange.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "exchange",
                     len: e.len,
                 });
             }
+            if !self.exchange.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "exchange",
+                });
+            }
             if let Err(e) = self.routing_key.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "routing-key",
                     len: e.len,
+                });
+            }
+            if !self.routing_key.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "routing-key",
                 });
             }
             Ok(())
@@ -4442,26 +4695,43 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.reply_text.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "reply-text",
                     len: e.len,
                 });
             }
+            if !self.reply_text.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "reply-text",
+                });
+            }
             if let Err(e) = self.exchange.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "exchange",
                     len: e.len,
                 });
             }
+            if !self.exchange.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "exchange",
+                });
+            }
             if let Err(e) = self.routing_key.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "routing-key",
                     len: e.len,
+                });
+            }
+            if !self.routing_key.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "routing-key",
                 });
             }
             Ok(())
@@ -4569,26 +4839,43 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.consumer_tag.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "consumer-tag",
                     len: e.len,
                 });
             }
+            if !self.consumer_tag.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "consumer-tag",
+                });
+            }
             if let Err(e) = self.exchange.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "exchange",
                     len: e.len,
                 });
             }
+            if !self.exchange.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "exchange",
+                });
+            }
             if let Err(e) = self.routing_key.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "routing-key",
                     len: e.len,
+                });
+            }
+            if !self.routing_key.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "routing-key",
                 });
             }
             Ok(())
@@ -4695,14 +4982,21 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.queue.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "queue",
                     len: e.len,
+                });
+            }
+            if !self.queue.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "queue",
                 });
             }
             Ok(())
@@ -4808,20 +5102,32 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             if let Err(e) = self.exchange.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "exchange",
                     len: e.len,
                 });
             }
+            if !self.exchange.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "exchange",
+                });
+            }
             if let Err(e) = self.routing_key.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "routing-key",
                     len: e.len,
+                });
+            }
+            if !self.routing_key.is_utf8() {
+                return Err(BadField::NotUtf8 {
+                    field: "routing-key",
                 });
             }
             Ok(())
@@ -4896,10 +5202,12 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -4977,10 +5285,12 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -5065,10 +5375,12 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -5150,10 +5462,12 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -5234,10 +5548,12 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -5290,10 +5606,12 @@ pub mod basic {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -5375,10 +5693,12 @@ pub mod basic {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -5460,10 +5780,12 @@ pub mod tx {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -5506,10 +5828,12 @@ pub mod tx {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -5561,10 +5885,12 @@ pub mod tx {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -5607,10 +5933,12 @@ pub mod tx {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -5664,10 +5992,12 @@ pub mod tx {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -5710,10 +6040,12 @@ pub mod tx {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -5790,10 +6122,12 @@ pub mod confirm {
             ],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -5846,10 +6180,12 @@ pub mod confirm {
             fields: &[],
         };
         /// Checks that every shortstr argument (and every key of a
-        /// table argument) fits the 255 bytes of the wire: the encoders
-        /// assume it, and callers check it before anything is queued.
+        /// table argument) fits the 255 bytes of the wire, which the
+        /// encoders assume, and that every shortstr argument is UTF-8,
+        /// which RabbitMQ requires: callers check it before anything
+        /// is queued.
         #[inline]
-        pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+        pub fn check_short_strings(&self) -> Result<(), BadField> {
             Ok(())
         }
         /// Writes the arguments (everything after the class and method ids).
@@ -6146,8 +6482,9 @@ impl Method {
         }
     }
     /// Checks that every shortstr argument (and table key) fits
-    /// 255 bytes; see the method structs' `check_short_strings`.
-    pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+    /// 255 bytes and every shortstr argument is UTF-8; see the method
+    /// structs' `check_short_strings`.
+    pub fn check_short_strings(&self) -> Result<(), BadField> {
         match self {
             Method::ConnectionStart(m) => m.check_short_strings(),
             Method::ConnectionStartOk(m) => m.check_short_strings(),

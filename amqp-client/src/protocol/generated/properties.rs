@@ -4,7 +4,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use crate::protocol::error::DecodeError;
-use crate::protocol::wire::{self, FieldTable, FieldTooLong, ShortString};
+use crate::protocol::wire::{self, FieldTable, BadField, ShortString};
 /// The 14 content header properties of the `basic` class; `None` is absent on the wire.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct BasicProperties {
@@ -162,10 +162,10 @@ impl BasicProperties {
     /// headers) fits the 255 bytes of the wire: the encoder
     /// assumes it, and publishing checks it first.
     #[inline]
-    pub fn check_short_strings(&self) -> Result<(), FieldTooLong> {
+    pub fn check_short_strings(&self) -> Result<(), BadField> {
         if let Some(content_type) = &self.content_type {
             if let Err(e) = content_type.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "content-type",
                     len: e.len,
                 });
@@ -173,7 +173,7 @@ impl BasicProperties {
         }
         if let Some(content_encoding) = &self.content_encoding {
             if let Err(e) = content_encoding.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "content-encoding",
                     len: e.len,
                 });
@@ -181,7 +181,7 @@ impl BasicProperties {
         }
         if let Some(headers) = &self.headers {
             if let Err(e) = headers.check_keys() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "headers",
                     len: e.len,
                 });
@@ -189,7 +189,7 @@ impl BasicProperties {
         }
         if let Some(correlation_id) = &self.correlation_id {
             if let Err(e) = correlation_id.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "correlation-id",
                     len: e.len,
                 });
@@ -197,7 +197,7 @@ impl BasicProperties {
         }
         if let Some(reply_to) = &self.reply_to {
             if let Err(e) = reply_to.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "reply-to",
                     len: e.len,
                 });
@@ -205,7 +205,7 @@ impl BasicProperties {
         }
         if let Some(expiration) = &self.expiration {
             if let Err(e) = expiration.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "expiration",
                     len: e.len,
                 });
@@ -213,7 +213,7 @@ impl BasicProperties {
         }
         if let Some(message_id) = &self.message_id {
             if let Err(e) = message_id.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "message-id",
                     len: e.len,
                 });
@@ -221,7 +221,7 @@ impl BasicProperties {
         }
         if let Some(kind) = &self.kind {
             if let Err(e) = kind.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "type",
                     len: e.len,
                 });
@@ -229,7 +229,7 @@ impl BasicProperties {
         }
         if let Some(user_id) = &self.user_id {
             if let Err(e) = user_id.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "user-id",
                     len: e.len,
                 });
@@ -237,7 +237,7 @@ impl BasicProperties {
         }
         if let Some(app_id) = &self.app_id {
             if let Err(e) = app_id.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "app-id",
                     len: e.len,
                 });
@@ -245,7 +245,7 @@ impl BasicProperties {
         }
         if let Some(reserved) = &self.reserved {
             if let Err(e) = reserved.check() {
-                return Err(FieldTooLong {
+                return Err(BadField::TooLong {
                     field: "reserved",
                     len: e.len,
                 });
