@@ -516,6 +516,17 @@ fn short_strings_of_every_inline_length_decode_with_and_without_bytes_after_them
             );
             let copy = decoded.clone();
             assert_eq!(copy, decoded);
+            assert!(
+                decoded.is_utf8(),
+                "length {len}: the bytes after are not looked at"
+            );
+            // One byte that is not ASCII, at each position, is seen.
+            for at in 0..len {
+                let mut input = input.clone();
+                input[1 + at] = 0xE9;
+                let decoded = wire::read_short_string(&mut &input[..]).expect("valid");
+                assert!(!decoded.is_utf8(), "length {len}, 0xE9 at {at}");
+            }
         }
     }
 }
@@ -536,6 +547,7 @@ proptest! {
         prop_assert_eq!(decoded.as_bytes(), &text[..]);
         prop_assert_eq!(rest, &after[..]);
         prop_assert_eq!(decoded.to_str().ok(), std::str::from_utf8(&text).ok());
+        prop_assert_eq!(decoded.is_utf8(), std::str::from_utf8(&text).is_ok());
         let mut out = BytesMut::new();
         wire::write_short_string(&mut out, &decoded);
         prop_assert_eq!(&out[..], &input[..input.len() - after.len()]);

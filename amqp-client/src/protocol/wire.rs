@@ -125,9 +125,8 @@ impl Inline {
         &self.data[..self.len as usize]
     }
 
-    /// Whether the bytes are ASCII, tested as two 16-byte words with the
-    /// bytes past the value masked off (no per-byte loop). The length byte
-    /// is at most 31, so never has its high bit set.
+    /// Whether the bytes are ASCII, tested as two overlapping 16-byte words
+    /// of `data` with the bytes past the value masked off (no per-byte loop).
     #[inline(always)]
     fn is_ascii(&self) -> bool {
         const HIGH_BITS: u128 = u128::from_ne_bytes([0x80; 16]);
@@ -139,14 +138,11 @@ impl Inline {
             }
         }
         let len = self.len as usize;
-        let mut window = [0u8; INLINE + 1];
-        window[0] = self.len as u8;
-        window[1..].copy_from_slice(&self.data);
-        let (head, tail) = window.split_at(16);
-        let head = u128::from_le_bytes(head.try_into().unwrap_or_default());
-        let tail = u128::from_le_bytes(tail.try_into().unwrap_or_default());
-        let head = head & first_bytes(len + 1);
-        let tail = tail & first_bytes((len + 1).saturating_sub(16));
+        let head = u128::from_le_bytes(self.data[..16].try_into().unwrap_or_default());
+        let tail = u128::from_le_bytes(self.data[15..].try_into().unwrap_or_default());
+        let head = head & first_bytes(len);
+        // `data[15..len]`: byte 15 again, harmless.
+        let tail = tail & first_bytes(len.saturating_sub(15));
         (head | tail) & HIGH_BITS == 0
     }
 }
