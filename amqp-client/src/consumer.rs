@@ -394,7 +394,41 @@ impl Drop for Consumer {
 /// this module's types (so that this module depends on the channel's, not
 /// both ways).
 impl Channel {
-    /// Starts a consumer on `queue`; its deliveries come as a stream.
+    /// Sends `basic.consume` and waits for `basic.consume-ok`: a consumer on
+    /// `queue`, whose deliveries come as a stream ([`Consumer::next`]).
+    ///
+    /// An empty [`ConsumeOptions::consumer_tag`] lets the client pick a tag
+    /// unique on the connection. Without `no_ack`, settle each delivery
+    /// with [`Delivery::ack`], [`nack`](Delivery::nack) or
+    /// [`reject`](Delivery::reject) (they send `basic.ack`, `basic.nack`
+    /// and `basic.reject`); the broker sends at most the channel's prefetch
+    /// ([`basic_qos`](Self::basic_qos)) unsettled. The consumer belongs to
+    /// recovery like its channel: after a reconnect it consumes again with
+    /// the same tag and the stream goes on. It ends when it is cancelled,
+    /// by [`Consumer::cancel`] or by the broker (its queue deleted: the
+    /// stream yields [`Error::ConsumerCancelled`]), or when its channel
+    /// closes.
+    ///
+    /// RabbitMQ: `exclusive` fails with 403 `access-refused` if the queue
+    /// has another consumer; `no_local` is not implemented; consumer
+    /// priority and stream offsets go in the arguments
+    /// ([`ConsumeArguments`](crate::ConsumeArguments)).
+    ///
+    /// ```no_run
+    /// use amqp091::prelude::*;
+    /// use amqp091::ConsumeOptions;
+    ///
+    /// # async fn example(channel: amqp091::Channel) -> Result<(), amqp091::Error> {
+    /// channel.basic_qos(basic::Qos { prefetch_count: 20, ..Default::default() }).await?;
+    /// let mut consumer = channel.basic_consume("jobs", ConsumeOptions::default()).await?;
+    /// while let Some(delivery) = consumer.next().await {
+    ///     let delivery = delivery?;
+    ///     println!("{} from {}", delivery.body.len(), delivery.envelope.routing_key);
+    ///     delivery.ack().await?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn basic_consume(
         &self,
         queue: impl Into<ShortString>,
@@ -443,9 +477,28 @@ impl Channel {
         Ok(Consumer::new(tag, self.clone(), no_ack, receiver, end))
     }
 
-    /// Starts a consumer and calls `handler` for each delivery, one at a
-    /// time, on a task of its own. The task ends when the consumer does, with
-    /// the reason (`Ok` for a cancel by the application).
+    /// [`basic_consume`](Self::basic_consume), then calls `handler` for each
+    /// delivery, one at a time, on a task of its own. The task ends when the
+    /// consumer does, with the reason (`Ok` for a cancel by the
+    /// application).
+    ///
+    /// ```no_run
+    /// use amqp091::ConsumeOptions;
+    ///
+    /// # async fn example(channel: amqp091::Channel) -> Result<(), amqp091::Error> {
+    /// let task = channel
+    ///     .basic_consume_with("jobs", ConsumeOptions::default(), |delivery| async move {
+    ///         if let Err(error) = delivery.ack().await {
+    ///             eprintln!("ack failed: {error}");
+    ///         }
+    ///     })
+    ///     .await?;
+    /// // Runs until the consumer ends; the join result says why.
+    /// let ended = task.await;
+    /// # drop(ended);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn basic_consume_with<F, Fut>(
         &self,
         queue: impl Into<ShortString>,
@@ -465,7 +518,24 @@ impl Channel {
         }))
     }
 
-    /// Fetches one message from `queue`; `None` when it is empty.
+    /// Sends `basic.get` and waits for `basic.get-ok` or `basic.get-empty`:
+    /// one message from `queue`, `None` when it is empty.
+    ///
+    /// Polling: each call is a round trip, so a consumer
+    /// ([`basic_consume`](Self::basic_consume)) is far cheaper for a steady
+    /// flow. Without `no_ack` the message is settled like a delivery
+    /// (`message.delivery.ack()`); [`GetMessage::message_count`] is how many
+    /// were left in the queue.
+    ///
+    /// ```no_run
+    /// # async fn example(channel: amqp091::Channel) -> Result<(), amqp091::Error> {
+    /// if let Some(message) = channel.basic_get("jobs", false).await? {
+    ///     println!("{} more waiting", message.message_count);
+    ///     message.delivery.ack().await?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn basic_get(
         &self,
         queue: impl Into<ShortString>,

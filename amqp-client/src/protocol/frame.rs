@@ -40,7 +40,7 @@ const BASIC_CLASS_ID: u16 = 60;
 /// };
 /// let ContentHeader { class_id, body_size, properties } = header;
 /// assert_eq!((class_id, body_size), (60, 5));
-/// assert_eq!(properties.content_type.as_deref(), Some("text/plain"));
+/// assert_eq!(properties.content_type.as_ref().unwrap(), "text/plain");
 /// # Ok::<(), amqp091::protocol::FrameError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -37,7 +37,7 @@ const INLINE: usize = 38;
 /// let received = ReceivedProperties::from(
 ///     BasicProperties::default().with_content_type("application/json").with_delivery_mode(2),
 /// );
-/// assert_eq!(received.content_type.as_deref(), Some("application/json"));
+/// assert_eq!(received.content_type.as_ref().unwrap(), "application/json");
 /// assert_eq!(received.delivery_mode, Some(2));
 /// let owned: BasicProperties = received.into_inner();
 /// assert!(owned.message_id.is_none());

@@ -17,6 +17,13 @@ use crate::protocol::error::{DecodeError, ValueKind};
 pub const MAX_NESTING: u16 = 64;
 
 /// A string longer than the 255 bytes an AMQP `shortstr` can carry.
+///
+/// ```
+/// use amqp091::ShortString;
+///
+/// let refused = ShortString::new("q".repeat(300)).unwrap_err();
+/// assert_eq!(refused.len, 300);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("a shortstr holds at most 255 bytes, this one has {len}")]
 pub struct ShortStringTooLong {
@@ -468,6 +475,15 @@ impl From<Vec<u8>> for ShortString {
 }
 
 /// An AMQP decimal: `value` × 10^−`scale`.
+///
+/// ```
+/// use amqp091::{Decimal, FieldTable, FieldValue};
+///
+/// // 12.50
+/// let price = Decimal { scale: 2, value: 1250 };
+/// let headers = FieldTable::new().with("price", price);
+/// assert_eq!(headers.get("price"), Some(&FieldValue::Decimal(price)));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Decimal {
     /// Number of decimal digits after the point.
@@ -481,6 +497,22 @@ pub struct Decimal {
 ///
 /// Floats compare by their bits, so that a value always equals itself after a
 /// round trip (NaN included).
+///
+/// ```
+/// use amqp091::{FieldTable, FieldValue};
+///
+/// // What a dead-lettered message carries, read back.
+/// let headers = FieldTable::new()
+///     .with("x-first-death-reason", "expired")
+///     .with("x-delivery-count", 3i64)
+///     .with("redelivered", true);
+/// assert_eq!(headers.get("x-first-death-reason").and_then(FieldValue::as_str), Some("expired"));
+/// assert_eq!(headers.get("x-delivery-count").and_then(FieldValue::as_i64), Some(3));
+/// match headers.get("redelivered") {
+///     Some(FieldValue::Bool(flag)) => assert!(*flag),
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// ```
 #[derive(Debug, Clone)]
 pub enum FieldValue {
     /// `t`: boolean.
@@ -631,7 +663,20 @@ impl From<String> for FieldValue {
 }
 
 /// An AMQP field table: named values in wire order. Keys are unique;
-/// [`insert`](Self::insert) replaces an existing value in place.
+/// [`insert`](Self::insert) replaces an existing value in place. Keys are
+/// short strings: any bytes, looked up by text or bytes.
+///
+/// ```
+/// use amqp091::{BasicProperties, FieldTable};
+///
+/// let mut headers = FieldTable::new().with("tenant", "acme");
+/// headers.insert("attempt", 2i32);
+/// headers.insert("tenant", "globex");
+/// assert_eq!(headers.len(), 2);
+/// assert_eq!(headers.get("tenant").and_then(|v| v.as_str()), Some("globex"));
+/// let properties = BasicProperties::default().with_headers(headers);
+/// assert!(properties.headers.is_some());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FieldTable(Vec<(ShortString, FieldValue)>);
 
@@ -725,6 +770,16 @@ impl FromIterator<(ShortString, FieldValue)> for FieldTable {
 }
 
 /// The input of every reader: the unread rest of a frame's payload.
+///
+/// ```
+/// use amqp091::protocol::wire::{read_short_string, Input};
+///
+/// let mut input: Input<'_> = &[4, b'j', b'o', b'b', b's', 0xAA];
+/// let name = read_short_string(&mut input)?;
+/// assert_eq!(name, "jobs");
+/// assert_eq!(input, &[0xAA]);
+/// # Ok::<(), amqp091::protocol::DecodeError>(())
+/// ```
 pub type Input<'a> = &'a [u8];
 
 #[inline]
