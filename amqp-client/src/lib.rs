@@ -25,6 +25,8 @@
 //! The [`protocol`] module is generated from the spec XML (plus hand-written
 //! wire primitives and the frame codec); the rest is the async core.
 
+#[cfg(feature = "blocking")]
+pub mod blocking;
 pub mod channel;
 mod command_queue;
 pub mod config;

@@ -8,7 +8,7 @@ use crate::model::{camel, Direction, Field, FieldGroup, Method, Model, ReplyKind
 /// Methods that the hand-written channel core owns rather than a generated stub:
 /// they open or close the channel, carry content, or must register state
 /// (a consumer) before the broker's reply can be acted on.
-const CORE_OWNED: &[&str] = &[
+pub(crate) const CORE_OWNED: &[&str] = &[
     "channel.open",
     "channel.close",
     "basic.publish",

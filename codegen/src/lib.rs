@@ -7,6 +7,7 @@
 //! and adds the header. It never depends on the code it generates.
 
 pub mod emit;
+pub mod emit_blocking;
 pub mod model;
 pub mod spec;
 
@@ -20,6 +21,11 @@ pub const SPEC_PATH: &str = "spec/amqp0-9-1.xml";
 pub const OVERLAY_PATH: &str = "spec/rabbitmq-extensions.xml";
 /// Where the generated modules live, relative to the workspace root.
 pub const OUTPUT_DIR: &str = "amqp-client/src/protocol/generated";
+
+/// The blocking API's generated channel methods, relative to the workspace
+/// root: in the `blocking` module, which they extend (the protocol layer
+/// must not depend on it).
+pub const BLOCKING_STUBS_PATH: &str = "amqp-client/src/blocking/generated.rs";
 
 /// One generated file: its path relative to the workspace root and its text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +70,10 @@ pub fn generate_from(spec_xml: &str, overlay_xml: &str) -> Result<Vec<GeneratedF
         GeneratedFile {
             path: out.join("channel_stubs.rs"),
             contents: format(emit::stubs(&model))?,
+        },
+        GeneratedFile {
+            path: PathBuf::from(BLOCKING_STUBS_PATH),
+            contents: format(emit_blocking::blocking_stubs(&model))?,
         },
     ])
 }

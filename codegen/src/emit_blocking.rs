@@ -1,0 +1,106 @@
+//! The emitter of the blocking API's channel methods
+//! (`amqp-client/src/blocking/generated.rs`): one blocking method on
+//! `blocking::Channel` per async stub of `ChannelMethods`, which it calls and
+//! waits for. Kept apart from `emit.rs` so that the two can change alone;
+//! both choose their methods with [`is_stub`].
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote};
+
+use crate::emit::CORE_OWNED;
+use crate::model::{camel, Direction, Method, Model};
+
+/// Whether `m` has a generated channel stub: a method a client sends on an
+/// open channel that the hand-written channel core does not own.
+fn is_stub(m: &Method) -> bool {
+    m.class_name != "connection"
+        && m.direction != Direction::ToClient
+        && !m.is_reply
+        && !CORE_OWNED.contains(&m.full_name().as_str())
+}
+
+/// The doc text of the blocking method of `m` (`no_wait`: its `_no_wait`
+/// variant). Where the model gains per-method documentation, this is the
+/// place to add it.
+fn doc_text(m: &Method, no_wait: bool) -> String {
+    let full = m.full_name();
+    if no_wait {
+        return format!(
+            "Sends `{full}` with `no-wait` set: the broker sends no reply, and reports a failure by closing the channel."
+        );
+    }
+    if m.replies.is_empty() {
+        return format!("Sends `{full}`; the spec defines no reply.");
+    }
+    let replies: Vec<String> = m
+        .replies
+        .iter()
+        .map(|(_, _, reply)| format!("`{}.{reply}`", m.class_name))
+        .collect();
+    format!("Sends `{full}` and waits for {}.", replies.join(" or "))
+}
+
+fn doc(text: &str) -> TokenStream {
+    let text = format!(" {text}");
+    quote!(#[doc = #text])
+}
+
+/// The blocking method(s) of `m`, if it has a stub.
+fn blocking_stub(m: &Method) -> Option<TokenStream> {
+    if !is_stub(m) {
+        return None;
+    }
+    let full = m.full_name();
+    let fn_name = format_ident!("{}_{}", m.class_name, m.name.replace('-', "_"));
+    let module = format_ident!("{}", m.class_name);
+    let request = format_ident!("{}", camel(&m.name));
+    let has_args = m.fields.iter().any(|f| !f.reserved);
+    let (param, arg) = if has_args {
+        (quote!(args: #module::#request), quote!(args))
+    } else {
+        (quote!(), quote!())
+    };
+    let reply_ty = match m.replies.as_slice() {
+        [] => quote!(()),
+        [(_, _, reply)] => {
+            let reply = format_ident!("{}", camel(reply));
+            quote!(#module::#reply)
+        }
+        _ => quote!(Method),
+    };
+    let d = doc(&doc_text(m, false));
+    let mut out = quote! {
+        #d
+        pub fn #fn_name(&self, #param) -> Result<#reply_ty, Error> {
+            self.run(#full, |channel| channel.#fn_name(#arg))
+        }
+    };
+    if m.has_no_wait() && !m.replies.is_empty() {
+        let nw = format_ident!("{}_no_wait", fn_name);
+        let d = doc(&doc_text(m, true));
+        out.extend(quote! {
+            #d
+            pub fn #nw(&self, args: #module::#request) -> Result<(), Error> {
+                self.run(#full, |channel| channel.#nw(args))
+            }
+        });
+    }
+    Some(out)
+}
+
+/// `blocking/generated.rs`: the blocking channel methods.
+pub fn blocking_stubs(model: &Model) -> TokenStream {
+    let fns = model.methods().filter_map(blocking_stub);
+    quote! {
+        use super::Channel;
+        use crate::error::Error;
+        use crate::protocol::methods::*;
+        use crate::protocol::ChannelMethods;
+
+        /// The generated methods: each calls the async stub of the same name
+        /// and waits for its answer.
+        impl Channel {
+            #(#fns)*
+        }
+    }
+}
