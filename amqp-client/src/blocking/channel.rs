@@ -266,7 +266,8 @@ impl Consumer {
     /// The next delivery within `timeout`.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Delivery, RecvTimeoutError> {
         let runtime = self.channel.runtime.clone();
-        let next = tokio::time::timeout(timeout, self.inner.next());
+        // The timer is made inside the future: only there is the runtime entered.
+        let next = async { tokio::time::timeout(timeout, self.inner.next()).await };
         match runtime.block_on("basic.consume (next delivery)", next)? {
             Ok(Some(Ok(delivery))) => Ok(self.wrap(delivery)),
             Ok(Some(Err(error))) => Err(RecvTimeoutError::Failed(error)),

@@ -465,7 +465,8 @@ impl RecoveryEvents {
     /// The next event within `timeout`.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Result<RecoveryEvent, RecvTimeoutError> {
         let runtime = self.runtime.clone();
-        let next = tokio::time::timeout(timeout, self.next_event());
+        // The timer is made inside the future: only there is the runtime entered.
+        let next = async { tokio::time::timeout(timeout, self.next_event()).await };
         match runtime.block_on("recovery_events", next)? {
             Ok(Some(event)) => Ok(event),
             Ok(None) => Err(RecvTimeoutError::Ended),
