@@ -488,3 +488,50 @@ impl Iterator for RecoveryEvents {
             .flatten()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shareable<T: Send + Sync>() {}
+
+    #[test]
+    fn every_handle_may_move_between_threads() {
+        shareable::<Connection>();
+        shareable::<Channel>();
+        shareable::<Delivery>();
+        shareable::<GetMessage>();
+        shareable::<PublishConfirm>();
+        shareable::<RecvTimeoutError>();
+        fn sendable<T: Send>() {}
+        sendable::<Consumer>();
+        sendable::<RecoveryEvents>();
+    }
+
+    #[test]
+    fn a_failed_connect_is_the_async_error_and_ends_the_runtime_thread() {
+        // Port 1 on the loopback: nothing listens there. Returning at all
+        // means the drop of the runtime joined its thread.
+        let config: Config = "amqp://guest:guest@127.0.0.1:1/%2f"
+            .parse()
+            .expect("a valid URL");
+        let error = Connection::connect(config.connection_timeout(Duration::from_secs(2)))
+            .expect_err("nothing listens on port 1");
+        assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_call_from_inside_a_runtime_is_refused_before_anything_is_done() {
+        let error = Connection::open("amqp://guest:guest@127.0.0.1:1/%2f")
+            .expect_err("refused inside a runtime");
+        assert!(
+            matches!(
+                error,
+                Error::BlockingInAsyncContext {
+                    call: "connection.open"
+                }
+            ),
+            "{error:?}"
+        );
+    }
+}
