@@ -32,9 +32,8 @@
 //! A connection owns a thread running a current-thread tokio runtime, which
 //! runs the connection's I/O task (and recovery, heartbeats, hooks). A
 //! blocking call does not hand its work to that thread: it polls the async
-//! call on the caller's own thread with the runtime entered
-//! ([`tokio::runtime::Handle::block_on`]), and parks only when the async call
-//! would wait (for the broker's answer, for room in the publish queue). So a
+//! call on the caller's own thread with the runtime's context entered, and
+//! parks the thread only when the async call would wait (for the broker's answer, for room in the publish queue). So a
 //! publish that finds room costs what the async one does plus entering the
 //! runtime, with no thread switch, and any number of threads may call at once.
 //! Every clone, channel, consumer and delivery keeps the runtime alive; when
@@ -115,9 +114,26 @@ impl Runtime {
 
     /// Runs `future` to completion on this thread with the runtime entered,
     /// or refuses to when this thread is inside an async runtime.
+    ///
+    /// Not `Handle::block_on`, which costs a lock (of the runtime's seed
+    /// generator) per call: entering the runtime's context is all that the
+    /// async calls need of it (for their timers and spawns), and a waker
+    /// that unparks this thread all that waiting needs.
     fn block_on<F: Future>(&self, call: &'static str, future: F) -> Result<F::Output, Error> {
         refuse_inside_async(call)?;
-        Ok(self.handle.block_on(future))
+        let _entered = self.handle.enter();
+        let mut future = std::pin::pin!(future);
+        THREAD_WAKER.with(|waker| {
+            let mut context = std::task::Context::from_waker(waker);
+            loop {
+                if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut context) {
+                    return Ok(output);
+                }
+                // A wake before this park leaves the thread's token, so
+                // park returns at once; a spurious return just polls again.
+                std::thread::park();
+            }
+        })
     }
 
     /// [`block_on`](Self::block_on) of a fallible call.
@@ -145,6 +161,25 @@ impl Drop for Runtime {
             }
         }
     }
+}
+
+/// Wakes the thread it was made on, which [`Runtime::block_on`] parks.
+struct ThreadUnparker(std::thread::Thread);
+
+impl std::task::Wake for ThreadUnparker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+thread_local! {
+    /// Made once per thread: a waker per call would allocate per publish.
+    static THREAD_WAKER: std::task::Waker =
+        std::task::Waker::from(Arc::new(ThreadUnparker(std::thread::current())));
 }
 
 fn refuse_inside_async(call: &'static str) -> Result<(), Error> {
