@@ -75,6 +75,11 @@ use crate::Config;
 const CLOSE_ON_DROP_LIMIT: Duration = Duration::from_secs(15);
 
 /// The runtime thread a connection owns, shared by every blocking handle.
+///
+/// A current-thread runtime: callers poll their own calls, so the runtime
+/// runs only the connection's tasks. A multi-thread runtime of one worker
+/// measured the same CPU per message (perf `--blocking`, sink and flood
+/// peers) for a thread more and the `rt-multi-thread` feature of tokio.
 struct Runtime {
     handle: tokio::runtime::Handle,
     /// The async connection, closed when the last handle goes: held here so
