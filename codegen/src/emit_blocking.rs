@@ -104,3 +104,47 @@ pub fn blocking_stubs(model: &Model) -> TokenStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{merge, parse};
+
+    const SPEC: &str = include_str!("../../spec/amqp0-9-1.xml");
+    const OVERLAY: &str = include_str!("../../spec/rabbitmq-extensions.xml");
+
+    /// The names of the functions in `tokens` (an item list), wherever they
+    /// are nested: trait methods and impl methods alike.
+    fn function_names(tokens: TokenStream) -> Vec<String> {
+        let file: syn::File = syn::parse2(tokens).expect("generated code parses");
+        let mut names = Vec::new();
+        for item in file.items {
+            match item {
+                syn::Item::Trait(t) => names.extend(t.items.iter().filter_map(|i| match i {
+                    syn::TraitItem::Fn(f) => Some(f.sig.ident.to_string()),
+                    _ => None,
+                })),
+                syn::Item::Impl(i) => names.extend(i.items.iter().filter_map(|i| match i {
+                    syn::ImplItem::Fn(f) => Some(f.sig.ident.to_string()),
+                    _ => None,
+                })),
+                _ => {}
+            }
+        }
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn every_async_stub_has_a_blocking_method_of_the_same_name() {
+        let model = crate::model::lower(&merge(
+            parse(SPEC).expect("spec"),
+            parse(OVERLAY).expect("overlay"),
+        ))
+        .expect("lower");
+        let asynchronous = function_names(crate::emit::stubs(&model));
+        let blocking = function_names(blocking_stubs(&model));
+        assert!(asynchronous.contains(&"queue_declare".to_owned()));
+        assert_eq!(asynchronous, blocking);
+    }
+}
