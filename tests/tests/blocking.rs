@@ -405,3 +405,46 @@ fn dropping_the_last_handle_closes_the_connection() {
         "the connection is gone once the last handle is: the drop waited for the close"
     );
 }
+
+#[test]
+fn consume_with_calls_the_handler_on_a_thread_until_the_connection_closes() {
+    let connection = connect();
+    let channel = connection.open_channel().expect("channel");
+    let queue = declare(&channel, "blocking-consume-with", FieldTable::new());
+    let (bodies, received) = std::sync::mpsc::channel();
+    let consuming = channel
+        .basic_consume_with(&queue, ConsumeOptions::default(), move |delivery| {
+            delivery.ack().expect("ack");
+            let _ = bodies.send(String::from_utf8_lossy(&delivery.body).into_owned());
+        })
+        .expect("basic.consume");
+    for i in 0..3 {
+        let _ = channel
+            .basic_publish(
+                "",
+                &queue,
+                false,
+                &BasicProperties::default(),
+                format!("w{i}"),
+            )
+            .expect("publish");
+    }
+    let got: Vec<String> = (0..3)
+        .map(|_| {
+            received
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the handler got a delivery")
+        })
+        .collect();
+    assert_eq!(got, ["w0", "w1", "w2"]);
+    connection.close().expect("close");
+    let ended = consuming.join().expect("the handler thread did not panic");
+    // Its consumer ended with the close: the thread returns instead of waiting on.
+    assert!(
+        matches!(
+            ended,
+            Ok(()) | Err(Error::ConnectionClosed { .. } | Error::ChannelClosed { .. })
+        ),
+        "{ended:?}"
+    );
+}
