@@ -353,6 +353,25 @@ pub enum Error {
         /// The limit negotiated with the broker now connected.
         frame_max: u32,
     },
+    /// A call of the [blocking API](crate::blocking) was made from inside an
+    /// async runtime (a tokio task, or a thread that entered a runtime, such
+    /// as a `spawn_blocking` one). Waiting there would stall a worker thread
+    /// or deadlock, so nothing was done: use the async API in async code.
+    #[cfg(feature = "blocking")]
+    #[error("{call} is a call of the blocking API, made from inside an async runtime where blocking could deadlock; nothing was done (use the async API there)")]
+    BlockingInAsyncContext {
+        /// The call refused (`queue.declare`, `basic.publish`…).
+        call: &'static str,
+    },
+    /// The [blocking API](crate::blocking) could not start a thread it
+    /// needs: its runtime thread, or the thread that runs the on-connect hook.
+    #[cfg(feature = "blocking")]
+    #[error("the blocking API cannot start a thread: {0}")]
+    BlockingThread(Arc<std::io::Error>),
+    /// The [blocking API](crate::blocking)'s on-connect hook panicked.
+    #[cfg(feature = "blocking")]
+    #[error("the on-connect hook panicked")]
+    HookPanicked,
 }
 
 impl Error {

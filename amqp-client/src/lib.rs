@@ -79,6 +79,8 @@
 //! wire primitives and the frame codec); the rest is the async core.
 
 pub mod arguments;
+#[cfg(feature = "blocking")]
+pub mod blocking;
 pub mod channel;
 mod command_queue;
 pub mod config;

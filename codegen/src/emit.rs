@@ -6,7 +6,7 @@ use quote::{format_ident, quote};
 use crate::model::{camel, Direction, Field, FieldGroup, Method, Model, ReplyKind, WireType};
 
 /// Doc attributes, one per line of `text` (Markdown).
-fn doc(text: &str) -> TokenStream {
+pub(crate) fn doc(text: &str) -> TokenStream {
     let lines = text.lines().map(|line| {
         let line = if line.is_empty() {
             String::new()
@@ -20,7 +20,7 @@ fn doc(text: &str) -> TokenStream {
 
 /// `text` (from the docs file, required by [`crate::docs::apply`]) and
 /// `more`, as paragraphs.
-fn paragraphs(text: Option<&str>, more: &str) -> String {
+pub(crate) fn paragraphs(text: Option<&str>, more: &str) -> String {
     match text {
         Some(text) if !text.is_empty() => format!("{text}\n\n{more}"),
         _ => more.to_owned(),

@@ -9,6 +9,7 @@
 
 pub mod docs;
 pub mod emit;
+pub mod emit_blocking;
 pub mod model;
 pub mod spec;
 
@@ -27,6 +28,11 @@ pub const OUTPUT_DIR: &str = "amqp-client/src/protocol/generated";
 /// Where the generated `Channel` methods live: in the channel module, which
 /// builds on the protocol layer (never the other way).
 pub const CHANNEL_METHODS_PATH: &str = "amqp-client/src/channel/generated_methods.rs";
+
+/// The blocking API's generated channel methods, relative to the workspace
+/// root: in the `blocking` module, which they extend (the protocol layer
+/// must not depend on it).
+pub const BLOCKING_STUBS_PATH: &str = "amqp-client/src/blocking/generated.rs";
 
 /// One generated file: its path relative to the workspace root and its text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +93,10 @@ pub fn generate_from(
         GeneratedFile {
             path: PathBuf::from(CHANNEL_METHODS_PATH),
             contents: format(emit::channel_methods(&model))?,
+        },
+        GeneratedFile {
+            path: PathBuf::from(BLOCKING_STUBS_PATH),
+            contents: format(emit_blocking::blocking_stubs(&model))?,
         },
     ])
 }

@@ -9,12 +9,16 @@
 //! cargo run --release -p amqp091 --example perf -- --peer flood --consumers 1 --prefetch 1000
 //! cargo run --release -p amqp091 --example perf -- --url amqp://127.0.0.1 --producers 1 --consumers 1
 //! # each producer and consumer has a connection of its own; --shared-connection puts them on one
+//! cargo run --release -p amqp091 --features blocking --example perf -- --peer sink --blocking
+//! # --blocking: producers and consumers on threads, through amqp091::blocking
 //! ```
 //!
 //! Prints progress each second, then msgs/s, client CPU per message (user +
 //! system time of this process, from /proc/self/stat), peak RSS, and
 //! publish → deliver latency percentiles when both sides run.
 
+#[cfg(feature = "blocking")]
+mod blocking;
 mod peer;
 
 use std::process::{Child, Command, Stdio};
@@ -47,6 +51,9 @@ struct Options {
     /// connection that publishes faster than its queues take, and on a
     /// shared connection that holds back the consumers' acks too.
     shared_connection: bool,
+    /// Producers and consumers through `amqp091::blocking`, each on a
+    /// thread with a connection of its own (feature `blocking`).
+    blocking: bool,
 }
 
 fn usage() -> ! {
@@ -54,7 +61,7 @@ fn usage() -> ! {
         "usage: perf [--url URL | --peer sink|flood] [--producers N] [--consumers N] [--size BYTES]\n\
          \x20           [--confirm WINDOW] [--prefetch N] [--multi-ack N] [--no-ack]\n\
          \x20           [--duration SECONDS] [--messages N] [--queue NAME] [--rpc ROUND_TRIPS]\n\
-         \x20           [--shared-connection]\n\
+         \x20           [--shared-connection] [--blocking]\n\
          \x20      perf serve sink|flood PORT SIZE"
     );
     std::process::exit(2)
@@ -77,6 +84,7 @@ fn parse() -> Options {
         queue: "amqp-client.perf".to_owned(),
         rpc: None,
         shared_connection: false,
+        blocking: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -111,6 +119,15 @@ fn parse() -> Options {
             }
             "--shared-connection" => {
                 o.shared_connection = true;
+                i += 1;
+                continue;
+            }
+            "--blocking" => {
+                if !cfg!(feature = "blocking") {
+                    eprintln!("--blocking needs the `blocking` feature: add --features blocking");
+                    std::process::exit(2);
+                }
+                o.blocking = true;
                 i += 1;
                 continue;
             }
@@ -456,7 +473,29 @@ async fn run(o: Options) -> Result<(), amqp091::Error> {
     });
     let epoch = Instant::now();
     let cpu_before = cpu_time();
+    #[cfg_attr(not(feature = "blocking"), allow(unused_mut))]
+    let mut threads: Vec<std::thread::JoinHandle<Result<(), amqp091::Error>>> = Vec::new();
     let mut tasks = Vec::new();
+    #[cfg(feature = "blocking")]
+    if o.blocking {
+        for _ in 0..o.consumers {
+            let (o, counters, config) = (o.clone(), counters.clone(), config.clone());
+            threads.push(std::thread::spawn(move || {
+                blocking::consumer(config, o, counters, epoch)
+            }));
+        }
+        for _ in 0..o.producers {
+            let (o, counters, config) = (o.clone(), counters.clone(), config.clone());
+            threads.push(std::thread::spawn(move || {
+                blocking::producer(config, o, counters, epoch)
+            }));
+        }
+    }
+    let (consumers, producers) = if o.blocking {
+        (0, 0)
+    } else {
+        (o.consumers, o.producers)
+    };
     // A connection of its own for each producer and consumer, unless asked.
     let connection_for = |connection: &Connection| {
         let (shared, config) = (connection.clone(), config.clone());
@@ -469,7 +508,7 @@ async fn run(o: Options) -> Result<(), amqp091::Error> {
             }
         }
     };
-    for _ in 0..o.consumers {
+    for _ in 0..consumers {
         tasks.push(tokio::spawn(consumer(
             connection_for(&connection).await?,
             o.clone(),
@@ -477,7 +516,7 @@ async fn run(o: Options) -> Result<(), amqp091::Error> {
             epoch,
         )));
     }
-    for _ in 0..o.producers {
+    for _ in 0..producers {
         tasks.push(tokio::spawn(producer(
             connection_for(&connection).await?,
             o.clone(),
@@ -501,8 +540,9 @@ async fn run(o: Options) -> Result<(), amqp091::Error> {
         let done_by_count = o.messages.is_some_and(|m| {
             (o.producers == 0 || published >= m) && (o.consumers == 0 || consumed >= m)
         });
-        if started.elapsed() >= o.duration || done_by_count || tasks.iter().all(|t| t.is_finished())
-        {
+        let all_finished =
+            tasks.iter().all(|t| t.is_finished()) && threads.iter().all(|t| t.is_finished());
+        if started.elapsed() >= o.duration || done_by_count || all_finished {
             break;
         }
     }
@@ -512,6 +552,15 @@ async fn run(o: Options) -> Result<(), amqp091::Error> {
     // Producers finish their outstanding confirms; consumers stop at the next delivery.
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !threads.iter().all(|t| t.is_finished()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for thread in threads.into_iter().filter(|t| t.is_finished()) {
+        if let Ok(Err(e)) = thread.join() {
+            println!("  a blocking producer or consumer failed: {e}");
+        }
     }
     let published = counters.published.load(Ordering::Relaxed);
     let consumed = counters.consumed.load(Ordering::Relaxed);
