@@ -79,13 +79,13 @@ impl Channel {
     /// confirm mode [`PublishConfirm::wait`] waits for the broker's answer.
     pub fn basic_publish(
         &self,
-        exchange: &str,
-        routing_key: &str,
+        exchange: impl Into<ShortString>,
+        routing_key: impl Into<ShortString>,
         mandatory: bool,
         properties: &BasicProperties,
         body: impl Into<Bytes>,
     ) -> Result<PublishConfirm, Error> {
-        let body = body.into();
+        let (exchange, routing_key, body) = (exchange.into(), routing_key.into(), body.into());
         let confirm = self.run("basic.publish", |channel| {
             channel.basic_publish(exchange, routing_key, mandatory, properties, body)
         })?;
@@ -124,7 +124,12 @@ impl Channel {
     }
 
     /// Starts a consumer on `queue`; its deliveries come as an iterator.
-    pub fn basic_consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, Error> {
+    pub fn basic_consume(
+        &self,
+        queue: impl Into<ShortString>,
+        options: ConsumeOptions,
+    ) -> Result<Consumer, Error> {
+        let queue = queue.into();
         let consumer = self.run("basic.consume", |channel| {
             channel.basic_consume(queue, options)
         })?;
@@ -139,7 +144,7 @@ impl Channel {
     /// with the reason (`Ok` for a cancel by the application).
     pub fn basic_consume_with<F>(
         &self,
-        queue: &str,
+        queue: impl Into<ShortString>,
         options: ConsumeOptions,
         mut handler: F,
     ) -> Result<std::thread::JoinHandle<Result<(), Error>>, Error>
@@ -159,7 +164,12 @@ impl Channel {
     }
 
     /// Fetches one message from `queue`; `None` when it is empty.
-    pub fn basic_get(&self, queue: &str, no_ack: bool) -> Result<Option<GetMessage>, Error> {
+    pub fn basic_get(
+        &self,
+        queue: impl Into<ShortString>,
+        no_ack: bool,
+    ) -> Result<Option<GetMessage>, Error> {
+        let queue = queue.into();
         let got = self.run("basic.get", |channel| channel.basic_get(queue, no_ack))?;
         Ok(got.map(|got| GetMessage {
             delivery: Delivery {
