@@ -22,6 +22,26 @@ use crate::protocol::{BasicProperties, ChannelRpc, ShortString};
 /// sends on a channel (`queue_declare`, `exchange_bind`, `basic_qos`,
 /// `confirm_select`…), generated from the spec as the async
 /// [`Channel`](crate::Channel)'s are, with the same docs.
+///
+/// ```no_run
+/// use amqp091::blocking::Connection;
+/// use amqp091::prelude::*;
+/// use amqp091::BasicProperties;
+///
+/// # fn example(connection: Connection) -> Result<(), amqp091::Error> {
+/// let channel = connection.open_channel()?;
+/// channel.exchange_declare(exchange::Declare {
+///     exchange: "logs".into(),
+///     kind: "fanout".into(),
+///     ..Default::default()
+/// })?;
+/// // Another thread may publish on a clone while this one declares.
+/// let publisher = channel.clone();
+/// std::thread::spawn(move || {
+///     publisher.basic_publish("logs", "", false, &BasicProperties::default(), "hello")
+/// });
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Channel {
     inner: crate::Channel,
@@ -196,6 +216,23 @@ impl Channel {
 
 /// The confirmation of one publish: [`wait`](Self::wait) for the outcome,
 /// or drop it when it does not matter.
+///
+/// ```no_run
+/// use amqp091::prelude::*;
+/// use amqp091::{BasicProperties, Confirmation};
+///
+/// # fn example(channel: amqp091::blocking::Channel) -> Result<(), amqp091::Error> {
+/// channel.confirm_select(confirm::Select::default())?;
+/// let confirms: Vec<_> = (0..100)
+///     .map(|i| channel.basic_publish("", "jobs", false, &BasicProperties::default(), format!("job {i}")))
+///     .collect::<Result<_, _>>()?;
+/// for confirm in confirms {
+///     if confirm.wait()? != Confirmation::Ack {
+///         eprintln!("a job was not taken by the broker");
+///     }
+/// }
+/// # Ok(()) }
+/// ```
 #[must_use = "drop it if the outcome does not matter, or `wait` for it"]
 pub struct PublishConfirm {
     inner: crate::PublishConfirm,
@@ -224,6 +261,22 @@ impl PublishConfirm {
 /// Why [`Consumer::recv_timeout`] (or
 /// [`RecoveryEvents::recv_timeout`](super::RecoveryEvents::recv_timeout))
 /// returned nothing.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use amqp091::blocking::RecvTimeoutError;
+///
+/// # fn example(mut consumer: amqp091::blocking::Consumer) -> Result<(), amqp091::Error> {
+/// loop {
+///     match consumer.recv_timeout(Duration::from_secs(1)) {
+///         Ok(delivery) => delivery.ack()?,
+///         Err(RecvTimeoutError::Timeout(_)) => println!("idle"),
+///         Err(RecvTimeoutError::Ended) => break,
+///         Err(RecvTimeoutError::Failed(error)) => return Err(error),
+///     }
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RecvTimeoutError {
     /// Nothing came within the timeout; later calls may still receive.
@@ -242,6 +295,20 @@ pub enum RecvTimeoutError {
 /// [`crate::Consumer`]). It ends (`None`) after a cancel by the application;
 /// when the broker cancels it or its channel or connection closes, it yields
 /// that error once, then ends. Dropping it cancels it.
+///
+/// ```no_run
+/// use amqp091::ConsumeOptions;
+///
+/// # fn example(channel: amqp091::blocking::Channel) -> Result<(), amqp091::Error> {
+/// let mut consumer = channel.basic_consume("jobs", ConsumeOptions::default())?;
+/// for delivery in consumer.by_ref().take(10) {
+///     let delivery = delivery?;
+///     println!("{}", String::from_utf8_lossy(&delivery.body));
+///     delivery.ack()?;
+/// }
+/// consumer.cancel()?;
+/// # Ok(()) }
+/// ```
 pub struct Consumer {
     inner: crate::Consumer,
     channel: Channel,
@@ -313,6 +380,19 @@ impl Iterator for Consumer {
 /// [`crate::Delivery`] (its `envelope`, `properties` and `body` through
 /// `Deref`) with blocking settlement. Stale tags are refused as in the async
 /// API ([`Error::StaleDelivery`]).
+///
+/// ```no_run
+/// # fn example(delivery: amqp091::blocking::Delivery) -> Result<(), amqp091::Error> {
+/// match std::str::from_utf8(&delivery.body) {
+///     Ok(text) if delivery.envelope.redelivered => {
+///         eprintln!("second try failed, dropping: {text}");
+///         delivery.reject(false)?;
+///     }
+///     Ok(_) => delivery.ack()?,
+///     Err(_) => delivery.nack(false, false)?,
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Delivery {
     inner: crate::Delivery,
@@ -368,6 +448,15 @@ impl Delivery {
 }
 
 /// A message fetched with `basic.get`.
+///
+/// ```no_run
+/// # fn example(channel: amqp091::blocking::Channel) -> Result<(), amqp091::Error> {
+/// while let Some(message) = channel.basic_get("jobs", false)? {
+///     println!("{} left", message.message_count);
+///     message.delivery.ack()?;
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct GetMessage {
     /// The delivery (its envelope's consumer tag is empty).

@@ -202,6 +202,19 @@ type ErrorHandler = Box<dyn Fn(&Error) + Send + Sync>;
 
 /// Sets up a blocking connection before it opens (see
 /// [`crate::ConnectionBuilder`]).
+///
+/// ```no_run
+/// use amqp091::blocking::Connection;
+/// use amqp091::Config;
+///
+/// # fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// let config: Config = "amqp://guest:guest@rabbit-1:5672/%2f".parse()?;
+/// let connection = Connection::builder(config)
+///     .on_error(|error| eprintln!("amqp: {error}"))
+///     .connect()?;
+/// # drop(connection);
+/// # Ok(()) }
+/// ```
 #[must_use = "a builder does nothing until `connect` is called"]
 pub struct ConnectionBuilder {
     config: Config,
@@ -340,6 +353,18 @@ async fn run_hook(
 /// A blocking connection to a broker (see [`crate::Connection`]). Cheap to
 /// clone; every clone, channel, consumer and delivery shares it and its
 /// runtime thread. Dropping the last of them closes it gracefully.
+///
+/// ```no_run
+/// use amqp091::blocking::Connection;
+///
+/// # fn example() -> Result<(), amqp091::Error> {
+/// let connection = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f")?;
+/// println!("connected to RabbitMQ {:?}", connection.server_info());
+/// let channel = connection.open_channel()?;
+/// # drop(channel);
+/// connection.close()?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Connection {
     inner: crate::Connection,
@@ -478,6 +503,17 @@ impl Connection {
 /// Recovery's reports as a blocking iterator (see [`RecoveryEvent`]). It
 /// ends when the connection is gone. Events it fell too far behind to
 /// receive (more than 256 unread) are skipped.
+///
+/// ```no_run
+/// # fn example(connection: amqp091::blocking::Connection) {
+/// let events = connection.recovery_events();
+/// std::thread::spawn(move || {
+///     for event in events {
+///         eprintln!("recovery: {event:?}");
+///     }
+/// });
+/// # }
+/// ```
 pub struct RecoveryEvents {
     receiver: broadcast::Receiver<RecoveryEvent>,
     runtime: Arc<Runtime>,
