@@ -19,6 +19,7 @@ use crate::protocol::constants::FRAME_MIN_SIZE;
 use crate::protocol::frame;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{BasicProperties, ChannelRpc, FieldTable, ShortString};
+use crate::telemetry::{ChannelTelemetry, Settled, Started};
 
 /// What a queued publish costs in memory beyond its frames (command, queue
 /// entry, handles), charged to the publish budget with its bytes so that the
@@ -37,6 +38,9 @@ pub(crate) struct ChannelInner {
     pub epoch: Arc<AtomicU64>,
     pub conn: Arc<ConnectionInner>,
     confirm_mode: AtomicBool,
+    /// The channel's span and the connection's metric handles (nothing
+    /// without the `metrics` feature).
+    pub telemetry: ChannelTelemetry,
 }
 
 impl Drop for ChannelInner {
@@ -139,8 +143,10 @@ impl Channel {
         epoch: Arc<AtomicU64>,
         conn: Arc<ConnectionInner>,
     ) -> Self {
+        let telemetry = conn.shared.telemetry.channel(target.id);
         Self {
             inner: Arc::new(ChannelInner {
+                telemetry,
                 id: target.id,
                 target,
                 scratch: std::sync::Mutex::new(bytes::BytesMut::new()),
@@ -179,11 +185,17 @@ impl Channel {
                 delivery_tag,
             });
         }
+        let settled = match settlement {
+            Settlement::Ack(_) => Settled::Ack,
+            Settlement::Nack(_) => Settled::Nack,
+            Settlement::Reject(_) => Settled::Reject,
+        };
         self.inner.conn.settle(Command::Settle {
             channel: self.inner.id,
             settlement,
             epoch,
         });
+        self.inner.telemetry.settled(settled, delivery_tag);
         Ok(())
     }
 
@@ -244,13 +256,20 @@ impl Channel {
         self.inner.conn.check_method_frame(self.inner.id, &method)?;
         let is_confirm_select = matches!(method, Method::ConfirmSelect(_));
         let (reply, answer) = oneshot::channel();
+        let started = Started::now();
         self.send_command(Command::Rpc {
             channel: self.inner.target,
             method: Box::new(method),
             reply,
         })
         .await?;
-        let reply = self.answer(call, answer).await?;
+        let reply = self.answer(call, answer).await;
+        self.inner
+            .conn
+            .shared
+            .telemetry
+            .call_done(call, started, reply.as_ref().err());
+        let reply = reply?;
         if is_confirm_select {
             self.inner.confirm_mode.store(true, Ordering::Release);
         }
@@ -313,6 +332,11 @@ impl Channel {
         body: Bytes,
     ) -> Result<PublishConfirm, Error> {
         self.check()?;
+        // Closed when the publish is queued (or fails).
+        let _span = self
+            .inner
+            .telemetry
+            .publish(&publish, properties, body.len());
         let conn = &self.inner.conn;
         if conn.shared.blocked_now.is_up() {
             let mut blocked = conn.shared.blocked.clone();
@@ -364,6 +388,7 @@ impl Channel {
             Ok(()) => tokio::task::consume_budget().await,
             Err(command) => Box::pin(self.send_command(command)).await?,
         }
+        self.inner.telemetry.published();
         Ok(PublishConfirm {
             answer: answer.map(|answer| (answer, conn.clone())),
         })

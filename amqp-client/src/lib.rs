@@ -47,7 +47,9 @@ pub mod protocol;
 #[doc(hidden)]
 pub mod simulation;
 mod sync;
+pub mod telemetry;
 mod topology;
+pub mod trace_context;
 mod transport;
 mod unsettled;
 
