@@ -3,14 +3,14 @@
 //! With the feature off every function here is an empty `#[inline(always)]`
 //! one and every type a zero-sized one: the hot paths compile to what they
 //! were without it (measured with callgrind, see BENCHMARKS.md). With it on,
-//! the client reports through the [`metrics`] facade to whatever recorder
-//! the application installed, and opens [`tracing`] spans whose attribute
+//! the client reports through the `metrics` crate's facade to whatever recorder
+//! the application installed, and opens `tracing` spans whose attribute
 //! names follow OpenTelemetry's messaging semantic conventions.
 //!
 //! # Metrics
 //!
 //! Handles are registered when a connection opens, with the recorder
-//! installed then (install it first). [`describe`] gives the recorder each
+//! installed then (install it first). `describe()` gives the recorder each
 //! metric's unit and description. Names follow OpenTelemetry's messaging
 //! metrics where one exists; the rest are `amqp091.*`. Every metric is summed
 //! over all the connections of the process.
@@ -49,8 +49,8 @@
 //! | `amqp.connection` | the connection's life; its I/O task runs in it | `messaging.system`, `server.address`, `server.port` |
 //! | `amqp.channel` | a channel handle's life, child of its connection | `messaging.system`, `messaging.rabbitmq.channel` (the id) |
 //! | `publish` | one `basic_publish`, child of its channel | `messaging.system`, `messaging.operation.type` = `send`, `messaging.operation.name` = `publish`, `messaging.destination.name` (the exchange, empty for the default one), `messaging.rabbitmq.destination.routing_key`, `messaging.message.body.size`, `messaging.message.id` and `messaging.message.conversation_id` (correlation id) when set |
-//! | `receive` | from a delivery's hand-over to the application until the last clone of it drops, child of its channel | the same, with `messaging.operation.type` = `receive`, `messaging.operation.name` = `deliver` or `get`, `messaging.rabbitmq.message.delivery_tag`, `messaging.consumer.group.name` absent (the consumer tag is `messaging.destination.subscription.name`) |
-//! | `settle` | one `ack`, `nack` or `reject` | `messaging.operation.type` = `settle`, `messaging.operation.name` = `ack`, `nack` or `reject`, `messaging.rabbitmq.message.delivery_tag` |
+//! | `receive` | from a delivery's hand-over to the application until the last clone of it drops, child of its channel | the same, with `messaging.operation.type` = `receive`, `messaging.operation.name` = `deliver` or `get`, `messaging.rabbitmq.message.delivery_tag` |
+//! | `settle` | one `ack`, `nack` or `reject`, child of its channel | `messaging.system`, `messaging.operation.type` = `settle`, `messaging.operation.name` = `ack`, `nack` or `reject`, `messaging.rabbitmq.message.delivery_tag` |
 //!
 //! A consumer continues the publisher's trace through the message's W3C
 //! trace context headers: see [`trace_context`](crate::trace_context).

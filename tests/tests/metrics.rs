@@ -76,7 +76,7 @@ impl From<DebugValue> for Value {
 }
 
 impl Metrics {
-    fn values(&self) -> Vec<(MetricKind, String, Vec<(String, String)>, Value)> {
+    fn values(&self) -> Vec<(Series, Value)> {
         let mut totals = self.totals.lock().expect("totals");
         for (key, _, _, value) in self.snapshotter.snapshot().into_vec() {
             let (kind, key) = key.into_parts();
@@ -99,9 +99,7 @@ impl Metrics {
         }
         totals
             .iter()
-            .map(|((kind, name, labels), value)| {
-                (*kind, name.clone(), labels.clone(), value.clone())
-            })
+            .map(|(series, value)| (series.clone(), value.clone()))
             .collect()
     }
 
@@ -109,8 +107,8 @@ impl Metrics {
     fn counter_with(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
         self.values()
             .into_iter()
-            .filter(|(_, n, l, _)| n == name && has_labels(l, labels))
-            .map(|(_, _, _, value)| match value {
+            .filter(|((_, n, l), _)| n == name && has_labels(l, labels))
+            .map(|(_, value)| match value {
                 Value::Counter(n) => n,
                 other => panic!("{name} is not a counter: {other:?}"),
             })
@@ -124,8 +122,8 @@ impl Metrics {
     fn gauge(&self, name: &str) -> f64 {
         self.values()
             .into_iter()
-            .filter(|(_, n, _, _)| n == name)
-            .map(|(_, _, _, value)| match value {
+            .filter(|((_, n, _), _)| n == name)
+            .map(|(_, value)| match value {
                 Value::Gauge(g) => g,
                 other => panic!("{name} is not a gauge: {other:?}"),
             })
@@ -136,8 +134,8 @@ impl Metrics {
     fn histogram(&self, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
         self.values()
             .into_iter()
-            .filter(|(_, n, l, _)| n == name && has_labels(l, labels))
-            .flat_map(|(_, _, _, value)| match value {
+            .filter(|((_, n, l), _)| n == name && has_labels(l, labels))
+            .flat_map(|(_, value)| match value {
                 Value::Histogram(samples) => samples,
                 other => panic!("{name} is not a histogram: {other:?}"),
             })

@@ -11,8 +11,9 @@ use crate::events::Confirmation;
 use crate::protocol::methods::basic;
 use crate::protocol::{BasicProperties, ReceivedProperties};
 
-/// A connection's telemetry: nothing.
-#[derive(Debug, Clone, Copy)]
+/// A connection's telemetry: nothing. (Not `Copy`, as the enabled one
+/// is not, so that the callers' `clone`s are right for both.)
+#[derive(Debug, Clone)]
 pub(crate) struct Telemetry;
 
 /// When a timed operation started: not measured.
