@@ -16,7 +16,7 @@ use crate::ports::Command;
 use crate::protocol::frame::BodyLen;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{ChannelRpc, ReceivedProperties, ShortString};
-use crate::telemetry::OperationSpan;
+use crate::telemetry::{OperationSpan, Received};
 
 /// Where a message came from and how to acknowledge it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,11 +108,17 @@ impl std::fmt::Debug for Delivery {
 
 impl Delivery {
     pub(crate) fn new(envelope: Envelope, content: Content, epoch: u64, channel: Channel) -> Self {
+        let received = Received {
+            consumer_tag: envelope.consumer_tag.as_str(),
+            exchange: envelope.exchange.as_str(),
+            routing_key: envelope.routing_key.as_str(),
+            delivery_tag: envelope.delivery_tag,
+        };
         let span =
             channel
                 .inner
                 .telemetry
-                .received(&envelope, &content.properties, content.body.len());
+                .received(received, &content.properties, content.body.len());
         Self {
             span,
             envelope,

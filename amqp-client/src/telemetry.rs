@@ -67,6 +67,21 @@ mod disabled;
 #[cfg(not(feature = "metrics"))]
 pub(crate) use disabled::*;
 
+/// Where a delivery came from, as its span records it (the consumer's
+/// `Envelope` by reference: this module imports no handle's module).
+#[derive(Clone, Copy)]
+pub(crate) struct Received<'a> {
+    /// Empty for `basic.get`.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub consumer_tag: &'a str,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub exchange: &'a str,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub routing_key: &'a str,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub delivery_tag: u64,
+}
+
 /// How the application settled a delivery (the settle metrics' and span's kinds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Settled {

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use super::Settled;
+use super::{Received, Settled};
 use crate::config::Config;
 use crate::error::Error;
 use crate::events::Confirmation;
@@ -126,7 +126,7 @@ impl ChannelTelemetry {
     #[inline(always)]
     pub(crate) fn received(
         &self,
-        _envelope: &crate::consumer::Envelope,
+        _envelope: Received<'_>,
         _properties: &ReceivedProperties,
         _body_size: usize,
     ) -> OperationSpan {

@@ -11,7 +11,7 @@ use metrics::{Counter, Gauge, Histogram, Unit};
 use tracing::instrument::Instrumented;
 use tracing::{Instrument, Span};
 
-use super::Settled;
+use super::{Received, Settled};
 use crate::config::Config;
 use crate::error::Error;
 use crate::events::Confirmation;
@@ -359,7 +359,7 @@ impl ChannelTelemetry {
     /// span, which the delivery holds.
     pub(crate) fn received(
         &self,
-        envelope: &crate::consumer::Envelope,
+        envelope: Received<'_>,
         properties: &ReceivedProperties,
         body_size: usize,
     ) -> OperationSpan {
@@ -377,8 +377,8 @@ impl ChannelTelemetry {
             messaging.system = SYSTEM,
             messaging.operation.type = "receive",
             messaging.operation.name = if get { "get" } else { "deliver" },
-            messaging.destination.name = envelope.exchange.as_str(),
-            messaging.rabbitmq.destination.routing_key = envelope.routing_key.as_str(),
+            messaging.destination.name = envelope.exchange,
+            messaging.rabbitmq.destination.routing_key = envelope.routing_key,
             messaging.rabbitmq.message.delivery_tag = envelope.delivery_tag,
             messaging.message.body.size = body_size,
             messaging.message.id = properties.message_id.as_ref().map(|id| id.as_str()),
