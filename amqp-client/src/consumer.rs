@@ -109,9 +109,9 @@ impl std::fmt::Debug for Delivery {
 impl Delivery {
     pub(crate) fn new(envelope: Envelope, content: Content, epoch: u64, channel: Channel) -> Self {
         let received = Received {
-            consumer_tag: envelope.consumer_tag.as_str(),
-            exchange: envelope.exchange.as_str(),
-            routing_key: envelope.routing_key.as_str(),
+            consumer_tag: &envelope.consumer_tag,
+            exchange: &envelope.exchange,
+            routing_key: &envelope.routing_key,
             delivery_tag: envelope.delivery_tag,
         };
         let span =
