@@ -332,11 +332,6 @@ impl Channel {
         body: Bytes,
     ) -> Result<PublishConfirm, Error> {
         self.check()?;
-        // Closed when the publish is queued (or fails).
-        let _span = self
-            .inner
-            .telemetry
-            .publish(&publish, properties, body.len());
         let conn = &self.inner.conn;
         if conn.shared.blocked_now.is_up() {
             let mut blocked = conn.shared.blocked.clone();
@@ -374,14 +369,24 @@ impl Channel {
             Some(credit) => credit,
             None => Box::pin(conn.publish_budget.take(bytes)).await,
         };
-        let command = Command::Publish {
-            channel: self.inner.target,
-            head,
-            body: PublishBody(body),
-            confirm,
-            credit: Some(credit),
+        // The publish span covers the hand-over to the connection and is
+        // closed before any await: held across one, it would grow every
+        // publish's future past what is moved inline (callgrind: +170
+        // instructions of memcpy per publish with the feature on).
+        let queued = {
+            let _span = self
+                .inner
+                .telemetry
+                .publish(&publish, properties, body.len());
+            conn.try_send(Command::Publish {
+                channel: self.inner.target,
+                head,
+                body: PublishBody(body),
+                confirm,
+                credit: Some(credit),
+            })
         };
-        match conn.try_send(command) {
+        match queued {
             // Usually nothing above awaited: give the scheduler its turn now and then,
             // or a publishing loop on a current-thread runtime would starve
             // the I/O task (heartbeats, confirms) until the queue filled.

@@ -48,7 +48,7 @@
 //! | --- | --- | --- |
 //! | `amqp.connection` | the connection's life; its I/O task runs in it | `messaging.system`, `server.address`, `server.port` |
 //! | `amqp.channel` | a channel handle's life, child of its connection | `messaging.system`, `messaging.rabbitmq.channel` (the id) |
-//! | `publish` | one `basic_publish`, child of its channel | `messaging.system`, `messaging.operation.type` = `send`, `messaging.operation.name` = `publish`, `messaging.destination.name` (the exchange, empty for the default one), `messaging.rabbitmq.destination.routing_key`, `messaging.message.body.size`, `messaging.message.id` and `messaging.message.conversation_id` (correlation id) when set |
+//! | `publish` | one `basic_publish`'s hand-over of the encoded message to the connection's queue, child of its channel; closed before the call awaits anything, so that the publish future does not grow | `messaging.system`, `messaging.operation.type` = `send`, `messaging.operation.name` = `publish`, `messaging.destination.name` (the exchange, empty for the default one), `messaging.rabbitmq.destination.routing_key`, `messaging.message.body.size`, `messaging.message.id` and `messaging.message.conversation_id` (correlation id) when set |
 //! | `receive` | from a delivery's hand-over to the application until the last clone of it drops, child of its channel | the same, with `messaging.operation.type` = `receive`, `messaging.operation.name` = `deliver` or `get`, `messaging.rabbitmq.message.delivery_tag` |
 //! | `settle` | one `ack`, `nack` or `reject`, child of its channel | `messaging.system`, `messaging.operation.type` = `settle`, `messaging.operation.name` = `ack`, `nack` or `reject`, `messaging.rabbitmq.message.delivery_tag` |
 //!
