@@ -20,6 +20,7 @@ use crate::protocol::constants::FRAME_MIN_SIZE;
 use crate::protocol::frame;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{BasicProperties, ChannelRpc, FieldTable, ShortString};
+use crate::telemetry::{ChannelTelemetry, Settled, Started};
 
 /// What a queued publish costs in memory beyond its frames (command, queue
 /// entry, handles), charged to the publish budget with its bytes so that the
@@ -38,6 +39,9 @@ pub(crate) struct ChannelInner {
     pub epoch: Arc<AtomicU64>,
     pub conn: Arc<ConnectionInner>,
     confirm_mode: AtomicBool,
+    /// The channel's span and the connection's metric handles (nothing
+    /// without the `metrics` feature).
+    pub telemetry: ChannelTelemetry,
 }
 
 impl Drop for ChannelInner {
@@ -296,8 +300,10 @@ impl Channel {
         epoch: Arc<AtomicU64>,
         conn: Arc<ConnectionInner>,
     ) -> Self {
+        let telemetry = conn.shared.telemetry.channel(target.id);
         Self {
             inner: Arc::new(ChannelInner {
+                telemetry,
                 id: target.id,
                 target,
                 scratch: std::sync::Mutex::new(bytes::BytesMut::new()),
@@ -337,11 +343,17 @@ impl Channel {
                 delivery_tag,
             });
         }
+        let settled = match settlement {
+            Settlement::Ack(_) => Settled::Ack,
+            Settlement::Nack(_) => Settled::Nack,
+            Settlement::Reject(_) => Settled::Reject,
+        };
         self.inner.conn.settle(Command::Settle {
             channel: self.inner.id,
             settlement,
             epoch,
         });
+        self.inner.telemetry.settled(settled, delivery_tag);
         Ok(())
     }
 
@@ -411,13 +423,20 @@ impl Channel {
         self.inner.conn.check_method_frame(self.inner.id, &method)?;
         let is_confirm_select = matches!(method, Method::ConfirmSelect(_));
         let (reply, answer) = oneshot::channel();
+        let started = Started::now();
         self.send_command(Command::Rpc {
             channel: self.inner.target,
             method: Box::new(method),
             reply,
         })
         .await?;
-        let reply = self.answer(call, answer).await?;
+        let reply = self.answer(call, answer).await;
+        self.inner
+            .conn
+            .shared
+            .telemetry
+            .call_done(call, started, reply.as_ref().err());
+        let reply = reply?;
         if is_confirm_select {
             self.inner.confirm_mode.store(true, Ordering::Release);
         }
@@ -577,20 +596,31 @@ impl Channel {
             Some(credit) => credit,
             None => Box::pin(conn.publish_budget.take(bytes)).await,
         };
-        let command = Command::Publish {
-            channel: self.inner.target,
-            head,
-            body: PublishBody(body),
-            confirm,
-            credit: Some(credit),
+        // The publish span covers the hand-over to the connection and is
+        // closed before any await: held across one, it would grow every
+        // publish's future past what is moved inline (callgrind: +170
+        // instructions of memcpy per publish with the feature on).
+        let queued = {
+            let _span = self
+                .inner
+                .telemetry
+                .publish(&publish, properties, body.len());
+            conn.try_send(Command::Publish {
+                channel: self.inner.target,
+                head,
+                body: PublishBody(body),
+                confirm,
+                credit: Some(credit),
+            })
         };
-        match conn.try_send(command) {
+        match queued {
             // Usually nothing above awaited: give the scheduler its turn now and then,
             // or a publishing loop on a current-thread runtime would starve
             // the I/O task (heartbeats, confirms) until the queue filled.
             Ok(()) => tokio::task::consume_budget().await,
             Err(command) => Box::pin(self.send_command(command)).await?,
         }
+        self.inner.telemetry.published();
         Ok(PublishConfirm {
             answer: answer.map(|answer| (answer, conn.clone())),
         })

@@ -23,6 +23,7 @@ use crate::machine::Settings;
 use crate::ports::{Blocked, Command, Machine, Recovering, Signals};
 use crate::protocol::methods::connection;
 use crate::protocol::{ReplyCode, ShortString};
+use crate::telemetry::{IoTelemetry, Telemetry};
 
 /// How many commands may wait for the I/O task before senders wait in turn.
 const COMMAND_QUEUE: usize = 4096;
@@ -253,6 +254,7 @@ impl Connection {
         let (recovering_tx, recovering_rx) = Recovering::new();
         let (events, _) = broadcast::channel(256);
         let (finished, _) = watch::channel(None);
+        let telemetry = Telemetry::new(&config, address_index);
         let shared = Arc::new(Shared {
             error: error.clone(),
             finished,
@@ -265,6 +267,7 @@ impl Connection {
             error_handlers: Mutex::new(error_handlers),
             secret: Mutex::new(None),
             credentials_provider,
+            telemetry: telemetry.clone(),
         });
         let timeout = config.connection_timeout;
         let settings = Settings {
@@ -281,6 +284,7 @@ impl Connection {
             blocked: blocked_tx,
             recovering: recovering_tx,
             events,
+            telemetry: IoTelemetry::new(telemetry.clone()),
         };
         let (commands_tx, commands_rx) = command_queue(COMMAND_QUEUE);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
@@ -330,7 +334,7 @@ impl Connection {
             config,
             on_reconnect,
         );
-        tokio::spawn(driver.run());
+        tokio::spawn(telemetry.instrument(driver.run()));
         let connection = Connection {
             inner,
             hook_owned: false,

@@ -16,6 +16,7 @@ use crate::ports::Command;
 use crate::protocol::frame::BodyLen;
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{ChannelRpc, ReceivedProperties, ShortString};
+use crate::telemetry::{OperationSpan, Received};
 
 /// Where a message came from and how to acknowledge it: the
 /// [`envelope`](Delivery::envelope) of each [`Delivery`].
@@ -95,6 +96,10 @@ pub struct Delivery {
     channel: Channel,
     /// The connection epoch it arrived in: acks from an older one are refused.
     epoch: u64,
+    /// Its `receive` span, open while the delivery lives (nothing without
+    /// the `metrics` feature).
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    span: OperationSpan,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -106,6 +111,7 @@ impl std::fmt::Debug for Delivery {
             body,
             channel,
             epoch,
+            span: _,
         } = self;
         f.debug_struct("Delivery")
             .field("envelope", envelope)
@@ -119,7 +125,19 @@ impl std::fmt::Debug for Delivery {
 
 impl Delivery {
     pub(crate) fn new(envelope: Envelope, content: Content, epoch: u64, channel: Channel) -> Self {
+        let received = Received {
+            consumer_tag: &envelope.consumer_tag,
+            exchange: &envelope.exchange,
+            routing_key: &envelope.routing_key,
+            delivery_tag: envelope.delivery_tag,
+        };
+        let span =
+            channel
+                .inner
+                .telemetry
+                .received(received, &content.properties, content.body.len());
         Self {
+            span,
             envelope,
             properties: content.properties,
             body: content.body,
@@ -131,6 +149,16 @@ impl Delivery {
     /// The channel it arrived on.
     pub fn channel(&self) -> &Channel {
         &self.channel
+    }
+
+    /// Its `receive` span (feature `metrics`; see [`telemetry`](crate::telemetry)),
+    /// open until the last clone of the delivery drops: enter it, or make it
+    /// the parent of the application's processing span. With
+    /// `tracing-opentelemetry`, give it the publisher's context from
+    /// [`TraceContext::from_properties`](crate::trace_context::TraceContext::from_properties).
+    #[cfg(feature = "metrics")]
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     /// Acknowledges it. After a reconnect the tag means nothing to the new

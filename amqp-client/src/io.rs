@@ -151,6 +151,7 @@ impl Driver {
     }
 
     pub(crate) async fn run(mut self) {
+        self.signals.telemetry.telemetry().connection_started();
         loop {
             self.run_session().await;
             self.route();
@@ -177,6 +178,7 @@ impl Driver {
             self.machine.command(command, Instant::now());
         }
         self.route();
+        self.signals.telemetry.telemetry().connection_ended();
         self.shared.finish(error);
     }
 
@@ -192,8 +194,14 @@ impl Driver {
                 // Last frames (a close, a close-ok) go out if they can.
                 self.machine.write_frames(&mut write_buf, usize::MAX);
                 if socket_ok && !write_buf.is_empty() {
-                    let _ = tokio::time::timeout(FLUSH_TIMEOUT, self.writer.write_all(&write_buf))
-                        .await;
+                    if let Ok(Ok(())) =
+                        tokio::time::timeout(FLUSH_TIMEOUT, self.writer.write_all(&write_buf)).await
+                    {
+                        self.signals
+                            .telemetry
+                            .telemetry()
+                            .bytes_sent(write_buf.len());
+                    }
                 }
                 let _ = tokio::time::timeout(FLUSH_TIMEOUT, self.writer.shutdown()).await;
                 return;
@@ -234,6 +242,7 @@ impl Driver {
                             self.machine.connection_lost(lost(std::io::ErrorKind::WriteZero.into()));
                         }
                         Ok(n) => {
+                            self.signals.telemetry.telemetry().bytes_sent(n);
                             write_buf.advance(n);
                             self.machine.on_sent(Instant::now());
                         }
@@ -280,7 +289,8 @@ impl Driver {
                                 "the broker closed the socket",
                             )));
                         }
-                        Ok(_) => {
+                        Ok(n) => {
+                            self.signals.telemetry.telemetry().bytes_received(n);
                             self.machine.on_received(Instant::now());
                             self.handle_input();
                         }
@@ -374,6 +384,7 @@ impl Driver {
                         address: address.clone(),
                     });
                     self.reconnects += 1;
+                    self.signals.telemetry.telemetry().reconnected();
                     let info = ConnectInfo {
                         reconnects: self.reconnects,
                         attempt: attempt + 1,

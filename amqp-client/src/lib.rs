@@ -104,7 +104,9 @@ pub mod rpc_client;
 #[doc(hidden)]
 pub mod simulation;
 mod sync;
+pub mod telemetry;
 mod topology;
+pub mod trace_context;
 mod transport;
 mod unsettled;
 

@@ -52,6 +52,9 @@ pub(crate) struct Shared {
     pub secret: Mutex<Option<String>>,
     /// Called before each reconnect attempt, when set.
     pub credentials_provider: Option<CredentialsProvider>,
+    /// Metric handles and the connection's span (nothing without the
+    /// `metrics` feature).
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 impl Shared {

@@ -10,6 +10,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::events::{RecoveryEvent, ReturnedMessage};
 use crate::machine::{self, Event, Ports, RawDelivery, Refused};
+use crate::telemetry::IoTelemetry;
 
 /// The machine's ports as the connection's handles hold them.
 #[derive(Debug)]
@@ -96,6 +97,8 @@ pub(crate) struct Signals {
     pub blocked: Blocked,
     pub recovering: Recovering,
     pub events: broadcast::Sender<RecoveryEvent>,
+    /// What the I/O task counts (nothing without the `metrics` feature).
+    pub telemetry: IoTelemetry,
 }
 
 impl Signals {
@@ -106,6 +109,7 @@ impl Signals {
             blocked: Blocked::new().0,
             recovering: Recovering::new().0,
             events: broadcast::channel(16).0,
+            telemetry: IoTelemetry::new(crate::telemetry::Telemetry::unobserved()),
         }
     }
 }
@@ -126,12 +130,15 @@ pub(crate) fn route(machine: &mut Machine, signals: &Signals) {
                 let _ = reply.send(*answer);
             }
             Event::Confirmed(reply, outcome) => {
-                let _ = reply.send(outcome.into_result());
+                let outcome = outcome.into_result();
+                signals.telemetry.confirmed(&outcome);
+                let _ = reply.send(outcome);
             }
             Event::ConfirmsSettled(reply, answer) => {
                 let _ = reply.send(*answer);
             }
             Event::Returned(returns, message) => {
+                signals.telemetry.returned();
                 if returns.try_send(*message).is_err() {
                     tracing::warn!(
                         "returned message dropped: the returns buffer is full or closed"
@@ -142,7 +149,11 @@ pub(crate) fn route(machine: &mut Machine, signals: &Signals) {
                 let _ = signals.events.send(*event);
             }
             Event::Recovering(recovering) => signals.recovering.set(recovering),
-            Event::Blocked(blocked) => signals.blocked.set(blocked),
+            Event::Blocked(blocked) => {
+                signals.telemetry.blocked(blocked.is_some());
+                signals.blocked.set(blocked);
+            }
         }
     }
+    signals.telemetry.channels(machine.channel_count());
 }

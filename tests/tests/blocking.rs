@@ -115,7 +115,7 @@ fn confirms_say_ack_and_nack() {
     let returned = channel
         .basic_publish(
             "",
-            &unique("no-such-queue"),
+            unique("no-such-queue"),
             true,
             &BasicProperties::default(),
             "lost",

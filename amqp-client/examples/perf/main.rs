@@ -11,6 +11,8 @@
 //! # each producer and consumer has a connection of its own; --shared-connection puts them on one
 //! cargo run --release -p amqp091 --features blocking --example perf -- --peer sink --blocking
 //! # --blocking: producers and consumers on threads, through amqp091::blocking
+//! cargo run --release -p amqp091 --features metrics --example perf -- --peer sink
+//! # with the `metrics` feature: into a debugging recorder, whose counters are printed at the end
 //! ```
 //!
 //! Prints progress each second, then msgs/s, client CPU per message (user +
@@ -400,6 +402,14 @@ fn main() {
         return;
     }
     let mut o = parse();
+    #[cfg(feature = "metrics")]
+    let snapshotter = {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install().expect("the only recorder");
+        amqp091::telemetry::describe();
+        snapshotter
+    };
     let mut child = None;
     if let Some(kind) = o.peer {
         let (process, port) = start_peer(kind, o.size);
@@ -423,6 +433,12 @@ fn main() {
     }
     .expect("runtime");
     let result = runtime.block_on(run(o.clone()));
+    #[cfg(feature = "metrics")]
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        if let metrics_util::debugging::DebugValue::Counter(n) = value {
+            println!("  {} = {n}", key.key());
+        }
+    }
     if let Some(mut child) = child {
         let _ = child.kill();
         let _ = child.wait();

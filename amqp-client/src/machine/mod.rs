@@ -278,6 +278,12 @@ impl<P: Ports> Machine<P> {
         self.fail(error);
     }
 
+    /// How many channels the connection holds: opening, open, closing, or
+    /// waiting to be recovered (the `metrics` feature's gauge).
+    pub(crate) fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
     /// Why the connection ended, once it has.
     pub(crate) fn error(&self) -> Option<&Error> {
         self.error.get()

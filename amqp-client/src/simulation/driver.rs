@@ -174,6 +174,9 @@ impl SimDriver {
                 blocked,
                 recovering,
                 events,
+                telemetry: crate::telemetry::IoTelemetry::new(
+                    crate::telemetry::Telemetry::unobserved(),
+                ),
             },
             frame_max: settings.frame_max,
             error,
