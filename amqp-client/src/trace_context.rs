@@ -42,6 +42,15 @@ const TRACESTATE_MAX_MEMBERS: usize = 32;
 const TRACESTATE_MAX_LEN: usize = 512;
 
 /// Why a `traceparent` was refused.
+///
+/// ```
+/// use amqp091::trace_context::{InvalidTraceContext, TraceContext};
+///
+/// let zero_trace = "00-00000000000000000000000000000000-00f067aa0ba902b7-01";
+/// assert_eq!(TraceContext::parse(zero_trace, None), Err(InvalidTraceContext::ZeroTraceId));
+/// let upper = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01";
+/// assert_eq!(TraceContext::parse(upper, None), Err(InvalidTraceContext::NotLowercaseHex));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidTraceContext {
     /// Not `version-traceid-parentid-flags` with the spec's lengths.
@@ -63,6 +72,23 @@ pub enum InvalidTraceContext {
 
 /// A validated W3C trace context: the trace, the span that is the parent of
 /// the next one, the trace flags, and the vendors' `tracestate`.
+///
+/// ```
+/// use amqp091::trace_context::TraceContext;
+/// use amqp091::FieldTable;
+///
+/// let context = TraceContext::new([0x4b; 16], [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7], TraceContext::SAMPLED)?
+///     .with_tracestate("vendor=opaque");
+/// let mut headers = FieldTable::new();
+/// context.inject(&mut headers);
+/// assert_eq!(
+///     headers.get("traceparent").and_then(|v| v.as_str()),
+///     Some("00-4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b-00f067aa0ba902b7-01")
+/// );
+/// let extracted = TraceContext::extract(&headers).expect("present and valid");
+/// assert_eq!(extracted.tracestate(), Some("vendor=opaque"));
+/// # Ok::<(), amqp091::trace_context::InvalidTraceContext>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TraceContext {
     trace_id: [u8; 16],
