@@ -116,9 +116,16 @@ mod tests {
         for v in 1..=100_000u64 {
             h.record(v * 1000);
         }
-        for (q, exact) in [(0.5, 50_000_000.0), (0.99, 99_000_000.0), (0.999, 99_900_000.0)] {
+        for (q, exact) in [
+            (0.5, 50_000_000.0),
+            (0.99, 99_000_000.0),
+            (0.999, 99_900_000.0),
+        ] {
             let got = h.quantile(q) as f64;
-            assert!((got - exact).abs() / exact < 0.01, "q {q}: {got} vs {exact}");
+            assert!(
+                (got - exact).abs() / exact < 0.01,
+                "q {q}: {got} vs {exact}"
+            );
         }
         assert_eq!(h.quantile(1.0), 100_000_000);
         assert_eq!(h.max(), 100_000_000);

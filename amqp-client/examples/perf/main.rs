@@ -270,7 +270,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
     // consumer; --shared-connection is one connection with a channel each.
     let workers = (o.producers + o.consumers).max(1);
     if shared_connection && (connections.is_some() || channels.is_some()) {
-        return Err("--shared-connection is --connections 1 --channels N: give one or the other".into());
+        return Err(
+            "--shared-connection is --connections 1 --channels N: give one or the other".into(),
+        );
     }
     (o.connections, o.channels) = match (shared_connection, connections, channels) {
         (true, _, _) => (1, workers),
@@ -337,7 +339,12 @@ fn queues_of(queues: &[String], index: usize, workers: usize) -> Vec<String> {
     if workers >= queues.len() {
         vec![queues[index % queues.len()].clone()]
     } else {
-        queues.iter().skip(index).step_by(workers).cloned().collect()
+        queues
+            .iter()
+            .skip(index)
+            .step_by(workers)
+            .cloned()
+            .collect()
     }
 }
 
@@ -473,9 +480,9 @@ impl Payload {
 /// The send time stamped in a delivery, in ns since `epoch`.
 fn sent_at(stamp: Stamp, body: &[u8], properties: &BasicProperties) -> Option<u64> {
     match stamp {
-        Stamp::Body => body.get(..8).map(|b| {
-            u64::from_be_bytes(b.try_into().unwrap_or_default())
-        }),
+        Stamp::Body => body
+            .get(..8)
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default())),
         Stamp::Header => properties
             .headers
             .as_ref()?
@@ -815,7 +822,8 @@ async fn run(o: Options) -> Result<serde_json::Value, amqp091::Error> {
             o.size,
             o.confirm,
             o.prefetch,
-            o.rate.map_or("unlimited".to_owned(), |r| format!("{r}/s per producer")),
+            o.rate
+                .map_or("unlimited".to_owned(), |r| format!("{r}/s per producer")),
             o.queues.len(),
             o.queue_type.as_str(),
             o.connections,
@@ -966,7 +974,10 @@ async fn run(o: Options) -> Result<serde_json::Value, amqp091::Error> {
         }
     }
     for failure in &failures {
-        say(o.json, format!("  a producer or consumer failed: {failure}"));
+        say(
+            o.json,
+            format!("  a producer or consumer failed: {failure}"),
+        );
     }
     let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let published = count(&counters.published);
@@ -1136,7 +1147,11 @@ mod tests {
     #[test]
     fn the_send_time_travels_in_the_body_or_in_a_header() {
         let epoch = Instant::now() - Duration::from_secs(1);
-        for (size, expected) in [(32, Stamp::Body), (4, Stamp::Header), (1 << 20, Stamp::Header)] {
+        for (size, expected) in [
+            (32, Stamp::Body),
+            (4, Stamp::Header),
+            (1 << 20, Stamp::Header),
+        ] {
             let o = parse(&args(&format!("--consumers 1 --size {size}"))).unwrap();
             assert_eq!(stamp(&o), Some(expected));
             let payload = Payload::new(size, stamp(&o));
@@ -1188,7 +1203,10 @@ mod tests {
             0.0 < p("p50") && p("p50") <= p("p90") && p("p90") <= p("p99"),
             "{latency}"
         );
-        assert!(p("p99") <= p("p99_9") && p("p99_9") <= p("max"), "{latency}");
+        assert!(
+            p("p99") <= p("p99_9") && p("p99_9") <= p("max"),
+            "{latency}"
+        );
         assert!(latency["samples"].as_u64().unwrap() > 0);
         let parameters = &summary["parameters"];
         assert_eq!(parameters["queue_type"], "quorum");
