@@ -100,6 +100,19 @@ usage: perf [--url URL | --peer sink|flood] [--producers N] [--consumers N] [--s
             [--rpc ROUND_TRIPS] [--blocking] [--json]
        perf serve sink|flood PORT SIZE";
 
+const HELP: &str = "\
+--rate N            publishes per second per producer, paced from the start (1 ms timer steps)
+--queues N          queues NAME-1..NAME-N (NAME from --queue); producers and consumers round-robin
+--queue-pattern P   PerfTest's queue names: P with %d from --queue-pattern-from (1) to --queue-pattern-to
+--queue-type T      declared with x-queue-type (quorum and stream: durable; stream: consumed from next)
+--delete-queues     delete the queues at the end (they are purged at the start, streams excepted)
+--connections N     producers and consumers round-robin over N connections (default: one each)
+--channels M        ... and over M channels on each connection (default 1)
+--mandatory         publish mandatory; returns are counted from the confirmations (needs --confirm)
+--size BYTES        up to 64 MiB; the send time is in the body up to 64 KiB, in a header above
+--json              progress on stderr, the summary as one JSON object on stdout
+latency percentiles are measured when producers and consumers both run against a broker";
+
 fn usage() -> ! {
     eprintln!("{USAGE}");
     std::process::exit(2)
@@ -700,6 +713,10 @@ fn main() {
         if let Err(e) = runtime.block_on(peer::serve(kind, port, size)) {
             eprintln!("peer: {e}");
         }
+        return;
+    }
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}\n\n{HELP}");
         return;
     }
     let mut o = parse(&args[1..]).unwrap_or_else(|message| {
