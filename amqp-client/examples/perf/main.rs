@@ -505,26 +505,13 @@ fn sent_at(stamp: Stamp, body: &[u8], properties: &BasicProperties) -> Option<u6
     }
 }
 
-/// Waits for the deadline of publish number `sent` at `rate` per second from
-/// `start`: computed from the start rather than from the last publish, so
-/// that late wake-ups do not add up (the next publishes catch up at once).
-/// Tokio's timer has a 1 ms resolution, so above 1000 msg/s messages leave
-/// in bursts of rate/1000 each millisecond.
-async fn pace(rate: Option<f64>, start: tokio::time::Instant, sent: u64) {
-    if let Some(rate) = rate {
-        let due = start + Duration::from_secs_f64(sent as f64 / rate);
-        if due > tokio::time::Instant::now() {
-            tokio::time::sleep_until(due).await;
-        }
-    }
-}
-
 async fn producer(
     channel: Channel,
     queues: Vec<String>,
     o: Options,
     counters: Arc<Counters>,
     epoch: Instant,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), amqp091::Error> {
     if o.confirm.is_some() {
         channel.confirm_select(confirm::Select::default()).await?;
@@ -539,7 +526,21 @@ async fn producer(
         {
             break;
         }
-        pace(o.rate, start, sent).await;
+        if let Some(rate) = o.rate {
+            // The deadline of this publish, from the start rather than from
+            // the last publish, so that late wake-ups do not add up (the next
+            // publishes catch up at once). Tokio's timer has a 1 ms
+            // resolution: above 1000 msg/s messages leave in bursts of
+            // rate/1000 each millisecond.
+            let due = start + Duration::from_secs_f64(sent as f64 / rate);
+            if due > tokio::time::Instant::now() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    // A slow rate must not hold the end of the run.
+                    _ = stop.wait_for(|stop| *stop) => break,
+                }
+            }
+        }
         let (body, properties) = payload.next(epoch);
         let queue = &queues[sent as usize % queues.len()];
         let confirm = channel
@@ -937,6 +938,7 @@ async fn run(o: Options) -> Result<serde_json::Value, amqp091::Error> {
             o.clone(),
             counters.clone(),
             epoch,
+            stopped.clone(),
         )));
     }
     let started = Instant::now();
