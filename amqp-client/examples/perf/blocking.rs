@@ -6,16 +6,18 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use amqp091::blocking::Connection;
+use amqp091::blocking::{Connection, RecvTimeoutError};
 use amqp091::prelude::*;
-use amqp091::{BasicProperties, Config, ConsumeOptions};
+use amqp091::{Config, ConsumeOptions};
 
-use crate::{body, Counters, Options};
+use crate::histogram::Histogram;
+use crate::{consume_arguments, sent_at, stamp, Counters, Options, Payload};
 
 pub fn producer(
     config: Config,
+    queues: Vec<String>,
     o: Options,
     counters: Arc<Counters>,
     epoch: Instant,
@@ -26,41 +28,43 @@ pub fn producer(
         channel.confirm_select(confirm::Select::default())?;
     }
     let mut outstanding = VecDeque::new();
-    let properties = BasicProperties::default();
-    let stamped = o.consumers > 0 && o.size >= 8;
-    let fixed = body(o.size, epoch);
+    let payload = Payload::new(o.size, stamp(&o));
+    let start = Instant::now();
+    let mut sent = 0u64;
     while !counters.stop.load(Ordering::Relaxed) {
         if o.messages
             .is_some_and(|m| counters.published.load(Ordering::Relaxed) >= m)
         {
             break;
         }
-        let payload = if stamped {
-            body(o.size, epoch)
-        } else {
-            fixed.clone()
-        };
-        let confirm = channel.basic_publish("", &o.queue, false, &properties, payload)?;
+        if let Some(rate) = o.rate {
+            // From the start, as the async producers pace: no drift.
+            let due = start + Duration::from_secs_f64(sent as f64 / rate);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        let (body, properties) = payload.next(epoch);
+        let queue = &queues[sent as usize % queues.len()];
+        let confirm = channel.basic_publish("", queue.as_str(), o.mandatory, &properties, body)?;
+        sent += 1;
         counters.published.fetch_add(1, Ordering::Relaxed);
         if let Some(window) = o.confirm {
             outstanding.push_back(confirm);
             if outstanding.len() >= window {
                 if let Some(oldest) = outstanding.pop_front() {
-                    oldest.wait()?;
-                    counters.confirmed.fetch_add(1, Ordering::Relaxed);
+                    counters.record_confirmation(oldest.wait()?);
                 }
             }
         }
     }
     for confirm in outstanding {
-        confirm.wait()?;
-        counters.confirmed.fetch_add(1, Ordering::Relaxed);
+        counters.record_confirmation(confirm.wait()?);
     }
     connection.close()
 }
 
 pub fn consumer(
     config: Config,
+    queue: String,
     o: Options,
     counters: Arc<Counters>,
     epoch: Instant,
@@ -71,37 +75,45 @@ pub fn consumer(
         prefetch_count: o.prefetch,
         ..Default::default()
     })?;
-    let consumer = channel.basic_consume(
-        &o.queue,
+    let mut consumer = channel.basic_consume(
+        queue.as_str(),
         ConsumeOptions {
             no_ack: o.no_ack,
+            arguments: consume_arguments(&o),
             ..Default::default()
         },
     )?;
-    let mut latencies = Vec::new();
-    let measure_latency = o.producers > 0 && o.size >= 8 && o.peer.is_none();
+    let mut latencies = Histogram::default();
+    let stamp = stamp(&o);
     let mut n = 0u64;
-    for delivery in consumer {
-        let delivery = delivery?;
+    while !counters.stop.load(Ordering::Relaxed) {
+        // A queue that runs dry must not keep the thread past the stop.
+        let delivery = match consumer.recv_timeout(Duration::from_millis(100)) {
+            Ok(delivery) => delivery,
+            Err(RecvTimeoutError::Timeout(_)) => continue,
+            Err(RecvTimeoutError::Ended) => break,
+            Err(RecvTimeoutError::Failed(e)) => return Err(e),
+        };
         n += 1;
-        if measure_latency && n % 16 == 0 {
-            let sent = u64::from_be_bytes(delivery.body[..8].try_into().unwrap_or_default());
-            latencies.push((epoch.elapsed().as_nanos() as u64).saturating_sub(sent));
+        if let Some(stamp) = stamp {
+            if let Some(sent) = sent_at(stamp, &delivery.body, delivery.properties.get()) {
+                latencies.record((epoch.elapsed().as_nanos() as u64).saturating_sub(sent));
+            }
         }
         if !o.no_ack && n % o.multi_ack == 0 {
             if o.multi_ack == 1 {
                 delivery.ack()?;
             } else {
-                delivery.nack(true, true).ok();
+                delivery.ack_multiple()?;
             }
         }
         counters.consumed.fetch_add(1, Ordering::Relaxed);
-        if counters.stop.load(Ordering::Relaxed) || o.messages.is_some_and(|m| n >= m) {
+        if o.messages.is_some_and(|m| n >= m) {
             break;
         }
     }
     if let Ok(mut all) = counters.latencies.lock() {
-        all.extend(latencies);
+        all.merge(&latencies);
     }
     // The flood peer may not answer a close: dropping is enough here.
     Ok(())

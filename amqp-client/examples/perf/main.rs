@@ -1,6 +1,7 @@
 //! A PerfTest-style bench tool: producers, consumers, message size, confirm
-//! window, prefetch, duration or message count, against any URL or against a
-//! built-in peer that costs almost nothing (`--peer sink` / `--peer flood`,
+//! window, prefetch, duration or message count, fixed publish rate, several
+//! queues, connections and channels, queue types, against any URL or against
+//! a built-in peer that costs almost nothing (`--peer sink` / `--peer flood`,
 //! run as a child process so that its CPU is not counted as the client's).
 //!
 //! ```text
@@ -9,6 +10,10 @@
 //! cargo run --release -p amqp091 --example perf -- --peer flood --consumers 1 --prefetch 1000
 //! cargo run --release -p amqp091 --example perf -- --url amqp://127.0.0.1 --producers 1 --consumers 1
 //! # each producer and consumer has a connection of its own; --shared-connection puts them on one
+//! cargo run --release -p amqp091 --example perf -- --producers 1 --consumers 1 --rate 1000
+//! # publish → deliver latency percentiles at a fixed 1000 msg/s per producer
+//! cargo run --release -p amqp091 --example perf -- --producers 4 --consumers 4 --queues 2 \
+//!     --connections 2 --channels 2 --queue-type quorum --json
 //! cargo run --release -p amqp091 --features blocking --example perf -- --peer sink --blocking
 //! # --blocking: producers and consumers on threads, through amqp091::blocking
 //! cargo run --release -p amqp091 --features metrics --example perf -- --peer sink
@@ -17,20 +22,38 @@
 //!
 //! Prints progress each second, then msgs/s, client CPU per message (user +
 //! system time of this process, from /proc/self/stat), peak RSS, and
-//! publish → deliver latency percentiles when both sides run.
+//! publish → deliver latency percentiles when both sides run; with `--json`
+//! the progress goes to stderr and stdout gets the summary as one JSON object.
 
 #[cfg(feature = "blocking")]
 mod blocking;
+mod histogram;
 mod peer;
 
+use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amqp091::prelude::*;
-use amqp091::{BasicProperties, Config, Connection, ConsumeOptions, RecoveryConfig};
+use amqp091::{
+    BasicProperties, Channel, Config, Confirmation, Connection, ConsumeArguments, ConsumeOptions,
+    FieldTable, QueueArguments, QueueType, RecoveryConfig, StreamOffset,
+};
 use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::json;
+
+use histogram::Histogram;
+
+/// Bodies up to this size carry the send time in their first 8 bytes (a
+/// copy of the body per message); larger ones share one body and carry it in
+/// the `perf-sent-ns` header, as copying megabytes per message would cost
+/// more than the table.
+const STAMP_IN_BODY_MAX: usize = 64 * 1024;
+/// The largest `--size`: RabbitMQ's default `max_message_size` is 128 MiB.
+const SIZE_MAX: usize = 64 * 1024 * 1024;
+const SENT_HEADER: &str = "perf-sent-ns";
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -45,31 +68,59 @@ struct Options {
     no_ack: bool,
     duration: Duration,
     messages: Option<u64>,
-    queue: String,
+    /// Every queue the run declares; producers and consumers are spread over them.
+    queues: Vec<String>,
+    queue_type: QueueType,
+    /// Delete the queues at the end (they are purged at the start anyway).
+    delete_queues: bool,
+    /// Publishes per second per producer; as fast as possible when `None`.
+    rate: Option<f64>,
+    mandatory: bool,
     /// Instead of messages: this many sequential passive `queue.declare` round trips.
     rpc: Option<u64>,
-    /// All producers and consumers on one connection. By default each has
-    /// its own, as PerfTest does: RabbitMQ's flow control throttles a
-    /// connection that publishes faster than its queues take, and on a
-    /// shared connection that holds back the consumers' acks too.
-    shared_connection: bool,
+    /// Connections, and channels on each, that producers and consumers are
+    /// assigned to round-robin. By default each has a connection of its
+    /// own, as PerfTest does: RabbitMQ's flow control throttles a connection
+    /// that publishes faster than its queues take, and on a shared
+    /// connection that holds back the consumers' acks too.
+    connections: usize,
+    channels: usize,
     /// Producers and consumers through `amqp091::blocking`, each on a
     /// thread with a connection of its own (feature `blocking`).
     blocking: bool,
+    /// The summary as one JSON object on stdout; progress on stderr.
+    json: bool,
 }
 
+const USAGE: &str = "\
+usage: perf [--url URL | --peer sink|flood] [--producers N] [--consumers N] [--size BYTES]
+            [--confirm WINDOW] [--mandatory] [--prefetch N] [--multi-ack N] [--no-ack]
+            [--duration SECONDS] [--messages N] [--rate MSGS_PER_SECOND_PER_PRODUCER]
+            [--queue NAME | --queues N | --queue-pattern 'NAME-%d' --queue-pattern-from A --queue-pattern-to B]
+            [--queue-type classic|quorum|stream] [--delete-queues]
+            [--connections N] [--channels PER_CONNECTION | --shared-connection]
+            [--rpc ROUND_TRIPS] [--blocking] [--json]
+       perf serve sink|flood PORT SIZE";
+
+const HELP: &str = "\
+--rate N            publishes per second per producer, paced from the start (1 ms timer steps)
+--queues N          queues NAME-1..NAME-N (NAME from --queue); producers and consumers round-robin
+--queue-pattern P   PerfTest's queue names: P with %d from --queue-pattern-from (1) to --queue-pattern-to
+--queue-type T      declared with x-queue-type (quorum and stream: durable; stream: consumed from next)
+--delete-queues     delete the queues at the end (they are purged at the start, streams excepted)
+--connections N     producers and consumers round-robin over N connections (default: one each)
+--channels M        ... and over M channels on each connection (default 1)
+--mandatory         publish mandatory; returns are counted from the confirmations (needs --confirm)
+--size BYTES        up to 64 MiB; the send time is in the body up to 64 KiB, in a header above
+--json              progress on stderr, the summary as one JSON object on stdout
+latency percentiles are measured when producers and consumers both run against a broker";
+
 fn usage() -> ! {
-    eprintln!(
-        "usage: perf [--url URL | --peer sink|flood] [--producers N] [--consumers N] [--size BYTES]\n\
-         \x20           [--confirm WINDOW] [--prefetch N] [--multi-ack N] [--no-ack]\n\
-         \x20           [--duration SECONDS] [--messages N] [--queue NAME] [--rpc ROUND_TRIPS]\n\
-         \x20           [--shared-connection] [--blocking]\n\
-         \x20      perf serve sink|flood PORT SIZE"
-    );
+    eprintln!("{USAGE}");
     std::process::exit(2)
 }
 
-fn parse() -> Options {
+fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         url: std::env::var("AMQP_URL")
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
@@ -83,66 +134,244 @@ fn parse() -> Options {
         no_ack: false,
         duration: Duration::from_secs(10),
         messages: None,
-        queue: "amqp-client.perf".to_owned(),
+        queues: Vec::new(),
+        queue_type: QueueType::Classic,
+        delete_queues: false,
+        rate: None,
+        mandatory: false,
         rpc: None,
-        shared_connection: false,
+        connections: 0,
+        channels: 0,
         blocking: false,
+        json: false,
     };
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut queue: Option<String> = None;
+    let mut queue_count: Option<u64> = None;
+    let mut pattern: Option<String> = None;
+    let (mut from, mut to) = (1u64, None::<u64>);
+    let (mut connections, mut channels) = (None::<usize>, None::<usize>);
+    let mut shared_connection = false;
     let mut i = 0;
-    let value = |i: usize| args.get(i + 1).cloned().unwrap_or_else(|| usage());
     while i < args.len() {
-        let number = |i: usize| value(i).parse::<u64>().unwrap_or_else(|_| usage());
-        match args[i].as_str() {
-            "--url" => o.url = value(i),
-            "--peer" => {
-                o.peer = Some(match value(i).as_str() {
-                    "sink" => peer::Kind::Sink,
-                    "flood" => peer::Kind::Flood,
-                    _ => usage(),
-                })
-            }
-            "--producers" => o.producers = number(i) as usize,
-            "--consumers" => o.consumers = number(i) as usize,
-            "--size" => o.size = number(i) as usize,
-            "--confirm" => o.confirm = Some(number(i).max(1) as usize),
-            "--prefetch" => o.prefetch = number(i).min(65535) as u16,
-            "--multi-ack" => o.multi_ack = number(i).max(1),
-            "--duration" => {
-                o.duration = Duration::from_secs_f64(value(i).parse().unwrap_or_else(|_| usage()))
-            }
-            "--messages" => o.messages = Some(number(i)),
-            "--queue" => o.queue = value(i),
-            "--rpc" => o.rpc = Some(number(i).max(1)),
-            "--no-ack" => {
-                o.no_ack = true;
-                i += 1;
-                continue;
-            }
-            "--shared-connection" => {
-                o.shared_connection = true;
-                i += 1;
-                continue;
-            }
+        let flag = args[i].as_str();
+        let value = || {
+            args.get(i + 1)
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        let number = || {
+            value()?
+                .parse::<u64>()
+                .map_err(|_| format!("{flag} takes a whole number"))
+        };
+        let positive = || match number()? {
+            0 => Err(format!("{flag} must be at least 1")),
+            n => Ok(n),
+        };
+        let mut switch = true;
+        match flag {
+            "--no-ack" => o.no_ack = true,
+            "--mandatory" => o.mandatory = true,
+            "--shared-connection" => shared_connection = true,
+            "--delete-queues" => o.delete_queues = true,
+            "--json" => o.json = true,
             "--blocking" => {
                 if !cfg!(feature = "blocking") {
-                    eprintln!("--blocking needs the `blocking` feature: add --features blocking");
-                    std::process::exit(2);
+                    return Err(
+                        "--blocking needs the `blocking` feature: add --features blocking".into(),
+                    );
                 }
                 o.blocking = true;
-                i += 1;
-                continue;
             }
-            _ => usage(),
+            _ => switch = false,
+        }
+        if switch {
+            i += 1;
+            continue;
+        }
+        match flag {
+            "--url" => o.url = value()?,
+            "--peer" => {
+                o.peer = Some(match value()?.as_str() {
+                    "sink" => peer::Kind::Sink,
+                    "flood" => peer::Kind::Flood,
+                    other => return Err(format!("--peer is sink or flood, not {other}")),
+                })
+            }
+            "--producers" => o.producers = number()? as usize,
+            "--consumers" => o.consumers = number()? as usize,
+            "--size" => o.size = number()? as usize,
+            "--confirm" => o.confirm = Some(positive()? as usize),
+            "--prefetch" => o.prefetch = number()?.min(65535) as u16,
+            "--multi-ack" => o.multi_ack = positive()?,
+            "--duration" => {
+                o.duration = value()?
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s > 0.0)
+                    .map(Duration::from_secs_f64)
+                    .ok_or("--duration takes a positive number of seconds")?
+            }
+            "--messages" => o.messages = Some(number()?),
+            "--rate" => {
+                o.rate = Some(
+                    value()?
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|r| r.is_finite() && *r > 0.0)
+                        .ok_or("--rate takes a positive number of messages per second")?,
+                )
+            }
+            "--queue" => queue = Some(value()?),
+            "--queues" => queue_count = Some(positive()?),
+            "--queue-pattern" => pattern = Some(value()?),
+            "--queue-pattern-from" => from = number()?,
+            "--queue-pattern-to" => to = Some(number()?),
+            "--queue-type" => {
+                o.queue_type = match value()?.as_str() {
+                    "classic" => QueueType::Classic,
+                    "quorum" => QueueType::Quorum,
+                    "stream" => QueueType::Stream,
+                    other => {
+                        return Err(format!(
+                            "--queue-type is classic, quorum or stream, not {other}"
+                        ))
+                    }
+                }
+            }
+            "--connections" => connections = Some(positive()? as usize),
+            "--channels" => channels = Some(positive()? as usize),
+            "--rpc" => o.rpc = Some(positive()?),
+            _ => return Err(format!("unknown argument {flag}")),
         }
         i += 2;
     }
-    if o.peer == Some(peer::Kind::Flood) && !args.iter().any(|a| a == "--producers") {
+    let given = |name: &str| args.iter().any(|a| a == name);
+    if o.peer == Some(peer::Kind::Flood) && !given("--producers") {
         // The flood peer is the producer.
         o.producers = 0;
         o.consumers = o.consumers.max(1);
     }
-    o
+
+    // Queue names: PerfTest's --queue-pattern, or --queues N as NAME-1..NAME-N.
+    let base = queue.unwrap_or_else(|| match o.queue_type {
+        // A queue's type is fixed when it is declared: each type its own default name.
+        QueueType::Classic => "amqp-client.perf".to_owned(),
+        other => format!("amqp-client.perf-{}", other.as_str()),
+    });
+    o.queues = match (pattern, queue_count) {
+        (Some(_), Some(_)) => return Err("--queues and --queue-pattern exclude each other".into()),
+        (Some(pattern), None) => {
+            if !pattern.contains("%d") {
+                return Err("--queue-pattern needs a %d for the number".into());
+            }
+            let to = to.ok_or("--queue-pattern needs --queue-pattern-to")?;
+            if to < from {
+                return Err("--queue-pattern-to is below --queue-pattern-from".into());
+            }
+            (from..=to)
+                .map(|n| pattern.replace("%d", &n.to_string()))
+                .collect()
+        }
+        (None, Some(1)) => vec![base],
+        (None, Some(n)) => (1..=n).map(|n| format!("{base}-{n}")).collect(),
+        (None, None) => vec![base],
+    };
+    if (given("--queue-pattern-from") || given("--queue-pattern-to")) && !given("--queue-pattern") {
+        return Err("--queue-pattern-from/--queue-pattern-to need --queue-pattern".into());
+    }
+
+    // Connections and channels: by default one connection per producer and
+    // consumer; --shared-connection is one connection with a channel each.
+    let workers = (o.producers + o.consumers).max(1);
+    if shared_connection && (connections.is_some() || channels.is_some()) {
+        return Err(
+            "--shared-connection is --connections 1 --channels N: give one or the other".into(),
+        );
+    }
+    (o.connections, o.channels) = match (shared_connection, connections, channels) {
+        (true, _, _) => (1, workers),
+        (false, None, None) => (workers, 1),
+        (false, c, m) => (c.unwrap_or(1), m.unwrap_or(1)),
+    };
+
+    if o.size > SIZE_MAX {
+        return Err(format!("--size is at most {SIZE_MAX} (64 MiB)"));
+    }
+    if o.mandatory && o.confirm.is_none() {
+        return Err("--mandatory counts returns from the confirmations: add --confirm".into());
+    }
+    if o.queue_type == QueueType::Stream {
+        if o.no_ack {
+            return Err("a stream is consumed with manual acks: drop --no-ack".into());
+        }
+        if o.prefetch == 0 {
+            return Err("a stream is consumed with a prefetch: --prefetch 1 or more".into());
+        }
+    }
+    if let Some(kind) = o.peer {
+        if o.queue_type != QueueType::Classic {
+            return Err("--queue-type means nothing to a peer: use it against a broker".into());
+        }
+        if kind == peer::Kind::Flood && o.rate.is_some() {
+            return Err("the flood peer is the producer: --rate means nothing to it".into());
+        }
+        if kind == peer::Kind::Sink && o.consumers > 0 {
+            return Err("the sink peer delivers nothing: no --consumers with it".into());
+        }
+    }
+    if o.blocking && (connections.is_some() || channels.is_some() || shared_connection) {
+        return Err("--blocking gives each producer and consumer a connection of its own: no --connections, --channels or --shared-connection".into());
+    }
+    if o.rpc.is_some() && (o.rate.is_some() || o.blocking) {
+        return Err("--rpc measures round trips: no --rate or --blocking with it".into());
+    }
+    Ok(o)
+}
+
+/// Where a producer puts the send time and where its consumer reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stamp {
+    Body,
+    Header,
+}
+
+/// How messages are stamped, when both sides run in this process.
+fn stamp(o: &Options) -> Option<Stamp> {
+    if o.producers == 0 || o.consumers == 0 || o.peer.is_some() {
+        None
+    } else if (8..=STAMP_IN_BODY_MAX).contains(&o.size) {
+        Some(Stamp::Body)
+    } else {
+        Some(Stamp::Header)
+    }
+}
+
+/// The queues of worker `index` of `workers`: every `workers`-th from its
+/// index, so that all queues are used when there are fewer workers than
+/// queues, and workers share queues when there are more.
+fn queues_of(queues: &[String], index: usize, workers: usize) -> Vec<String> {
+    if workers >= queues.len() {
+        vec![queues[index % queues.len()].clone()]
+    } else {
+        queues
+            .iter()
+            .skip(index)
+            .step_by(workers)
+            .cloned()
+            .collect()
+    }
+}
+
+fn consume_arguments(o: &Options) -> FieldTable {
+    if o.queue_type == QueueType::Stream {
+        // Only what is published during the run: a stream keeps earlier runs' messages.
+        ConsumeArguments::new()
+            .stream_offset(StreamOffset::Next)
+            .into()
+    } else {
+        FieldTable::new()
+    }
 }
 
 /// User + system CPU time of this process.
@@ -206,82 +435,144 @@ fn start_peer(kind: peer::Kind, size: usize) -> (Child, u16) {
 struct Counters {
     published: AtomicU64,
     confirmed: AtomicU64,
+    nacked: AtomicU64,
+    returned: AtomicU64,
     consumed: AtomicU64,
     stop: AtomicBool,
-    latencies: std::sync::Mutex<Vec<u64>>,
+    latencies: Mutex<Histogram>,
 }
 
-fn body(size: usize, epoch: Instant) -> Bytes {
-    let mut b = BytesMut::with_capacity(size.max(8));
-    if size >= 8 {
-        b.put_u64(epoch.elapsed().as_nanos() as u64);
-        b.resize(size, b'x');
-    } else {
-        b.resize(size, b'x');
+impl Counters {
+    fn record_confirmation(&self, confirmation: Confirmation) {
+        match confirmation {
+            Confirmation::Ack | Confirmation::NotRequested => &self.confirmed,
+            Confirmation::Nack => &self.nacked,
+            Confirmation::Returned(_) => &self.returned,
+        }
+        .fetch_add(1, Ordering::Relaxed);
     }
-    b.freeze()
+}
+
+/// What a producer sends: one body shared by every publish, stamped with the
+/// send time where a consumer measures latency.
+struct Payload {
+    template: Bytes,
+    stamp: Option<Stamp>,
+    properties: BasicProperties,
+}
+
+impl Payload {
+    fn new(size: usize, stamp: Option<Stamp>) -> Self {
+        Self {
+            template: Bytes::from(vec![b'x'; size]),
+            stamp,
+            properties: BasicProperties::default(),
+        }
+    }
+
+    /// The body and properties of the next message, sent now.
+    fn next(&self, epoch: Instant) -> (Bytes, BasicProperties) {
+        let now = epoch.elapsed().as_nanos() as u64;
+        match self.stamp {
+            None => (self.template.clone(), self.properties.clone()),
+            Some(Stamp::Body) => {
+                let mut body = BytesMut::with_capacity(self.template.len());
+                body.put_u64(now);
+                body.extend_from_slice(&self.template[8..]);
+                (body.freeze(), self.properties.clone())
+            }
+            Some(Stamp::Header) => {
+                let properties = BasicProperties {
+                    headers: Some(FieldTable::new().with(SENT_HEADER, now as i64)),
+                    ..self.properties.clone()
+                };
+                (self.template.clone(), properties)
+            }
+        }
+    }
+}
+
+/// The send time stamped in a delivery, in ns since `epoch`.
+fn sent_at(stamp: Stamp, body: &[u8], properties: &BasicProperties) -> Option<u64> {
+    match stamp {
+        Stamp::Body => body
+            .get(..8)
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default())),
+        Stamp::Header => properties
+            .headers
+            .as_ref()?
+            .get(SENT_HEADER)?
+            .as_i64()
+            .map(|ns| ns as u64),
+    }
 }
 
 async fn producer(
-    connection: Connection,
+    channel: Channel,
+    queues: Vec<String>,
     o: Options,
     counters: Arc<Counters>,
     epoch: Instant,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), amqp091::Error> {
-    let channel = connection.open_channel().await?;
     if o.confirm.is_some() {
         channel.confirm_select(confirm::Select::default()).await?;
     }
     let mut outstanding = std::collections::VecDeque::new();
-    let properties = BasicProperties::default();
-    // Without a consumer measuring latency, one body is shared by every
-    // publish (as an application sending the same payload would).
-    let stamped = o.consumers > 0 && o.size >= 8;
-    let fixed = body(o.size, epoch);
+    let payload = Payload::new(o.size, stamp(&o));
+    let start = tokio::time::Instant::now();
+    let mut sent = 0u64;
     while !counters.stop.load(Ordering::Relaxed) {
         if o.messages
             .is_some_and(|m| counters.published.load(Ordering::Relaxed) >= m)
         {
             break;
         }
+        if let Some(rate) = o.rate {
+            // The deadline of this publish, from the start rather than from
+            // the last publish, so that late wake-ups do not add up (the next
+            // publishes catch up at once). Tokio's timer has a 1 ms
+            // resolution: above 1000 msg/s messages leave in bursts of
+            // rate/1000 each millisecond.
+            let due = start + Duration::from_secs_f64(sent as f64 / rate);
+            if due > tokio::time::Instant::now() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    // A slow rate must not hold the end of the run.
+                    _ = stop.wait_for(|stop| *stop) => break,
+                }
+            }
+        }
+        let (body, properties) = payload.next(epoch);
+        let queue = &queues[sent as usize % queues.len()];
         let confirm = channel
-            .basic_publish(
-                "",
-                &o.queue,
-                false,
-                &properties,
-                if stamped {
-                    body(o.size, epoch)
-                } else {
-                    fixed.clone()
-                },
-            )
+            .basic_publish("", queue.as_str(), o.mandatory, &properties, body)
             .await?;
+        sent += 1;
         counters.published.fetch_add(1, Ordering::Relaxed);
         if let Some(window) = o.confirm {
             outstanding.push_back(confirm);
             if outstanding.len() >= window {
                 if let Some(oldest) = outstanding.pop_front() {
-                    oldest.await?;
-                    counters.confirmed.fetch_add(1, Ordering::Relaxed);
+                    counters.record_confirmation(oldest.await?);
                 }
             }
         }
     }
     for confirm in outstanding {
-        confirm.await?;
-        counters.confirmed.fetch_add(1, Ordering::Relaxed);
+        counters.record_confirmation(confirm.await?);
     }
     Ok(())
 }
 
 async fn consumer(
-    connection: Connection,
+    channel: Channel,
+    queue: String,
     o: Options,
     counters: Arc<Counters>,
     epoch: Instant,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), amqp091::Error> {
-    let channel = connection.open_channel().await?;
     channel
         .basic_qos(basic::Qos {
             prefetch_count: o.prefetch,
@@ -290,37 +581,45 @@ async fn consumer(
         .await?;
     let mut consumer = channel
         .basic_consume(
-            &o.queue,
+            queue.as_str(),
             ConsumeOptions {
                 no_ack: o.no_ack,
+                arguments: consume_arguments(&o),
                 ..Default::default()
             },
         )
         .await?;
-    let mut latencies = Vec::new();
-    let measure_latency = o.producers > 0 && o.size >= 8 && o.peer.is_none();
+    let mut latencies = Histogram::default();
+    let stamp = stamp(&o);
     let mut n = 0u64;
-    while let Some(delivery) = consumer.next().await {
+    loop {
+        // At a fixed rate the queue runs dry: stop when told, not at the next delivery.
+        let delivery = tokio::select! {
+            delivery = consumer.next() => delivery,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        let Some(delivery) = delivery else { break };
         let delivery = delivery?;
         n += 1;
-        if measure_latency && n % 16 == 0 {
-            let sent = u64::from_be_bytes(delivery.body[..8].try_into().unwrap_or_default());
-            latencies.push((epoch.elapsed().as_nanos() as u64).saturating_sub(sent));
+        if let Some(stamp) = stamp {
+            if let Some(sent) = sent_at(stamp, &delivery.body, delivery.properties.get()) {
+                latencies.record((epoch.elapsed().as_nanos() as u64).saturating_sub(sent));
+            }
         }
         if !o.no_ack && n % o.multi_ack == 0 {
             if o.multi_ack == 1 {
                 delivery.ack().await?;
             } else {
-                delivery.nack(true, true).await.ok();
+                delivery.ack_multiple().await?;
             }
         }
         counters.consumed.fetch_add(1, Ordering::Relaxed);
-        if counters.stop.load(Ordering::Relaxed) || o.messages.is_some_and(|m| n >= m) {
+        if o.messages.is_some_and(|m| n >= m) {
             break;
         }
     }
     if let Ok(mut all) = counters.latencies.lock() {
-        all.extend(latencies);
+        all.merge(&latencies);
     }
     Ok(())
 }
@@ -338,10 +637,10 @@ async fn rpc_round_trips(
     connection: &Connection,
     o: &Options,
     round_trips: u64,
-) -> Result<(), amqp091::Error> {
+) -> Result<serde_json::Value, amqp091::Error> {
     let channel = connection.open_channel().await?;
     let declare = queue::Declare {
-        queue: o.queue.as_str().into(),
+        queue: o.queues[0].as_str().into(),
         passive: true,
         ..Default::default()
     };
@@ -360,23 +659,41 @@ async fn rpc_round_trips(
     let elapsed = started.elapsed();
     let cpu = cpu_time().saturating_sub(cpu_before);
     times.sort_unstable();
-    println!(
+    let cpu_us = cpu.as_secs_f64() * 1e6 / round_trips as f64;
+    let say = |line: String| say(o.json, line);
+    say(format!(
         "results: {round_trips} passive queue.declare round trips in {:.2} s",
         elapsed.as_secs_f64()
-    );
-    println!(
+    ));
+    say(format!(
         "  round trip: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
         percentile(&times, 0.5),
         percentile(&times, 0.9),
         percentile(&times, 0.99),
         percentile(&times, 1.0)
-    );
-    println!(
-        "  client CPU {:.2} µs per round trip",
-        cpu.as_secs_f64() * 1e6 / round_trips as f64
-    );
+    ));
+    say(format!("  client CPU {cpu_us:.2} µs per round trip"));
     let _ = connection.close().await;
-    Ok(())
+    Ok(json!({
+        "rpc_round_trips": round_trips,
+        "elapsed_s": elapsed.as_secs_f64(),
+        "round_trip_us": {
+            "p50": percentile(&times, 0.5),
+            "p90": percentile(&times, 0.9),
+            "p99": percentile(&times, 0.99),
+            "max": percentile(&times, 1.0),
+        },
+        "cpu_us_per_round_trip": cpu_us,
+    }))
+}
+
+/// A line of human-readable output: stdout, or stderr when stdout is for JSON.
+fn say(json: bool, line: String) {
+    if json {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
 }
 
 fn main() {
@@ -401,7 +718,14 @@ fn main() {
         }
         return;
     }
-    let mut o = parse();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}\n\n{HELP}");
+        return;
+    }
+    let mut o = parse(&args[1..]).unwrap_or_else(|message| {
+        eprintln!("perf: {message}");
+        usage()
+    });
     #[cfg(feature = "metrics")]
     let snapshotter = {
         let recorder = metrics_util::debugging::DebuggingRecorder::new();
@@ -443,50 +767,137 @@ fn main() {
         let _ = child.kill();
         let _ = child.wait();
     }
-    if let Err(e) = result {
-        eprintln!("perf: {e}");
-        std::process::exit(1);
+    match result {
+        Ok(summary) if o.json => println!("{summary}"),
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("perf: {e}");
+            std::process::exit(1);
+        }
     }
 }
 
-async fn run(o: Options) -> Result<(), amqp091::Error> {
+async fn declare_queues(connection: &Connection, o: &Options) -> Result<(), amqp091::Error> {
+    let setup = connection.open_channel().await?;
+    for queue in &o.queues {
+        setup
+            .queue_declare(queue::Declare {
+                queue: queue.as_str().into(),
+                // Quorum queues and streams are always durable.
+                durable: o.queue_type != QueueType::Classic,
+                arguments: if o.queue_type == QueueType::Classic {
+                    FieldTable::new()
+                } else {
+                    QueueArguments::new().queue_type(o.queue_type).into()
+                },
+                ..Default::default()
+            })
+            .await?;
+        // A stream cannot be purged; its consumers start at the next offset instead.
+        if o.queue_type != QueueType::Stream {
+            setup
+                .queue_purge(queue::Purge {
+                    queue: queue.as_str().into(),
+                    ..Default::default()
+                })
+                .await?;
+        }
+    }
+    let _ = setup.close().await;
+    Ok(())
+}
+
+async fn delete_queues(connection: &Connection, o: &Options) -> Result<(), amqp091::Error> {
+    let setup = connection.open_channel().await?;
+    for queue in &o.queues {
+        setup
+            .queue_delete(queue::Delete {
+                queue: queue.as_str().into(),
+                ..Default::default()
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// The channel of worker `worker`: round-robin over the connections, then
+/// over the channels of each, opened on first use and shared after.
+async fn channel_for(
+    worker: usize,
+    o: &Options,
+    connections: &[Connection],
+    channels: &mut HashMap<usize, Channel>,
+) -> Result<Channel, amqp091::Error> {
+    let connection = worker % connections.len();
+    let slot = connection * o.channels + (worker / connections.len()) % o.channels;
+    if let Some(channel) = channels.get(&slot) {
+        return Ok(channel.clone());
+    }
+    let channel = connections[connection].open_channel().await?;
+    channels.insert(slot, channel.clone());
+    Ok(channel)
+}
+
+async fn run(o: Options) -> Result<serde_json::Value, amqp091::Error> {
     let config: Config = o.url.parse()?;
     // The URL may hold a password: print only where it points.
     let address = config.address();
     let config = config.recovery(RecoveryConfig::disabled());
     let connection = Connection::connect(config.clone()).await?;
-    let setup = connection.open_channel().await?;
-    setup
-        .queue_declare(queue::Declare {
-            queue: o.queue.as_str().into(),
-            ..Default::default()
-        })
-        .await?;
-    setup
-        .queue_purge(queue::Purge {
-            queue: o.queue.as_str().into(),
-            ..Default::default()
-        })
-        .await?;
-    println!(
-        "perf: {} producer(s), {} consumer(s), {} B messages, confirm {:?}, prefetch {}, against {}",
-        o.producers,
-        o.consumers,
-        o.size,
-        o.confirm,
-        o.prefetch,
-        o.peer.map_or(address, |k| format!("the {k:?} peer"))
+    declare_queues(&connection, &o).await?;
+    let target = o.peer.map_or(address, |k| format!("the {k:?} peer"));
+    say(
+        o.json,
+        format!(
+            "perf: {} producer(s), {} consumer(s), {} B messages, confirm {:?}, prefetch {}, \
+             rate {}, {} {} queue(s), {} connection(s) × {} channel(s), against {target}",
+            o.producers,
+            o.consumers,
+            o.size,
+            o.confirm,
+            o.prefetch,
+            o.rate
+                .map_or("unlimited".to_owned(), |r| format!("{r}/s per producer")),
+            o.queues.len(),
+            o.queue_type.as_str(),
+            o.connections,
+            o.channels,
+        ),
     );
+    let parameters = json!({
+        "target": target,
+        "producers": o.producers,
+        "consumers": o.consumers,
+        "size": o.size,
+        "confirm": o.confirm,
+        "mandatory": o.mandatory,
+        "prefetch": o.prefetch,
+        "multi_ack": o.multi_ack,
+        "no_ack": o.no_ack,
+        "rate_per_producer": o.rate,
+        "queues": o.queues,
+        "queue_type": o.queue_type.as_str(),
+        "connections": o.connections,
+        "channels_per_connection": o.channels,
+        "blocking": o.blocking,
+        "duration_s": o.duration.as_secs_f64(),
+        "messages": o.messages,
+    });
     if let Some(round_trips) = o.rpc {
-        return rpc_round_trips(&connection, &o, round_trips).await;
+        let mut summary = rpc_round_trips(&connection, &o, round_trips).await?;
+        summary["parameters"] = parameters;
+        return Ok(summary);
     }
     let counters = Arc::new(Counters {
         published: AtomicU64::new(0),
         confirmed: AtomicU64::new(0),
+        nacked: AtomicU64::new(0),
+        returned: AtomicU64::new(0),
         consumed: AtomicU64::new(0),
         stop: AtomicBool::new(false),
-        latencies: std::sync::Mutex::new(Vec::new()),
+        latencies: Mutex::new(Histogram::default()),
     });
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let epoch = Instant::now();
     let cpu_before = cpu_time();
     #[cfg_attr(not(feature = "blocking"), allow(unused_mut))]
@@ -494,16 +905,20 @@ async fn run(o: Options) -> Result<(), amqp091::Error> {
     let mut tasks = Vec::new();
     #[cfg(feature = "blocking")]
     if o.blocking {
-        for _ in 0..o.consumers {
-            let (o, counters, config) = (o.clone(), counters.clone(), config.clone());
-            threads.push(std::thread::spawn(move || {
-                blocking::consumer(config, o, counters, epoch)
-            }));
+        for index in 0..o.consumers {
+            let queues = queues_of(&o.queues, index, o.consumers);
+            for queue in queues {
+                let (o, counters, config) = (o.clone(), counters.clone(), config.clone());
+                threads.push(std::thread::spawn(move || {
+                    blocking::consumer(config, queue, o, counters, epoch)
+                }));
+            }
         }
-        for _ in 0..o.producers {
+        for index in 0..o.producers {
+            let queues = queues_of(&o.queues, index, o.producers);
             let (o, counters, config) = (o.clone(), counters.clone(), config.clone());
             threads.push(std::thread::spawn(move || {
-                blocking::producer(config, o, counters, epoch)
+                blocking::producer(config, queues, o, counters, epoch)
             }));
         }
     }
@@ -512,45 +927,54 @@ async fn run(o: Options) -> Result<(), amqp091::Error> {
     } else {
         (o.consumers, o.producers)
     };
-    // A connection of its own for each producer and consumer, unless asked.
-    let connection_for = |connection: &Connection| {
-        let (shared, config) = (connection.clone(), config.clone());
-        let own = !o.shared_connection;
-        async move {
-            if own {
-                Connection::connect(config).await
-            } else {
-                Ok(shared)
-            }
-        }
-    };
-    for _ in 0..consumers {
-        tasks.push(tokio::spawn(consumer(
-            connection_for(&connection).await?,
-            o.clone(),
-            counters.clone(),
-            epoch,
-        )));
+    // Consumers first, then producers, round-robin over the connections,
+    // then over the channels of each.
+    let mut connections = Vec::with_capacity(o.connections);
+    for _ in 0..o.connections.min(consumers + producers) {
+        connections.push(Connection::connect(config.clone()).await?);
     }
-    for _ in 0..producers {
+    let mut channels: HashMap<usize, Channel> = HashMap::new();
+    for index in 0..consumers {
+        let channel = channel_for(index, &o, &connections, &mut channels).await?;
+        for queue in queues_of(&o.queues, index, consumers) {
+            tasks.push(tokio::spawn(consumer(
+                channel.clone(),
+                queue,
+                o.clone(),
+                counters.clone(),
+                epoch,
+                stopped.clone(),
+            )));
+        }
+    }
+    for index in 0..producers {
         tasks.push(tokio::spawn(producer(
-            connection_for(&connection).await?,
+            channel_for(consumers + index, &o, &connections, &mut channels).await?,
+            queues_of(&o.queues, index, producers),
             o.clone(),
             counters.clone(),
             epoch,
+            stopped.clone(),
         )));
     }
     let started = Instant::now();
     let mut last = (0u64, 0u64);
+    let mut second = 0;
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Each second from the start (not from the last print), and no later than the end.
+        second += 1;
+        let due = Duration::from_secs(second).min(o.duration);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(started + due)).await;
         let published = counters.published.load(Ordering::Relaxed);
         let consumed = counters.consumed.load(Ordering::Relaxed);
-        println!(
-            "  {:>4.0} s: sent {:>9}/s, received {:>9}/s",
-            started.elapsed().as_secs_f64(),
-            published - last.0,
-            consumed - last.1
+        say(
+            o.json,
+            format!(
+                "  {:>4.0} s: sent {:>9}/s, received {:>9}/s",
+                started.elapsed().as_secs_f64(),
+                published - last.0,
+                consumed - last.1
+            ),
         );
         last = (published, consumed);
         let done_by_count = o.messages.is_some_and(|m| {
@@ -563,11 +987,17 @@ async fn run(o: Options) -> Result<(), amqp091::Error> {
         }
     }
     counters.stop.store(true, Ordering::Relaxed);
+    let _ = stop.send(true);
     let elapsed = started.elapsed();
     let cpu = cpu_time().saturating_sub(cpu_before);
-    // Producers finish their outstanding confirms; consumers stop at the next delivery.
+    // Producers finish their outstanding confirms; consumers stop now.
+    let mut failures = Vec::new();
     for task in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Err(e))) => failures.push(e.to_string()),
+            Ok(Err(e)) => failures.push(format!("a task panicked: {e}")),
+            Ok(Ok(Ok(()))) | Err(_) => {}
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while !threads.iter().all(|t| t.is_finished()) && Instant::now() < deadline {
@@ -575,46 +1005,265 @@ async fn run(o: Options) -> Result<(), amqp091::Error> {
     }
     for thread in threads.into_iter().filter(|t| t.is_finished()) {
         if let Ok(Err(e)) = thread.join() {
-            println!("  a blocking producer or consumer failed: {e}");
+            failures.push(e.to_string());
         }
     }
-    let published = counters.published.load(Ordering::Relaxed);
-    let consumed = counters.consumed.load(Ordering::Relaxed);
+    for failure in &failures {
+        say(
+            o.json,
+            format!("  a producer or consumer failed: {failure}"),
+        );
+    }
+    let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let published = count(&counters.published);
+    let consumed = count(&counters.consumed);
     let messages = published.max(consumed).max(1);
-    println!("results over {:.1} s:", elapsed.as_secs_f64());
-    println!(
-        "  published {published} ({:.0} msg/s), confirmed {}",
-        published as f64 / elapsed.as_secs_f64(),
-        counters.confirmed.load(Ordering::Relaxed)
+    let seconds = elapsed.as_secs_f64();
+    let cpu_us = cpu.as_secs_f64() * 1e6 / messages as f64;
+    say(o.json, format!("results over {seconds:.1} s:"));
+    say(
+        o.json,
+        format!(
+            "  published {published} ({:.0} msg/s), confirmed {}, nacked {}, returned {}",
+            published as f64 / seconds,
+            count(&counters.confirmed),
+            count(&counters.nacked),
+            count(&counters.returned),
+        ),
     );
-    println!(
-        "  consumed  {consumed} ({:.0} msg/s)",
-        consumed as f64 / elapsed.as_secs_f64()
+    say(
+        o.json,
+        format!(
+            "  consumed  {consumed} ({:.0} msg/s)",
+            consumed as f64 / seconds
+        ),
     );
-    println!(
-        "  client CPU {:.2} s = {:.2} µs per message",
-        cpu.as_secs_f64(),
-        cpu.as_secs_f64() * 1e6 / messages as f64
+    say(
+        o.json,
+        format!(
+            "  client CPU {:.2} s = {cpu_us:.2} µs per message",
+            cpu.as_secs_f64()
+        ),
     );
-    println!("  peak RSS {} MiB", peak_rss_kib() / 1024);
-    if let Ok(mut latencies) = counters.latencies.lock() {
-        if !latencies.is_empty() {
-            latencies.sort_unstable();
-            println!(
-                "  latency publish → deliver: p50 {:.0} µs, p95 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
-                percentile(&latencies, 0.5),
-                percentile(&latencies, 0.95),
-                percentile(&latencies, 0.99),
-                percentile(&latencies, 1.0)
+    let peak_rss = peak_rss_kib();
+    say(o.json, format!("  peak RSS {} MiB", peak_rss / 1024));
+    let latency = counters
+        .latencies
+        .lock()
+        .ok()
+        .filter(|h| h.count() > 0)
+        .map(|h| {
+            let us = |ns: u64| ns as f64 / 1000.0;
+            let p = |q: f64| us(h.quantile(q));
+            say(
+                o.json,
+                format!(
+                    "  latency publish → deliver ({} samples): p50 {:.0} µs, p90 {:.0} µs, \
+                     p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs",
+                    h.count(),
+                    p(0.5),
+                    p(0.9),
+                    p(0.99),
+                    p(0.999),
+                    us(h.max())
+                ),
             );
+            json!({
+                "samples": h.count(),
+                "p50": p(0.5),
+                "p90": p(0.9),
+                "p99": p(0.99),
+                "p99_9": p(0.999),
+                "max": us(h.max()),
+            })
+        });
+    for connection in connections {
+        let _ = tokio::time::timeout(Duration::from_secs(5), connection.close()).await;
+    }
+    if o.delete_queues && o.peer.is_none() {
+        if let Err(e) = delete_queues(&connection, &o).await {
+            say(o.json, format!("  deleting the queues failed: {e}"));
         }
     }
     // close() flushes what is still queued in the client before the close.
     let closing = Instant::now();
     match tokio::time::timeout(Duration::from_secs(30), connection.close()).await {
-        Ok(Ok(())) => println!("  closed in {:.2} s", closing.elapsed().as_secs_f64()),
-        Ok(Err(e)) => println!("  close failed: {e}"),
-        Err(_) => println!("  close timed out"),
+        Ok(Ok(())) => say(
+            o.json,
+            format!("  closed in {:.2} s", closing.elapsed().as_secs_f64()),
+        ),
+        Ok(Err(e)) => say(o.json, format!("  close failed: {e}")),
+        Err(_) => say(o.json, "  close timed out".to_owned()),
     }
-    Ok(())
+    Ok(json!({
+        "parameters": parameters,
+        "elapsed_s": seconds,
+        "published": published,
+        "consumed": consumed,
+        "confirmed": count(&counters.confirmed),
+        "nacked": count(&counters.nacked),
+        "returned": count(&counters.returned),
+        "sent_msg_s": published as f64 / seconds,
+        "received_msg_s": consumed as f64 / seconds,
+        "confirmed_msg_s": count(&counters.confirmed) as f64 / seconds,
+        "cpu_s": cpu.as_secs_f64(),
+        "cpu_us_per_msg": cpu_us,
+        "peak_rss_kib": peak_rss,
+        "latency_us": latency,
+        "failures": failures,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn meaningless_combinations_are_usage_errors() {
+        for line in [
+            "--peer sink --queue-type quorum",
+            "--peer flood --rate 100",
+            "--peer sink --consumers 1",
+            "--queue-type stream --no-ack",
+            "--queue-type stream --prefetch 0",
+            "--mandatory",
+            "--shared-connection --channels 2",
+            "--queues 2 --queue-pattern q-%d --queue-pattern-to 3",
+            "--queue-pattern q --queue-pattern-to 3",
+            "--queue-pattern q-%d",
+            "--queue-pattern-to 3",
+            "--size 67108865",
+            "--rate 0",
+            "--rate fast",
+            "--connections 0",
+            "--rpc 10 --rate 10",
+            "--queue-type lazy",
+        ] {
+            assert!(parse(&args(line)).is_err(), "accepted: {line}");
+        }
+        assert!(parse(&args("--size 67108864 --queue-type stream --rate 0.5")).is_ok());
+    }
+
+    #[test]
+    fn queues_come_from_a_count_or_a_pattern() {
+        let o = parse(&args("--queue q --queues 3")).unwrap();
+        assert_eq!(o.queues, ["q-1", "q-2", "q-3"]);
+        let o = parse(&args(
+            "--queue-pattern perf-%d --queue-pattern-from 5 --queue-pattern-to 6",
+        ))
+        .unwrap();
+        assert_eq!(o.queues, ["perf-5", "perf-6"]);
+        let o = parse(&args("--queue-type quorum")).unwrap();
+        assert_eq!(o.queues, ["amqp-client.perf-quorum"]);
+    }
+
+    #[test]
+    fn every_queue_has_a_worker_and_workers_share_queues_round_robin() {
+        let queues: Vec<String> = ["a", "b", "c"].map(String::from).into();
+        assert_eq!(queues_of(&queues, 0, 2), ["a", "c"]);
+        assert_eq!(queues_of(&queues, 1, 2), ["b"]);
+        assert_eq!(queues_of(&queues, 4, 5), ["b"]);
+    }
+
+    #[test]
+    fn connections_and_channels_default_to_one_connection_per_worker() {
+        let o = parse(&args("--producers 2 --consumers 3")).unwrap();
+        assert_eq!((o.connections, o.channels), (5, 1));
+        let o = parse(&args("--producers 2 --consumers 3 --shared-connection")).unwrap();
+        assert_eq!((o.connections, o.channels), (1, 5));
+        let o = parse(&args("--connections 2 --channels 3")).unwrap();
+        assert_eq!((o.connections, o.channels), (2, 3));
+    }
+
+    #[test]
+    fn the_send_time_travels_in_the_body_or_in_a_header() {
+        let epoch = Instant::now() - Duration::from_secs(1);
+        for (size, expected) in [
+            (32, Stamp::Body),
+            (4, Stamp::Header),
+            (1 << 20, Stamp::Header),
+        ] {
+            let o = parse(&args(&format!("--consumers 1 --size {size}"))).unwrap();
+            assert_eq!(stamp(&o), Some(expected));
+            let payload = Payload::new(size, stamp(&o));
+            let (body, properties) = payload.next(epoch);
+            assert_eq!(body.len(), size);
+            let sent = sent_at(expected, &body, &properties).expect("a send time");
+            assert!((1_000_000_000..10_000_000_000).contains(&sent), "{sent}");
+            if expected == Stamp::Header {
+                // The body is the shared one, not a copy per message.
+                assert_eq!(body.as_ptr(), payload.template.as_ptr());
+            }
+        }
+    }
+
+    /// Against the broker at AMQP_URL: fails when there is none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_at_a_fixed_rate_over_quorum_queues_reports_latency_as_json() {
+        let base = format!(
+            "amqp-client.perf-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        );
+        let rate = 200.0;
+        let o = parse(&args(&format!(
+            "--producers 3 --consumers 3 --rate {rate} --queue {base} --queues 3 \
+             --connections 2 --channels 2 --queue-type quorum --duration 2 --delete-queues --json"
+        )))
+        .unwrap();
+        let summary = run(o.clone()).await.expect("the run against the broker");
+        // What `--json` prints: one line holding one object.
+        let line = summary.to_string();
+        assert!(!line.contains('\n'));
+        let summary: serde_json::Value = serde_json::from_str(&line).unwrap();
+
+        assert_eq!(summary["failures"], json!([]), "{summary}");
+        let asked = rate * 3.0;
+        let received = summary["received_msg_s"].as_f64().unwrap();
+        assert!(
+            received > asked * 0.5 && received < asked * 1.5,
+            "received {received} msg/s at {asked} asked: {summary}"
+        );
+        let sent = summary["sent_msg_s"].as_f64().unwrap();
+        assert!(sent > asked * 0.8 && sent < asked * 1.2, "{summary}");
+        let latency = &summary["latency_us"];
+        let p = |name: &str| latency[name].as_f64().unwrap_or(f64::NAN);
+        assert!(
+            0.0 < p("p50") && p("p50") <= p("p90") && p("p90") <= p("p99"),
+            "{latency}"
+        );
+        assert!(
+            p("p99") <= p("p99_9") && p("p99_9") <= p("max"),
+            "{latency}"
+        );
+        assert!(latency["samples"].as_u64().unwrap() > 0);
+        let parameters = &summary["parameters"];
+        assert_eq!(parameters["queue_type"], "quorum");
+        assert_eq!(parameters["queues"].as_array().map(Vec::len), Some(3));
+        assert_eq!(parameters["connections"], 2);
+        assert_eq!(parameters["channels_per_connection"], 2);
+
+        // --delete-queues removed what the run declared.
+        let connection = Connection::connect(o.url.parse::<Config>().unwrap())
+            .await
+            .unwrap();
+        for queue in &o.queues {
+            let channel = connection.open_channel().await.unwrap();
+            let passive = channel
+                .queue_declare(queue::Declare {
+                    queue: queue.as_str().into(),
+                    passive: true,
+                    ..Default::default()
+                })
+                .await;
+            assert!(passive.is_err(), "{queue} is still there");
+        }
+        let _ = connection.close().await;
+    }
 }
