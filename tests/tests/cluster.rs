@@ -116,6 +116,15 @@ impl Tracked {
         }
     }
 
+    /// Whether `Recovering` was reported (the connection was lost).
+    fn has_lost_its_connection(&self) -> bool {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, event)| matches!(event, RecoveryEvent::Recovering { .. }))
+    }
+
     /// From the loss of the connection (`Recovering`) to `Recovered`, for
     /// each recovery so far.
     fn recovery_times(&self) -> Vec<Duration> {
@@ -274,8 +283,8 @@ async fn no_confirmed_message_is_lost_when_the_queues_leader_stops(cluster: Arc<
 }
 
 /// 20,000 confirmed publishes to a quorum queue on all three nodes, a
-/// consumer reading throughout, and a node stopped a quarter of the way in.
-async fn confirmed_publishes_across_a_node_loss(cluster: &Cluster, victim: Victim) {
+/// consumer reading throughout, and a node stopped in the midst of them.
+async fn confirmed_publishes_across_a_node_loss(cluster: &Arc<Cluster>, victim: Victim) {
     let queue = unique(match victim {
         Victim::ClientsNode => "quorum-client-node",
         Victim::Leader => "quorum-leader",
@@ -329,56 +338,55 @@ async fn confirmed_publishes_across_a_node_loss(cluster: &Cluster, victim: Victi
         .expect("confirm mode");
     let (confirms_tx, confirms_rx) = mpsc::channel(WINDOW);
     let outcomes = tokio::spawn(collect_outcomes(confirms_rx));
-    // Published while the node runs, while it stops, and once it is gone.
-    let stop_from = MESSAGES / 4;
-    let stopped_by = MESSAGES / 2;
+    // The stop starts once publishing is in full swing and takes a few
+    // seconds to bite (rabbitmqctl boots an Erlang VM of its own): the
+    // client's connection lost (or, for the leader, the node down) while
+    // publishes are in flight. Should it not have bitten by `pace_from`,
+    // the rest are published a few milliseconds apart, so that it still
+    // lands in the midst of them.
+    let stop_from = MESSAGES / 20;
+    let pace_from = MESSAGES * 3 / 4;
     let mut stopping = None;
+    // The id being published when the loss was first seen.
+    let mut lost_at = None;
     let mut unsent = Vec::new();
     let publishing = Instant::now();
-    let mut stopped_after = Duration::ZERO;
     for id in 0..MESSAGES {
         if id == stop_from {
-            stopped_after = publishing.elapsed();
-            // The stop starts on a blocking thread when first polled, and
-            // is polled alongside the publishes below.
-            stopping = Some(Box::pin(cluster.node(stopped).stop_app_async()));
+            let cluster = cluster.clone();
+            stopping = Some(tokio::spawn(async move {
+                cluster.node(stopped).stop_app_async().await;
+            }));
         }
-        if id == stopped_by {
-            if let Some(stop) = stopping.take() {
-                stop.await;
-            }
-        }
-        let publish = publish_id(&channel, &queue, id);
-        let result = if let Some(stop) = stopping.as_mut() {
-            tokio::pin!(publish);
-            let mut stop_done = false;
-            let result = tokio::select! {
-                biased;
-                result = &mut publish => result,
-                () = stop => {
-                    stop_done = true;
-                    publish.await
-                }
+        if let (None, Some(stop)) = (lost_at, &stopping) {
+            let lost = match victim {
+                // A publish made while recovering waits for the reconnect,
+                // so the recovery events tell, not `is_recovering`.
+                Victim::ClientsNode => publisher.has_lost_its_connection(),
+                Victim::Leader => stop.is_finished(),
             };
-            if stop_done {
-                stopping = None;
+            if lost {
+                lost_at = Some((id, publishing.elapsed()));
+            } else if id >= pace_from {
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            result
-        } else {
-            publish.await
-        };
-        match result {
+        }
+        match publish_id(&channel, &queue, id).await {
             Ok(confirm) => confirms_tx.send((id, confirm)).await.expect("collector"),
             Err(_) => unsent.push(id),
         }
     }
-    if let Some(stop) = stopping.take() {
-        stop.await;
+    if let Some(stop) = stopping {
+        stop.await.expect("node stopped");
     }
+    assert!(
+        lost_at.is_some(),
+        "node {stopped} stopped ({victim:?}) only after the last publish"
+    );
     drop(confirms_tx);
     let (mut acked, mut unknown) = outcomes.await.expect("collector");
+    let (first_round_unknown, first_round_unsent) = (unknown.len(), unsent.len());
     unknown.extend(unsent);
-    let first_round_unknown = unknown.len();
     // At least once: whatever has no ack is published again until it has.
     for round in 1..=10 {
         if unknown.is_empty() {
@@ -459,8 +467,9 @@ async fn confirmed_publishes_across_a_node_loss(cluster: &Cluster, victim: Victi
         }
     }
     eprintln!(
-        "{victim:?}: stopped node {stopped} (leader {leader}, clients on {clients_node}) {stopped_after:.1?} \
-         after the first publish; {first_round_unknown} publishes without an ack republished; \
+        "{victim:?}: stopped node {stopped} (leader {leader}, clients on {clients_node}), \
+         lost at (publish, time) {lost_at:?}; {first_round_unknown} confirms unknown \
+         or nacked and {first_round_unsent} publishes refused, all republished; \
          {} distinct ids consumed; publisher recovered in {:?}, consumer in {:?}; {:.1?} in all",
         seen.len(),
         publisher.recovery_times(),
