@@ -160,7 +160,9 @@ impl Cluster {
         self.nodes[up].rabbitmqctl(args)
     }
 
-    /// [`rabbitmqctl`](Self::rabbitmqctl) on a blocking thread.
+    /// [`rabbitmqctl`](Self::rabbitmqctl), letting the runtime's other
+    /// tasks run meanwhile (`block_in_place`: needs the multi-thread
+    /// runtime).
     pub async fn rabbitmqctl_async(&self, args: &[&str]) -> String {
         let up = (0..SIZE)
             .find(|&i| self.is_up(i))
@@ -170,7 +172,8 @@ impl Cluster {
     }
 
     /// The index of the node that leads `queue` (a quorum queue or a
-    /// stream), from `rabbitmqctl list_queues name leader`.
+    /// stream), from `rabbitmqctl list_queues name leader`. Needs the
+    /// multi-thread runtime, as [`rabbitmqctl_async`](Self::rabbitmqctl_async) does.
     ///
     /// # Panics
     ///

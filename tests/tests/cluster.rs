@@ -458,6 +458,17 @@ async fn confirmed_publishes_across_a_node_loss(cluster: &Arc<Cluster>, victim: 
                 // the first backoff delay reaches a live one.
                 assert_eq!(moved.attempt, 1, "{who}: {moved:?}");
             }
+            // Recovery consumed again, once.
+            let consumers = admin_channel
+                .queue_declare(queue::Declare {
+                    queue: name(&queue),
+                    passive: true,
+                    ..Default::default()
+                })
+                .await
+                .expect("passive declare")
+                .consumer_count;
+            assert_eq!(consumers, 1, "one consumer on {queue} after the move");
         }
         Victim::Leader => {
             assert_eq!(publisher_connects.len(), 1, "{publisher_connects:?}");
