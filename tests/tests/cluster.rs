@@ -342,8 +342,10 @@ async fn confirmed_publishes_across_a_node_loss(cluster: &Arc<Cluster>, victim: 
     // seconds to bite (rabbitmqctl boots an Erlang VM of its own): the
     // client's connection lost (or, for the leader, the node down) while
     // publishes are in flight. Should it not have bitten by `pace_from`,
-    // the rest are published a few milliseconds apart, so that it still
-    // lands in the midst of them.
+    // the rest are published 2 ms apart (at most 500 a second, ten more
+    // seconds for the stop), so that it still lands amid publishes: a
+    // steady few awaiting their confirms rather than bursts and pauses,
+    // in which the loss would find none in flight.
     let stop_from = MESSAGES / 20;
     let pace_from = MESSAGES * 3 / 4;
     let mut stopping = None;
