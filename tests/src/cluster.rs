@@ -72,17 +72,27 @@ impl Cluster {
             node.rabbitmqctl(&["join_cluster", &seed]);
         }
         parallel(joining, PrivateNode::start_app);
-        let running = cluster.nodes[0].rabbitmqctl(&[
+        // One CLI call (each boots an Erlang VM): the running members, and
+        // the feature flags that quorum queues and streams need (fresh 3.10
+        // nodes enable every flag, and a joining node takes the cluster's).
+        let status = cluster.nodes[0].rabbitmqctl(&[
             "eval",
-            "lists:sort([atom_to_list(N) || N <- rabbit_nodes:all_running()]).",
+            "{[atom_to_list(N) || N <- rabbit_nodes:all_running()], \
+              rabbit_feature_flags:is_enabled(quorum_queue), \
+              rabbit_feature_flags:is_enabled(stream_queue)}.",
         ]);
         for node in &cluster.nodes {
             assert!(
-                running.contains(node.node_name()),
-                "{} is not running in the cluster: {running}",
+                status.contains(node.node_name()),
+                "{} is not running in the cluster: {status}",
                 node.node_name()
             );
         }
+        let compact: String = status.split_whitespace().collect();
+        assert!(
+            compact.ends_with(",true,true}"),
+            "the quorum_queue and stream_queue feature flags are not both enabled: {status}"
+        );
         eprintln!(
             "a cluster of {SIZE} private RabbitMQ nodes ({}) started in {:.1?}",
             cluster
