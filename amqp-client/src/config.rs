@@ -368,6 +368,13 @@ pub struct Config {
     pub max_body_size: u64,
     /// More brokers (a cluster's nodes) tried in turn after `host:port`.
     pub fallback_addresses: Vec<(String, u16)>,
+    /// Try the addresses (`host:port` and the fallbacks) in a random order
+    /// at the first connect and at each reconnect, rather than in the order
+    /// given, so that many clients configured with the same list spread
+    /// over a cluster's nodes instead of all landing on the first. A
+    /// reconnect still tries the node it lost last. Off by default; set
+    /// with [`Config::shuffle_addresses`] or `?shuffle_addresses=true`.
+    pub shuffle_addresses: bool,
     /// Automatic recovery.
     pub recovery: RecoveryConfig,
     /// How long any call that waits on the broker may wait (RPCs, opening
@@ -400,6 +407,7 @@ impl Default for Config {
             consumer_buffer: 1024,
             max_body_size: 128 * 1024 * 1024,
             fallback_addresses: Vec::new(),
+            shuffle_addresses: false,
             recovery: RecoveryConfig::default(),
             call_timeout: None,
         }
@@ -428,6 +436,7 @@ impl std::fmt::Debug for Config {
             consumer_buffer,
             max_body_size,
             fallback_addresses,
+            shuffle_addresses,
             recovery,
             call_timeout,
         } = self;
@@ -449,6 +458,7 @@ impl std::fmt::Debug for Config {
             .field("consumer_buffer", consumer_buffer)
             .field("max_body_size", max_body_size)
             .field("fallback_addresses", fallback_addresses)
+            .field("shuffle_addresses", shuffle_addresses)
             .field("recovery", recovery)
             .field("call_timeout", call_timeout)
             .finish()
@@ -577,6 +587,19 @@ impl FromStr for Config {
                         .server_name = Some(value.into_owned());
                 }
                 "connection_name" => config.connection_name = Some(value.into_owned()),
+                "shuffle_addresses" => {
+                    config.shuffle_addresses = match value.as_ref() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => {
+                            return Err(UrlError::Query {
+                                name: name.into_owned(),
+                                value: value.into_owned(),
+                                reason: "expected true or false",
+                            })
+                        }
+                    }
+                }
                 other => return Err(UrlError::UnknownQuery(other.to_owned())),
             }
         }
@@ -707,6 +730,30 @@ impl Config {
         self
     }
 
+    /// Tries the addresses in a random order at every connect (see
+    /// [`Config::shuffle_addresses`](#structfield.shuffle_addresses)), so
+    /// that clients sharing one address list spread over the cluster:
+    ///
+    /// ```
+    /// use amqp091::Config;
+    ///
+    /// let config = Config::default()
+    ///     .host("rabbit-1")
+    ///     .fallback_address("rabbit-2", 5672)
+    ///     .fallback_address("rabbit-3", 5672)
+    ///     .shuffle_addresses(true);
+    /// assert!(config.shuffle_addresses);
+    ///
+    /// let config: Config = "amqp://rabbit-1/%2f?shuffle_addresses=true".parse()?;
+    /// assert!(config.shuffle_addresses);
+    /// # Ok::<(), amqp091::UrlError>(())
+    /// ```
+    #[must_use]
+    pub fn shuffle_addresses(mut self, shuffle: bool) -> Self {
+        self.shuffle_addresses = shuffle;
+        self
+    }
+
     /// Sets automatic recovery.
     #[must_use]
     pub fn recovery(mut self, recovery: RecoveryConfig) -> Self {
@@ -756,6 +803,16 @@ mod tests {
         assert_eq!(c.call_timeout, Some(Duration::from_millis(2500)));
         assert_eq!(c.auth_mechanism, AuthMechanism::AmqPlain);
         assert!(c.tls.is_none());
+        assert!(
+            !c.shuffle_addresses,
+            "addresses keep their order unless asked"
+        );
+        for (value, shuffle) in [("true", true), ("1", true), ("false", false), ("0", false)] {
+            let c: Config = format!("amqp://h/?shuffle_addresses={value}")
+                .parse()
+                .expect("valid");
+            assert_eq!(c.shuffle_addresses, shuffle, "{value}");
+        }
     }
 
     #[test]
@@ -865,6 +922,7 @@ mod tests {
         assert!(err("amqp://h?heartbeat=70000").contains("heartbeat"));
         assert!(err("amqp://h?auth_mechanism=KERBEROS").contains("auth_mechanism"));
         assert!(err("amqp://h?bogus=1").contains("bogus"));
+        assert!(err("amqp://h?shuffle_addresses=yes").contains("shuffle_addresses=yes"));
         assert!(err("not a url").contains("invalid AMQP URL"));
         assert!(err("amqp://h:99999").contains("invalid AMQP URL"));
     }

@@ -129,17 +129,44 @@ pub(crate) async fn config_for_attempt(
     Ok(config)
 }
 
+/// The order in which to try `count` addresses (indices into
+/// [`Config::addresses`]): after `last` in turn, or shuffled with `random`
+/// when `shuffle` is set; the address lost (`last`) comes last either way.
+fn address_order(
+    count: usize,
+    last: Option<usize>,
+    shuffle: bool,
+    mut random: impl FnMut() -> u64,
+) -> Vec<usize> {
+    let start = last.map_or(0, |i| i + 1);
+    let mut order: Vec<usize> = (0..count).map(|k| (start + k) % count.max(1)).collect();
+    if shuffle {
+        // Fisher–Yates over all but the lost address, which stays last.
+        let shuffled = if last.is_some() {
+            count.saturating_sub(1)
+        } else {
+            count
+        };
+        for i in (1..shuffled).rev() {
+            let j = (random() % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+    }
+    order
+}
+
 /// Opens a stream to one of `config`'s addresses, starting after `last`
-/// (so that a lost node is tried last), and runs the handshake.
+/// (so that a lost node is tried last) or in a random order when
+/// [`Config::shuffle_addresses`](crate::Config::shuffle_addresses) is set,
+/// and runs the handshake. Returns the index into [`Config::addresses`] of
+/// the address connected to.
 pub(crate) async fn open_stream(
     config: &Config,
     last: Option<usize>,
 ) -> Result<(Stream, handshake::Negotiated, usize), Error> {
     let addresses = config.addresses();
-    let start = last.map_or(0, |i| i + 1);
     let mut last_error = None;
-    for k in 0..addresses.len() {
-        let index = (start + k) % addresses.len();
+    for index in address_order(addresses.len(), last, config.shuffle_addresses, random_u64) {
         let target = config.at(&addresses[index]);
         let address = target.address();
         tracing::debug!(%address, vhost = %target.vhost, "connecting");
@@ -183,13 +210,70 @@ pub(crate) async fn open_stream(
     }))
 }
 
-/// A number in [0.5, 1.0) for backoff jitter; no RNG dependency needed for that.
+/// A number in [0.5, 1.0) for backoff jitter.
 pub(crate) fn jitter() -> f64 {
+    0.5 + (random_u64() % 1_000_000) as f64 / 2_000_000.0
+}
+
+/// A random number for jitter and address shuffling; no RNG dependency
+/// needed for that. std's `RandomState` keys SipHash with per-process
+/// random keys (from the OS) and changes them for every new state, so that
+/// clients started at the same instant, in one process or many, still
+/// differ; the time is hashed in for good measure.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
+        .map(|d| d.as_nanos())
         .unwrap_or(0);
-    // A multiplicative hash spreads nearby nanosecond counts apart.
-    let mixed = nanos.wrapping_mul(2_654_435_761) >> 8;
-    0.5 + f64::from(mixed % 1_000_000) / 2_000_000.0
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(nanos);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_shuffling_addresses_are_tried_in_turn_after_the_lost_one() {
+        let never = || unreachable!("no randomness without shuffling");
+        assert_eq!(address_order(3, None, false, never), [0, 1, 2]);
+        assert_eq!(address_order(3, Some(0), false, never), [1, 2, 0]);
+        assert_eq!(address_order(3, Some(2), false, never), [0, 1, 2]);
+        assert_eq!(address_order(1, Some(0), false, never), [0]);
+    }
+
+    #[test]
+    fn shuffling_tries_every_address_once_and_the_lost_one_last() {
+        let mut firsts = [0u32; 4];
+        for _ in 0..400 {
+            let order = address_order(4, None, true, random_u64);
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, [0, 1, 2, 3], "{order:?}");
+            firsts[order[0]] += 1;
+
+            let order = address_order(4, Some(1), true, random_u64);
+            assert_eq!(order.last(), Some(&1), "the lost address last: {order:?}");
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, [0, 1, 2, 3], "{order:?}");
+        }
+        // Each address first about a quarter of the time (100 expected);
+        // 40 is over six standard deviations below that.
+        assert!(firsts.iter().all(|&n| n > 40), "{firsts:?}");
+        assert_eq!(
+            address_order(0, None, true, random_u64),
+            Vec::<usize>::new()
+        );
+    }
+
+    #[test]
+    fn jitter_stays_in_its_range() {
+        for _ in 0..1000 {
+            let j = jitter();
+            assert!((0.5..1.0).contains(&j), "{j}");
+        }
+    }
 }

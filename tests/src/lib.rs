@@ -1,7 +1,8 @@
 //! Support code for the integration tests: the broker URL, connecting,
-//! `rabbitmqctl`, unique names, private broker nodes, a scripted fake peer and
-//! a TCP fault proxy.
+//! `rabbitmqctl`, unique names, private broker nodes and a cluster of them, a
+//! scripted fake peer and a TCP fault proxy.
 
+pub mod cluster;
 pub mod fake_peer;
 pub mod node;
 pub mod proxy;
