@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::channel::Channel;
 use crate::command_queue::command_queue;
@@ -18,9 +18,9 @@ use crate::error::Error;
 use crate::events::RecoveryEvent;
 use crate::io::{Driver, OnReconnect, Queues, Socket};
 pub use crate::link::ServerInfo;
-use crate::link::{ErrorHandler, Inner, Shared, PUBLISH_BUFFER_BYTES};
+use crate::link::{control_queue, ErrorHandler, Inner, Shared, PUBLISH_BUFFER_BYTES};
 use crate::machine::Settings;
-use crate::ports::{Blocked, Command, Machine, Recovering, Signals};
+use crate::ports::{Blocked, Command, EventSender, Machine, Recovering, Signals};
 use crate::protocol::methods::connection;
 use crate::protocol::{ReplyCode, ShortString};
 use crate::telemetry::{IoTelemetry, Telemetry};
@@ -249,10 +249,12 @@ impl Connection {
             }
         };
 
+        // One copy for the handles and the I/O task.
+        let config = Arc::new(config);
         let error = Arc::new(OnceLock::new());
         let (blocked_tx, blocked_rx) = Blocked::new();
         let (recovering_tx, recovering_rx) = Recovering::new();
-        let (events, _) = broadcast::channel(256);
+        let events = EventSender::default();
         let (finished, _) = watch::channel(None);
         let telemetry = Telemetry::new(&config, address_index);
         let shared = Arc::new(Shared {
@@ -287,7 +289,7 @@ impl Connection {
             telemetry: IoTelemetry::new(telemetry.clone()),
         };
         let (commands_tx, commands_rx) = command_queue(COMMAND_QUEUE);
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = control_queue();
         let inner = Arc::new(Inner {
             commands: commands_tx,
             control: control_tx,

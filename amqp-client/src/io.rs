@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::command_queue::CommandReceiver;
@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::connect::{jitter, open_stream, ConnectInfo};
 use crate::error::Error;
 use crate::events::RecoveryEvent;
-use crate::link::Shared;
+use crate::link::{ControlReceiver, Shared};
 use crate::machine::RawDelivery;
 use crate::ports::{route, Command, Machine, Signals};
 use crate::protocol::frame::FrameDecoder;
@@ -23,8 +23,14 @@ use crate::transport::{Reader, Stream, Writer};
 
 /// How much the task writes per batch before it looks at the socket again.
 const WRITE_BATCH: usize = 256 * 1024;
-/// How much room it makes for each socket read.
+/// How much room it makes for a socket read while bytes keep coming.
 const READ_CHUNK: usize = 64 * 1024;
+/// A read or write batch under this size means the connection is quiet
+/// (heartbeats, a call now and then): the next read gets only this much
+/// room, and a buffer emptied by such a batch is released, so that an idle
+/// connection holds this much read room and no write buffer. A read that
+/// fills its room, or a large batch, grows them again.
+const QUIET_IO: usize = 4 * 1024;
 /// How long a last frame (a close, a close-ok) may take to go out before the
 /// socket is dropped.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -36,7 +42,7 @@ pub(crate) type OnReconnect = Box<dyn Fn(ConnectInfo) + Send + Sync>;
 pub(crate) struct Queues {
     pub commands: CommandReceiver,
     /// Closes and forgotten consumers, taken even while the connection recovers.
-    pub control: mpsc::UnboundedReceiver<Command>,
+    pub control: ControlReceiver,
 }
 
 /// A socket that finished the handshake.
@@ -58,10 +64,12 @@ pub(crate) struct Driver {
     signals: Signals,
     decoder: FrameDecoder,
     read_buf: BytesMut,
+    /// The size of the latest socket read (see [`QUIET_IO`]).
+    last_read: usize,
     commands: CommandReceiver,
-    control: mpsc::UnboundedReceiver<Command>,
+    control: ControlReceiver,
     shared: Arc<Shared>,
-    config: Config,
+    config: Arc<Config>,
     on_reconnect: Option<OnReconnect>,
     /// The address the current socket is connected to.
     address_index: usize,
@@ -88,6 +96,58 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Reads what the socket has into `buf`, with `room` bytes made for it.
+///
+/// An idle connection thus holds `room` (the quiet size) while it waits.
+/// Waiting for readability first and making room only then (TCP's
+/// `readable` + `try_read_buf`) would hold none, but with 1 MiB bodies it
+/// raised the consume path's peak RSS from 40-60 MiB to 0.1-1.3 GB (not yet
+/// understood), so it is not done.
+async fn read_into(reader: &mut Reader, buf: &mut BytesMut, room: usize) -> std::io::Result<usize> {
+    buf.reserve(room);
+    tokio::io::AsyncReadExt::read_buf(reader, buf).await
+}
+
+/// The room the next read gets after one of `last_read` bytes.
+fn read_room(last_read: usize) -> usize {
+    if last_read < QUIET_IO {
+        QUIET_IO
+    } else {
+        READ_CHUNK
+    }
+}
+
+/// Releases the read buffer once a quiet read (of `last_read` bytes) left
+/// nothing in it. Its bytes may live on in the bodies sliced from it: the
+/// allocation is theirs then.
+fn release_after_quiet_read(buf: &mut BytesMut, last_read: usize) {
+    // Whatever `capacity()` says: it counts only the room past the bytes
+    // consumed, not the allocation.
+    if buf.is_empty() && last_read < QUIET_IO {
+        *buf = BytesMut::new();
+    }
+}
+
+/// Makes room for the next batch: a busy connection (the previous batch
+/// was not quiet) gets a whole batch's room at once, as it keeps it, rather
+/// than growing it (and moving its unwritten bytes) a doubling at a time.
+fn room_for_batch(buf: &mut BytesMut, previous_batch: usize) {
+    if previous_batch >= QUIET_IO && buf.capacity() < WRITE_BATCH {
+        let mut room = BytesMut::with_capacity(WRITE_BATCH);
+        room.extend_from_slice(buf);
+        *buf = room;
+    }
+}
+
+/// Releases the write buffer once a quiet batch (of `batch` bytes) is all
+/// written: the room a busy batch before it needed is not kept.
+fn release_after_quiet_batch(buf: &mut BytesMut, batch: usize) {
+    // As for reads, whatever `capacity()` says.
+    if buf.is_empty() && batch < QUIET_IO {
+        *buf = BytesMut::new();
+    }
+}
+
 fn lost(e: std::io::Error) -> Error {
     Error::ConnectionLost(Arc::new(e))
 }
@@ -99,7 +159,7 @@ impl Driver {
         socket: Socket,
         Queues { commands, control }: Queues,
         shared: Arc<Shared>,
-        config: Config,
+        config: Arc<Config>,
         on_reconnect: Option<OnReconnect>,
     ) -> Self {
         let (reader, writer) = socket.stream.into_split();
@@ -110,6 +170,7 @@ impl Driver {
             signals,
             decoder: FrameDecoder::new(socket.frame_max),
             read_buf: socket.leftover,
+            last_read: 0,
             commands,
             control,
             shared,
@@ -161,7 +222,9 @@ impl Driver {
             if let Some(cause) = self.machine.take_loss() {
                 self.shared.report(&cause);
             }
-            if let Err(error) = self.reconnect().await {
+            // Boxed: its connect and handshake futures would otherwise
+            // size the task of every connection, however idle (some 2.5 KB).
+            if let Err(error) = Box::pin(self.reconnect()).await {
                 tracing::error!(%error, "recovery gave up");
                 self.machine.fail(error);
                 self.route();
@@ -175,7 +238,7 @@ impl Driver {
         self.take_commands();
         self.control.close();
         while let Ok(command) = self.control.try_recv() {
-            self.machine.command(command, Instant::now());
+            self.machine.command(*command, Instant::now());
         }
         self.route();
         self.signals.telemetry.telemetry().connection_ended();
@@ -184,10 +247,15 @@ impl Driver {
 
     /// Runs one socket until the machine is over or the socket is lost.
     async fn run_session(&mut self) {
-        let mut write_buf = BytesMut::with_capacity(WRITE_BATCH);
+        // Grown by what the machine writes into it, released when quiet.
+        let mut write_buf = BytesMut::new();
+        // How much the latest batch put in it.
+        let mut batch = 0;
         let mut socket_ok = true;
         // Leftover bytes from the handshake.
+        self.last_read = 0;
         self.handle_input();
+        release_after_quiet_read(&mut self.read_buf, self.last_read);
         loop {
             self.route();
             if self.machine.is_closed() || self.machine.is_interrupted() {
@@ -207,7 +275,9 @@ impl Driver {
                 return;
             }
             if write_buf.len() < WRITE_BATCH / 2 && self.machine.wants_to_write() {
+                room_for_batch(&mut write_buf, batch);
                 self.machine.write_frames(&mut write_buf, WRITE_BATCH);
+                batch = write_buf.len();
             }
             if self.commands_gone() && self.machine.accepts_commands() {
                 // Every handle is gone: close gracefully.
@@ -225,6 +295,7 @@ impl Driver {
             let parked = self.machine.parked_outlet().cloned();
             let paused = self.machine.is_paused();
             let deadline = self.machine.next_timeout();
+            let read_room = read_room(self.last_read);
             let Driver {
                 reader,
                 writer,
@@ -244,6 +315,7 @@ impl Driver {
                         Ok(n) => {
                             self.signals.telemetry.telemetry().bytes_sent(n);
                             write_buf.advance(n);
+                            release_after_quiet_batch(&mut write_buf, batch);
                             self.machine.on_sent(Instant::now());
                         }
                         Err(e) => {
@@ -262,7 +334,7 @@ impl Driver {
                         if self.machine.accepts_commands() {
                             self.take_commands();
                         }
-                        self.machine.command(command, Instant::now());
+                        self.machine.command(*command, Instant::now());
                     }
                 }
                 permit = reserve(parked) => match permit {
@@ -280,7 +352,7 @@ impl Driver {
                         self.handle_input();
                     }
                 },
-                read = { read_buf.reserve(READ_CHUNK); reader.read_buf(read_buf) }, if !paused => {
+                read = read_into(reader, read_buf, read_room), if !paused => {
                     match read {
                         Ok(0) => {
                             socket_ok = false;
@@ -291,8 +363,10 @@ impl Driver {
                         }
                         Ok(n) => {
                             self.signals.telemetry.telemetry().bytes_received(n);
+                            self.last_read = n;
                             self.machine.on_received(Instant::now());
                             self.handle_input();
+                            release_after_quiet_read(&mut self.read_buf, self.last_read);
                         }
                         Err(e) => {
                             socket_ok = false;
@@ -361,7 +435,7 @@ impl Driver {
                             self.control_done = true;
                         }
                         if let Some(command) = command {
-                            self.machine.command(command, Instant::now());
+                            self.machine.command(*command, Instant::now());
                             self.route();
                         }
                     }
@@ -433,5 +507,107 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::{self, Frame};
+    use bytes::Bytes;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A reader on one end of a loopback connection, and the other end.
+    async fn loopback() -> (Reader, Writer, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (client, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        let (reader, writer) = Stream::Tcp(client.expect("connect")).into_split();
+        (reader, writer, accepted.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_holds_no_read_buffer_and_a_large_frame_after_still_decodes() {
+        let (mut reader, _writer, mut peer) = loopback().await;
+        let mut decoder = FrameDecoder::new(1 << 20);
+        // What the handshake's buffer left is released once handled.
+        let mut buf = BytesMut::with_capacity(8192);
+        release_after_quiet_read(&mut buf, 0);
+        assert_eq!(buf.capacity(), 0);
+
+        // A heartbeat: a quiet read, after which nothing is kept.
+        let mut wire = BytesMut::new();
+        frame::write_heartbeat(&mut wire);
+        peer.write_all(&wire).await.expect("write");
+        let mut last_read = 0;
+        let heartbeat = loop {
+            if let Some(frame) = decoder.decode(&mut buf).expect("valid") {
+                break frame;
+            }
+            last_read = read_into(&mut reader, &mut buf, read_room(last_read))
+                .await
+                .expect("read");
+        };
+        assert_eq!(heartbeat, Frame::Heartbeat);
+        release_after_quiet_read(&mut buf, last_read);
+        assert_eq!(buf.capacity(), 0, "an idle connection keeps no read buffer");
+
+        // A frame many times the quiet room: the reads grow to it.
+        let body: Bytes = (0..300_000u32).map(|i| i as u8).collect::<Vec<_>>().into();
+        let mut wire = BytesMut::new();
+        frame::write_body(&mut wire, 1, &body, 1 << 20);
+        let writing = tokio::spawn(async move {
+            peer.write_all(&wire).await.expect("write");
+            peer
+        });
+        let mut largest_read = 0;
+        let large = loop {
+            if let Some(frame) = decoder.decode(&mut buf).expect("valid") {
+                break frame;
+            }
+            last_read = read_into(&mut reader, &mut buf, read_room(last_read))
+                .await
+                .expect("read");
+            assert_ne!(last_read, 0, "the peer closed early");
+            largest_read = largest_read.max(last_read);
+            release_after_quiet_read(&mut buf, last_read);
+        };
+        assert_eq!(
+            large,
+            Frame::Body {
+                channel: 1,
+                payload: body
+            }
+        );
+        assert!(largest_read > QUIET_IO, "largest read {largest_read}");
+        let _peer = writing.await.expect("writer");
+    }
+
+    #[test]
+    fn a_busy_write_buffer_is_kept_whole_and_released_after_a_quiet_batch() {
+        let mut buf = BytesMut::new();
+        // Quiet: the buffer grows only with what is written.
+        room_for_batch(&mut buf, 0);
+        assert_eq!(buf.capacity(), 0);
+        buf.extend_from_slice(&[1; 100]);
+
+        // Busy: a whole batch's room, the unwritten bytes kept in order.
+        room_for_batch(&mut buf, 64 * 1024);
+        assert!(buf.capacity() >= WRITE_BATCH);
+        assert_eq!(&buf[..], &[1; 100][..]);
+        buf.extend_from_slice(&vec![2; 200_000]);
+        let batch = buf.len();
+        buf.advance(batch);
+        let room_left = buf.capacity();
+        assert_ne!(room_left, 0);
+        release_after_quiet_batch(&mut buf, batch);
+        assert_eq!(buf.capacity(), room_left, "kept while busy");
+
+        // A quiet batch, all written: the busy room goes.
+        buf.extend_from_slice(&[3; 8]);
+        let batch = buf.len();
+        buf.advance(batch);
+        release_after_quiet_batch(&mut buf, batch);
+        assert_eq!(buf.capacity(), 0);
     }
 }

@@ -8,13 +8,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::BytesMut;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::command_queue::{CommandSender, TrySendError};
 use crate::config::Config;
 use crate::connect::{config_for_attempt, CredentialsProvider};
 use crate::error::{Error, Initiator};
-use crate::events::RecoveryEvent;
 use crate::ports::Command;
 use crate::protocol::frame;
 use crate::protocol::methods::Method;
@@ -42,7 +41,7 @@ pub(crate) struct Shared {
     /// The same as `blocked`, readable without a lock.
     pub blocked_now: crate::ports::Flag,
     /// Recovery's reports.
-    pub events: broadcast::Sender<RecoveryEvent>,
+    pub events: crate::ports::EventSender,
     /// The frame_max negotiated with the broker now connected: a reconnect
     /// may get another one, and frames are checked against it before they
     /// are queued (0: no limit).
@@ -144,12 +143,36 @@ pub struct ServerInfo {
     pub properties: FieldTable,
 }
 
+/// The sending end of the control queue: channel closes and forgotten
+/// consumers, taken even while the connection recovers. Its commands are
+/// boxed: they are rare, and tokio's unbounded channel makes room for 32
+/// of its values when it is made (3 KB per connection at a `Command`'s size).
+#[derive(Debug, Clone)]
+pub(crate) struct ControlSender(mpsc::UnboundedSender<Box<Command>>);
+
+/// The I/O task's end of the control queue.
+pub(crate) type ControlReceiver = mpsc::UnboundedReceiver<Box<Command>>;
+
+impl ControlSender {
+    /// Queues `command` (never waits); whether the I/O task is still there
+    /// to take it.
+    pub(crate) fn send(&self, command: Command) -> bool {
+        self.0.send(Box::new(command)).is_ok()
+    }
+}
+
+/// The control queue.
+pub(crate) fn control_queue() -> (ControlSender, ControlReceiver) {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    (ControlSender(sender), receiver)
+}
+
 pub(crate) struct Inner {
     pub commands: CommandSender,
-    pub control: mpsc::UnboundedSender<Command>,
+    pub control: ControlSender,
     pub shared: Arc<Shared>,
     pub info: ServerInfo,
-    pub config: Config,
+    pub config: Arc<Config>,
     pub next_consumer: std::sync::atomic::AtomicU64,
     /// Bounds what publishers may queue in the client (bodies included).
     pub publish_budget: Arc<crate::credit::PublishBudget>,

@@ -3,7 +3,7 @@
 //! [`route`] after each thing it hands the machine, before it waits again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -91,12 +91,48 @@ impl<T: Default + PartialEq> Signal<T> {
     }
 }
 
+/// How many recovery events a subscriber may fall behind by before it
+/// misses some (`RecvError::Lagged`).
+const RECOVERY_EVENTS: usize = 256;
+
+/// The sender of the recovery events, whose broadcast channel is made when
+/// the first receiver subscribes: a broadcast channel allocates all its
+/// slots at once (some 28 KiB for 256 events), and most connections never
+/// have a subscriber. An event sent before then goes nowhere, as it would
+/// on a channel without receivers.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct EventSender(Arc<OnceLock<broadcast::Sender<RecoveryEvent>>>);
+
+impl EventSender {
+    /// Sends `event` to every subscriber; whether there was any.
+    pub(crate) fn send(&self, event: RecoveryEvent) -> bool {
+        self.0
+            .get()
+            .is_some_and(|sender| sender.send(event).is_ok())
+    }
+
+    /// A sender whose channel holds `capacity` events, with its first
+    /// receiver (for the simulator, whose runs may send many between reads).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn subscribed(capacity: usize) -> (Self, broadcast::Receiver<RecoveryEvent>) {
+        let (sender, receiver) = broadcast::channel(capacity);
+        (Self(Arc::new(OnceLock::from(sender))), receiver)
+    }
+
+    /// A receiver of the events sent from now on.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<RecoveryEvent> {
+        self.0
+            .get_or_init(|| broadcast::channel(RECOVERY_EVENTS).0)
+            .subscribe()
+    }
+}
+
 /// Where the connection-wide events go.
 #[derive(Debug)]
 pub(crate) struct Signals {
     pub blocked: Blocked,
     pub recovering: Recovering,
-    pub events: broadcast::Sender<RecoveryEvent>,
+    pub events: EventSender,
     /// What the I/O task counts (nothing without the `metrics` feature).
     pub telemetry: IoTelemetry,
 }
@@ -108,7 +144,7 @@ impl Signals {
         Self {
             blocked: Blocked::new().0,
             recovering: Recovering::new().0,
-            events: broadcast::channel(16).0,
+            events: EventSender::default(),
             telemetry: IoTelemetry::new(crate::telemetry::Telemetry::unobserved()),
         }
     }
@@ -156,4 +192,30 @@ pub(crate) fn route(machine: &mut Machine, signals: &Signals) {
         }
     }
     signals.telemetry.channels(machine.channel_count());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_events_reach_the_receivers_subscribed_before_them() {
+        let events = EventSender::default();
+        // Nobody subscribed yet: no channel either (its slots are made with it).
+        assert!(!events.send(RecoveryEvent::Recovered));
+        assert!(events.0.get().is_none());
+        let mut early = events.subscribe();
+        assert!(events.send(RecoveryEvent::Reconnected {
+            address: "rabbit:5672".into()
+        }));
+        let mut late = events.clone().subscribe();
+        assert!(events.send(RecoveryEvent::Recovered));
+        assert!(matches!(
+            early.try_recv(),
+            Ok(RecoveryEvent::Reconnected { .. })
+        ));
+        assert!(matches!(early.try_recv(), Ok(RecoveryEvent::Recovered)));
+        assert!(matches!(late.try_recv(), Ok(RecoveryEvent::Recovered)));
+        assert!(late.try_recv().is_err());
+    }
 }

@@ -49,6 +49,7 @@ pub(super) enum StreamPosition {
 
 impl StreamPosition {
     /// The position after a delivery with these properties.
+    #[inline]
     pub(super) fn advance(self, properties: &ReceivedProperties) -> Self {
         if self == Self::NotAStream {
             return self;

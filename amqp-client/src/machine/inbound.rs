@@ -114,6 +114,13 @@ impl<P: Ports> Machine<P> {
                     return Err(unexpected(format!("channel.open-ok on open channel {id}")));
                 }
                 state.phase = Phase::Open;
+                if state.out.is_empty() {
+                    // The room the channel.open took: a channel that is
+                    // only opened holds no frame queue (an idle channel
+                    // costs its state alone); the first frame queued
+                    // after makes it again.
+                    state.out = VecDeque::new();
+                }
                 let opened = ChannelRef {
                     id,
                     incarnation: state.incarnation,

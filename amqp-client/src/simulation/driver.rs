@@ -21,7 +21,7 @@ use crate::credit::PublishBudget;
 use crate::error::Error;
 use crate::events::{Confirmation, RecoveryEvent, ReturnedMessage};
 use crate::machine::{ChannelRef, PublishBody, RawDelivery, Reply, Settings, Settlement};
-use crate::ports::{route, Blocked, Command, Flag, Machine, Recovering, Signals};
+use crate::ports::{route, Blocked, Command, EventSender, Flag, Machine, Recovering, Signals};
 use crate::protocol::frame::{self, FrameDecoder};
 use crate::protocol::methods::{basic, Method};
 use crate::protocol::{BasicProperties, ReplyCode, ShortString};
@@ -166,7 +166,7 @@ impl SimDriver {
         let (blocked, _) = Blocked::new();
         let (recovering, _) = Recovering::new();
         let (blocked_flag, recovering_flag) = (blocked.flag(), recovering.flag());
-        let (events, receiver) = broadcast::channel(1024);
+        let (events, receiver) = EventSender::subscribed(1024);
         let machine = Machine::new(machine_settings, now, error.clone());
         Self {
             machine,

@@ -256,3 +256,64 @@ fn a_no_wait_cancel_does_not_overtake_its_queued_consume() {
         "neither consume nor cancel goes out"
     );
 }
+
+/// A channel that is only opened keeps no frame queue (its state is all an
+/// idle channel costs), and the ids of many closed channels open working
+/// channels again.
+#[test]
+fn open_channels_keep_no_frame_queue_and_freed_ids_open_working_channels() {
+    let now = Instant::now();
+    let (mut m, _) = machine(now);
+    let ids: Vec<u16> = (0..8).map(|_| open_channel(&mut m, now)).collect();
+    for id in &ids {
+        assert_eq!(m.channels[id].out.capacity(), 0, "channel {id}");
+    }
+    for id in &ids {
+        let (reply, mut closed) = oneshot::channel();
+        m.command(
+            Command::CloseChannel {
+                channel: target(&m, *id),
+                reply: Some(reply),
+            },
+            now,
+        );
+        assert!(matches!(
+            written_methods(&mut m).as_slice(),
+            [Method::ChannelClose(_)]
+        ));
+        m.handle_frame(Frame::Method {
+            channel: *id,
+            method: Method::ChannelCloseOk(channel::CloseOk {}),
+        })
+        .expect("close-ok");
+        assert!(matches!(closed.try_recv(), Ok(Ok(()))));
+    }
+    assert!(m.channels.is_empty());
+
+    let id = open_channel(&mut m, now);
+    m.command(
+        Command::Publish {
+            channel: target(&m, id),
+            head: publish_head(id, 1),
+            body: PublishBody(Bytes::from_static(b"x")),
+            confirm: None,
+            credit: None,
+        },
+        now,
+    );
+    let frames = written(&mut m);
+    assert!(
+        matches!(
+            frames.as_slice(),
+            [
+                Frame::Method {
+                    method: Method::BasicPublish(_),
+                    ..
+                },
+                Frame::Header { .. },
+                Frame::Body { payload, .. },
+            ] if payload.as_ref() == b"x"
+        ),
+        "{frames:?}"
+    );
+}
