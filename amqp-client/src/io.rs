@@ -117,13 +117,14 @@ fn read_room(last_read: usize) -> usize {
     }
 }
 
-/// Releases the read buffer once a quiet read (of `last_read` bytes) left
-/// nothing in it. Its bytes may live on in the bodies sliced from it: the
-/// allocation is theirs then.
-fn release_after_quiet_read(buf: &mut BytesMut, last_read: usize) {
+/// Releases `buf` once a quiet read or write batch (of `size` bytes) left
+/// nothing in it: the room a busy one before it needed is not kept. Bytes
+/// read may live on in the bodies sliced from it: the allocation is theirs
+/// then.
+fn release_if_quiet(buf: &mut BytesMut, size: usize) {
     // Whatever `capacity()` says: it counts only the room past the bytes
     // consumed, not the allocation.
-    if buf.is_empty() && last_read < QUIET_IO {
+    if buf.is_empty() && size < QUIET_IO {
         *buf = BytesMut::new();
     }
 }
@@ -136,15 +137,6 @@ fn room_for_batch(buf: &mut BytesMut, previous_batch: usize) {
         let mut room = BytesMut::with_capacity(WRITE_BATCH);
         room.extend_from_slice(buf);
         *buf = room;
-    }
-}
-
-/// Releases the write buffer once a quiet batch (of `batch` bytes) is all
-/// written: the room a busy batch before it needed is not kept.
-fn release_after_quiet_batch(buf: &mut BytesMut, batch: usize) {
-    // As for reads, whatever `capacity()` says.
-    if buf.is_empty() && batch < QUIET_IO {
-        *buf = BytesMut::new();
     }
 }
 
@@ -255,7 +247,7 @@ impl Driver {
         // Leftover bytes from the handshake.
         self.last_read = 0;
         self.handle_input();
-        release_after_quiet_read(&mut self.read_buf, self.last_read);
+        release_if_quiet(&mut self.read_buf, self.last_read);
         loop {
             self.route();
             if self.machine.is_closed() || self.machine.is_interrupted() {
@@ -315,7 +307,7 @@ impl Driver {
                         Ok(n) => {
                             self.signals.telemetry.telemetry().bytes_sent(n);
                             write_buf.advance(n);
-                            release_after_quiet_batch(&mut write_buf, batch);
+                            release_if_quiet(&mut write_buf, batch);
                             self.machine.on_sent(Instant::now());
                         }
                         Err(e) => {
@@ -366,7 +358,7 @@ impl Driver {
                             self.last_read = n;
                             self.machine.on_received(Instant::now());
                             self.handle_input();
-                            release_after_quiet_read(&mut self.read_buf, self.last_read);
+                            release_if_quiet(&mut self.read_buf, self.last_read);
                         }
                         Err(e) => {
                             socket_ok = false;
@@ -532,7 +524,7 @@ mod tests {
         let mut decoder = FrameDecoder::new(1 << 20);
         // What the handshake's buffer left is released once handled.
         let mut buf = BytesMut::with_capacity(8192);
-        release_after_quiet_read(&mut buf, 0);
+        release_if_quiet(&mut buf, 0);
         assert_eq!(buf.capacity(), 0);
 
         // A heartbeat: a quiet read, after which nothing is kept.
@@ -549,7 +541,7 @@ mod tests {
                 .expect("read");
         };
         assert_eq!(heartbeat, Frame::Heartbeat);
-        release_after_quiet_read(&mut buf, last_read);
+        release_if_quiet(&mut buf, last_read);
         assert_eq!(buf.capacity(), 0, "an idle connection keeps no read buffer");
 
         // A frame many times the quiet room: the reads grow to it.
@@ -570,7 +562,7 @@ mod tests {
                 .expect("read");
             assert_ne!(last_read, 0, "the peer closed early");
             largest_read = largest_read.max(last_read);
-            release_after_quiet_read(&mut buf, last_read);
+            release_if_quiet(&mut buf, last_read);
         };
         assert_eq!(
             large,
@@ -600,14 +592,14 @@ mod tests {
         buf.advance(batch);
         let room_left = buf.capacity();
         assert_ne!(room_left, 0);
-        release_after_quiet_batch(&mut buf, batch);
+        release_if_quiet(&mut buf, batch);
         assert_eq!(buf.capacity(), room_left, "kept while busy");
 
         // A quiet batch, all written: the busy room goes.
         buf.extend_from_slice(&[3; 8]);
         let batch = buf.len();
         buf.advance(batch);
-        release_after_quiet_batch(&mut buf, batch);
+        release_if_quiet(&mut buf, batch);
         assert_eq!(buf.capacity(), 0);
     }
 }

@@ -921,7 +921,6 @@ pub fn properties(model: &Model) -> TokenStream {
 
 /// The `Channel` method (and its `_no_wait` twin) that sends `m`, if it gets one.
 fn channel_method(m: &Method) -> Option<TokenStream> {
-    let full = m.full_name();
     let fn_name = format_ident!("{}", m.channel_method()?);
     let path = struct_path(m);
     // generated_methods.rs imports every class module.
@@ -942,7 +941,7 @@ fn channel_method(m: &Method) -> Option<TokenStream> {
     if m.replies.is_empty() {
         let d = doc(&paragraphs(
             m.doc.as_deref(),
-            &format!("Sends `{full}`; the spec defines no reply. {see}"),
+            &format!("{} {see}", sends_line(m)),
         ));
         out.extend(quote! {
             #d
@@ -979,12 +978,7 @@ fn channel_method(m: &Method) -> Option<TokenStream> {
     } else {
         param
     };
-    let reply_names: Vec<String> = m
-        .replies
-        .iter()
-        .map(|(_, _, r)| format!("`{}.{r}`", m.class_name))
-        .collect();
-    let mut sends = format!("Sends `{full}` and waits for {}.", reply_names.join(" or "));
+    let mut sends = sends_line(m);
     if m.has_no_wait() {
         sends.push_str(&format!(
             " Its `no_wait` is ignored: [`{fn_name}_no_wait`](Self::{fn_name}_no_wait) sends it without waiting."
@@ -1005,10 +999,7 @@ fn channel_method(m: &Method) -> Option<TokenStream> {
     });
     if m.has_no_wait() {
         let nw = format_ident!("{}_no_wait", fn_name);
-        let d = doc(&format!(
-            "Sends `{full}` with `no-wait` set: the broker sends no reply, and reports a failure by closing the channel. \
-             Otherwise as [`{fn_name}`](Self::{fn_name})."
-        ));
+        let d = doc(&no_wait_line(m, &fn_name.to_string()));
         out.extend(quote! {
             #d
             pub async fn #nw(&self, mut args: #path) -> Result<(), Error> {
@@ -1018,6 +1009,30 @@ fn channel_method(m: &Method) -> Option<TokenStream> {
         });
     }
     Some(out)
+}
+
+/// What a channel method sends and what it waits for, in its docs (the
+/// async and the blocking one alike).
+pub(crate) fn sends_line(m: &Method) -> String {
+    let full = m.full_name();
+    if m.replies.is_empty() {
+        return format!("Sends `{full}`; the spec defines no reply.");
+    }
+    let reply_names: Vec<String> = m
+        .replies
+        .iter()
+        .map(|(_, _, r)| format!("`{}.{r}`", m.class_name))
+        .collect();
+    format!("Sends `{full}` and waits for {}.", reply_names.join(" or "))
+}
+
+/// The docs of the `_no_wait` twin of the channel method `fn_name`.
+pub(crate) fn no_wait_line(m: &Method, fn_name: &str) -> String {
+    format!(
+        "Sends `{}` with `no-wait` set: the broker sends no reply, and reports a failure by closing the channel. \
+         Otherwise as [`{fn_name}`](Self::{fn_name}).",
+        m.full_name()
+    )
 }
 
 /// `channel/generated_methods.rs`: a `Channel` method per method a client sends on an

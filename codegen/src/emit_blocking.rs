@@ -7,7 +7,7 @@
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
 
-use crate::emit::{doc, paragraphs};
+use crate::emit::{doc, no_wait_line, paragraphs, sends_line};
 use crate::model::{camel, Method, Model};
 
 /// Whether `m` has a generated channel method: the async `Channel`'s
@@ -20,29 +20,18 @@ fn is_stub(m: &Method) -> bool {
 /// variant): the method's own from the docs file, what it sends and waits
 /// for, and the async method it waits on.
 fn doc_text(m: &Method, no_wait: bool) -> String {
-    let full = m.full_name();
     let Some(name) = m.channel_method() else {
         return String::new();
     };
     if no_wait {
-        return format!(
-            "Sends `{full}` with `no-wait` set: the broker sends no reply, and reports a failure by closing the channel. \
-             Otherwise as [`{name}`](Self::{name})."
-        );
+        return no_wait_line(m, &name);
     }
-    let sends = if m.replies.is_empty() {
-        format!("Sends `{full}`; the spec defines no reply.")
-    } else {
-        let replies: Vec<String> = m
-            .replies
-            .iter()
-            .map(|(_, _, reply)| format!("`{}.{reply}`", m.class_name))
-            .collect();
-        format!("Sends `{full}` and waits for {}.", replies.join(" or "))
-    };
     paragraphs(
         m.doc.as_deref(),
-        &format!("{sends} The blocking form of [`Channel::{name}`](crate::Channel::{name})."),
+        &format!(
+            "{} The blocking form of [`Channel::{name}`](crate::Channel::{name}).",
+            sends_line(m)
+        ),
     )
 }
 
