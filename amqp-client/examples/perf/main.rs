@@ -29,6 +29,7 @@
 mod blocking;
 mod histogram;
 mod peer;
+mod raw_copy;
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -90,20 +91,26 @@ struct Options {
     blocking: bool,
     /// The summary as one JSON object on stdout; progress on stderr.
     json: bool,
+    /// Pace `--rate` with the thread's own sleep rather than tokio's timer.
+    precise_pacing: bool,
+    /// After the run, copy as many bytes as its bodies over a plain
+    /// loopback TCP connection, as the yardstick for large bodies.
+    raw_copy: bool,
 }
 
 const USAGE: &str = "\
 usage: perf [--url URL | --peer sink|flood] [--producers N] [--consumers N] [--size BYTES]
             [--confirm WINDOW] [--mandatory] [--prefetch N] [--multi-ack N] [--no-ack]
-            [--duration SECONDS] [--messages N] [--rate MSGS_PER_SECOND_PER_PRODUCER]
+            [--duration SECONDS] [--messages N] [--rate MSGS_PER_SECOND_PER_PRODUCER [--precise-pacing]]
             [--queue NAME | --queues N | --queue-pattern 'NAME-%d' --queue-pattern-from A --queue-pattern-to B]
             [--queue-type classic|quorum|stream] [--delete-queues]
             [--connections N] [--channels PER_CONNECTION | --shared-connection]
-            [--rpc ROUND_TRIPS] [--blocking] [--json]
+            [--rpc ROUND_TRIPS] [--blocking] [--json] [--raw-copy]
        perf serve sink|flood PORT SIZE";
 
 const HELP: &str = "\
 --rate N            publishes per second per producer, paced from the start (1 ms timer steps)
+--precise-pacing    pace --rate with the thread's own sleep: even spacing above 1000/s, more CPU
 --queues N          queues NAME-1..NAME-N (NAME from --queue); producers and consumers round-robin
 --queue-pattern P   PerfTest's queue names: P with %d from --queue-pattern-from (1) to --queue-pattern-to
 --queue-type T      declared with x-queue-type (quorum and stream: durable; stream: consumed from next)
@@ -113,6 +120,7 @@ const HELP: &str = "\
 --mandatory         publish mandatory; returns are counted from the confirmations (needs --confirm)
 --size BYTES        up to 64 MiB; the send time is in the body up to 64 KiB, in a header above
 --json              progress on stderr, the summary as one JSON object on stdout
+--raw-copy          then copy as many bytes as the bodies over plain loopback TCP, and compare
 latency percentiles are measured when producers and consumers both run against a broker";
 
 fn usage() -> ! {
@@ -144,6 +152,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
         channels: 0,
         blocking: false,
         json: false,
+        raw_copy: false,
+        precise_pacing: false,
     };
     let mut queue: Option<String> = None;
     let mut queue_count: Option<u64> = None;
@@ -175,6 +185,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--shared-connection" => shared_connection = true,
             "--delete-queues" => o.delete_queues = true,
             "--json" => o.json = true,
+            "--raw-copy" => o.raw_copy = true,
+            "--precise-pacing" => o.precise_pacing = true,
             "--blocking" => {
                 if !cfg!(feature = "blocking") {
                     return Err(
@@ -322,6 +334,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
     }
     if o.blocking && (connections.is_some() || channels.is_some() || shared_connection) {
         return Err("--blocking gives each producer and consumer a connection of its own: no --connections, --channels or --shared-connection".into());
+    }
+    if o.precise_pacing && o.rate.is_none() {
+        return Err("--precise-pacing paces --rate: give a rate".into());
     }
     if o.rpc.is_some() && (o.rate.is_some() || o.blocking) {
         return Err("--rpc measures round trips: no --rate or --blocking with it".into());
@@ -533,9 +548,19 @@ async fn producer(
             // the last publish, so that late wake-ups do not add up (the next
             // publishes catch up at once). Tokio's timer has a 1 ms
             // resolution: above 1000 msg/s messages leave in bursts of
-            // rate/1000 each millisecond.
+            // rate/1000 each millisecond, unless --precise-pacing.
             let due = start + Duration::from_secs_f64(sent as f64 / rate);
-            if due > tokio::time::Instant::now() {
+            let now = tokio::time::Instant::now();
+            if o.precise_pacing && due > now && due - now < Duration::from_millis(2) {
+                // The last stretch slept by the thread itself (tens of µs
+                // of slack instead of the timer's 1 ms steps), its worker
+                // handed to the runtime meanwhile: even spacing, more CPU.
+                let wait = due - now;
+                match tokio::runtime::Handle::current().runtime_flavor() {
+                    tokio::runtime::RuntimeFlavor::CurrentThread => std::thread::sleep(wait),
+                    _ => tokio::task::block_in_place(|| std::thread::sleep(wait)),
+                }
+            } else if due > now {
                 tokio::select! {
                     _ = tokio::time::sleep_until(due) => {}
                     // A slow rate must not hold the end of the run.
@@ -756,7 +781,12 @@ fn main() {
             .build()
     }
     .expect("runtime");
-    let result = runtime.block_on(run(o.clone()));
+    let result = if std::env::var("PERF_SPAWN").is_ok() {
+        let o2 = o.clone();
+        runtime.block_on(async move { tokio::spawn(run(o2)).await.expect("task") })
+    } else {
+        runtime.block_on(run(o.clone()))
+    };
     #[cfg(feature = "metrics")]
     for (key, _, _, value) in snapshotter.snapshot().into_vec() {
         if let metrics_util::debugging::DebugValue::Counter(n) = value {
@@ -961,22 +991,30 @@ async fn run(o: Options) -> Result<serde_json::Value, amqp091::Error> {
     let mut last = (0u64, 0u64);
     let mut second = 0;
     loop {
-        // Each second from the start (not from the last print), and no later than the end.
-        second += 1;
-        let due = Duration::from_secs(second).min(o.duration);
+        // Each second from the start (not from the last print), and no later
+        // than the end; a run of `--messages` is looked at every 10 ms, so
+        // that it ends (and is timed) when its last message is.
+        let next_second = Duration::from_secs(second + 1).min(o.duration);
+        let due = match o.messages {
+            Some(_) => next_second.min(started.elapsed() + Duration::from_millis(10)),
+            None => next_second,
+        };
         tokio::time::sleep_until(tokio::time::Instant::from_std(started + due)).await;
         let published = counters.published.load(Ordering::Relaxed);
         let consumed = counters.consumed.load(Ordering::Relaxed);
-        say(
-            o.json,
-            format!(
-                "  {:>4.0} s: sent {:>9}/s, received {:>9}/s",
-                started.elapsed().as_secs_f64(),
-                published - last.0,
-                consumed - last.1
-            ),
-        );
-        last = (published, consumed);
+        if due == next_second {
+            second += 1;
+            say(
+                o.json,
+                format!(
+                    "  {:>4.0} s: sent {:>9}/s, received {:>9}/s",
+                    started.elapsed().as_secs_f64(),
+                    published - last.0,
+                    consumed - last.1
+                ),
+            );
+            last = (published, consumed);
+        }
         let done_by_count = o.messages.is_some_and(|m| {
             (o.producers == 0 || published >= m) && (o.consumers == 0 || consumed >= m)
         });
@@ -1045,8 +1083,40 @@ async fn run(o: Options) -> Result<serde_json::Value, amqp091::Error> {
             cpu.as_secs_f64()
         ),
     );
+    // Body bytes per second, the way the larger of the two sides counts them.
+    let body_bytes_per_s = messages as f64 * o.size as f64 / seconds;
+    say(
+        o.json,
+        format!("  bodies {:.0} MB/s", body_bytes_per_s / 1e6),
+    );
     let peak_rss = peak_rss_kib();
     say(o.json, format!("  peak RSS {} MiB", peak_rss / 1024));
+    let raw_copy = if o.raw_copy {
+        let bytes = messages * o.size as u64;
+        let copied = tokio::task::spawn_blocking(move || raw_copy::run(bytes))
+            .await
+            .expect("raw copy")
+            .map_err(|e| amqp091::Error::ConnectionLost(Arc::new(e)))?;
+        let raw_per_s = copied.bytes_per_s();
+        say(
+            o.json,
+            format!(
+                "  raw loopback TCP copy of {} MB: {:.0} MB/s, {:.2} s CPU; the run reached {:.0}% of it",
+                bytes / 1_000_000,
+                raw_per_s / 1e6,
+                copied.cpu.as_secs_f64(),
+                100.0 * body_bytes_per_s / raw_per_s
+            ),
+        );
+        Some(json!({
+            "bytes": bytes,
+            "bytes_per_s": raw_per_s,
+            "cpu_s": copied.cpu.as_secs_f64(),
+            "run_fraction": body_bytes_per_s / raw_per_s,
+        }))
+    } else {
+        None
+    };
     let latency = counters
         .latencies
         .lock()
@@ -1109,6 +1179,8 @@ async fn run(o: Options) -> Result<serde_json::Value, amqp091::Error> {
         "cpu_s": cpu.as_secs_f64(),
         "cpu_us_per_msg": cpu_us,
         "peak_rss_kib": peak_rss,
+        "body_bytes_per_s": body_bytes_per_s,
+        "raw_copy": raw_copy,
         "latency_us": latency,
         "failures": failures,
     }))
@@ -1141,6 +1213,7 @@ mod tests {
             "--rate fast",
             "--connections 0",
             "--rpc 10 --rate 10",
+            "--precise-pacing",
             "--queue-type lazy",
         ] {
             assert!(parse(&args(line)).is_err(), "accepted: {line}");

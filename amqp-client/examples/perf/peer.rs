@@ -3,14 +3,19 @@
 //! bench makes, discards publishes and acks them in batches in confirm mode;
 //! `flood` streams deliveries to every consumer as fast as the socket takes them.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::io::IoSlice;
 
 use amqp091::protocol::frame::{self, Frame, FrameDecoder};
 use amqp091::protocol::methods::{basic, channel, confirm, connection, queue, Method};
 use amqp091::protocol::{BasicProperties, FieldTable, ShortString};
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// Bodies above this size are sent from frames encoded once, not copied
+/// into the write buffer per message.
+const SHARED_BODY_MIN: usize = 64 * 1024;
 
 /// Which peer to play.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +52,13 @@ struct Session {
     /// Channels with a flooding consumer: (channel, consumer tag, next delivery tag).
     floods: Vec<(u16, ShortString, u64)>,
     body: Vec<u8>,
+    /// The body's frames, encoded once for the negotiated frame size (the
+    /// channel number patched per flooding channel): a large body costs the
+    /// flood no copy of its own, only the kernel's.
+    body_frames: Vec<(u16, Bytes)>,
+    /// What the flood has queued for the socket, written with `writev`.
+    out: VecDeque<Bytes>,
+    out_bytes: usize,
     frame_max: u32,
 }
 
@@ -66,6 +78,9 @@ impl Session {
             confirm_seq: Vec::new(),
             floods: Vec::new(),
             body: vec![b'f'; body_size],
+            body_frames: Vec::new(),
+            out: VecDeque::new(),
+            out_bytes: 0,
             frame_max: 131_072,
         }
     }
@@ -87,15 +102,21 @@ impl Session {
             if self.kind == Kind::Flood && !self.floods.is_empty() {
                 // Keep the socket full; read whatever the client sends meanwhile.
                 self.fill_flood();
+                let slices: Vec<IoSlice<'_>> =
+                    self.out.iter().take(64).map(|b| IoSlice::new(b)).collect();
                 let (mut reader, mut writer) = self.stream.split();
-                tokio::select! {
-                    written = writer.write(&self.write) => {
-                        let n = written?;
-                        let _ = self.write.split_to(n);
-                    }
-                    read = reader.read_buf(&mut self.read) => {
-                        if read? == 0 { return Ok(()); }
-                        if !self.handle_input()? { return Ok(()); }
+                let read = tokio::select! {
+                    written = writer.write_vectored(&slices) => Err(written?),
+                    read = reader.read_buf(&mut self.read) => Ok(read?),
+                };
+                drop(slices);
+                match read {
+                    Err(written) => self.advance_out(written),
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {
+                        if !self.handle_input()? {
+                            return Ok(());
+                        }
                     }
                 }
             } else {
@@ -138,9 +159,42 @@ impl Session {
         }
     }
 
+    /// Drops what the socket took from the front of the flood's queue.
+    fn advance_out(&mut self, mut written: usize) {
+        self.out_bytes -= written;
+        while written > 0 {
+            let front = self.out.front_mut().expect("written bytes were queued");
+            if front.len() <= written {
+                written -= front.len();
+                self.out.pop_front();
+            } else {
+                front.advance(written);
+                written = 0;
+            }
+        }
+    }
+
+    /// The body's frames for `channel`, encoded the first time they are needed.
+    fn body_frames(&mut self, channel: u16) -> Bytes {
+        if let Some((_, frames)) = self.body_frames.iter().find(|(c, _)| *c == channel) {
+            return frames.clone();
+        }
+        let mut frames = BytesMut::new();
+        frame::write_body(&mut frames, channel, &self.body, self.frame_max);
+        let frames = frames.freeze();
+        self.body_frames.push((channel, frames.clone()));
+        frames
+    }
+
     fn fill_flood(&mut self) {
         let properties = BasicProperties::default();
-        while self.write.len() < 128 * 1024 {
+        // Replies queued by the input handled meanwhile go first.
+        if !self.write.is_empty() {
+            let replies = self.write.split().freeze();
+            self.out_bytes += replies.len();
+            self.out.push_back(replies);
+        }
+        while self.out_bytes < 128 * 1024 {
             for (channel, tag, next) in &mut self.floods {
                 let deliver = Method::BasicDeliver(basic::Deliver {
                     consumer_tag: tag.clone(),
@@ -157,7 +211,24 @@ impl Session {
                     self.body.len() as u64,
                     &properties,
                 );
-                frame::write_body(&mut self.write, *channel, &self.body, self.frame_max);
+                if self.body.len() <= SHARED_BODY_MIN {
+                    frame::write_body(&mut self.write, *channel, &self.body, self.frame_max);
+                }
+            }
+            let heads = self.write.split().freeze();
+            self.out_bytes += heads.len();
+            self.out.push_back(heads);
+            if self.body.len() <= SHARED_BODY_MIN {
+                continue;
+            }
+            // A deliver and a header per channel above, then each channel's
+            // body frames: a message's frames stay in order on its channel,
+            // which is all AMQP asks (channels may interleave).
+            let channels: Vec<u16> = self.floods.iter().map(|(c, _, _)| *c).collect();
+            for channel in channels {
+                let frames = self.body_frames(channel);
+                self.out_bytes += frames.len();
+                self.out.push_back(frames);
             }
         }
     }
@@ -189,6 +260,7 @@ impl Session {
                 ),
                 Method::ConnectionTuneOk(tune) => {
                     self.frame_max = tune.frame_max.max(4096);
+                    self.body_frames.clear();
                     self.decoder.set_max_frame_size(self.frame_max);
                 }
                 Method::ConnectionOpen(_) => reply(

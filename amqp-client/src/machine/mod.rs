@@ -10,7 +10,8 @@
 //! - `channels.rs`: per-channel state and the one call in flight per channel;
 //! - `outgoing.rs`: each channel's frame queue, served round-robin, and
 //!   settlements coalesced against the unsettled tags;
-//! - `content.rs`: content assembly; `confirms.rs`: publisher confirms;
+//! - `content.rs`: content assembly; `body_pool.rs`: the buffers of bodies
+//!   that span frames, used again; `confirms.rs`: publisher confirms;
 //! - `consumers.rs`: consumers, stream offsets and delivery back-pressure;
 //! - `recovery.rs`: what a lost connection keeps, and the recovery steps;
 //! - `timers.rs`: heartbeats and the close deadline;
@@ -34,6 +35,7 @@ use crate::protocol::{
     FieldValue, MethodId, MethodInfo, ReceivedProperties, ReplyCode, ShortString,
 };
 
+mod body_pool;
 mod channels;
 mod commands;
 mod confirms;
@@ -45,6 +47,7 @@ mod output;
 mod recovery;
 mod timers;
 
+use self::body_pool::BodyPool;
 use self::channels::*;
 pub(crate) use self::channels::{ChannelRef, Reply};
 pub(crate) use self::commands::Command;
@@ -135,6 +138,16 @@ pub(crate) struct Machine<P: Ports> {
     /// Channels whose close crossed the broker's: the broker answers ours
     /// with a close-ok after the channel is gone (RabbitMQ does).
     crossed_closes: Vec<u16>,
+    bodies: Bodies,
+}
+
+/// The buffers of bodies that span frames, and when one was last filled.
+#[derive(Default)]
+struct Bodies {
+    pool: BodyPool,
+    /// When a body last took or grew a buffer (the time of the read it came
+    /// in); `None` once the pool was released.
+    used_at: Option<Instant>,
 }
 
 fn unexpected(what: String) -> Error {
@@ -159,6 +172,7 @@ impl<P: Ports> Machine<P> {
             closing_frame: None,
             close_written: false,
             crossed_closes: Vec::new(),
+            bodies: Bodies::default(),
             settings,
             state: State::Open,
             channels: ChannelMap::default(),

@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// How long body buffers are kept for reuse after the last body that needed
+/// one (see `body_pool.rs`).
+const BODY_POOL_IDLE: Duration = Duration::from_secs(1);
+
 impl<P: Ports> Machine<P> {
     /// When [`handle_timeout`](Self::handle_timeout) next needs calling.
     pub(crate) fn next_timeout(&self) -> Option<Instant> {
@@ -25,6 +29,7 @@ impl<P: Ports> Machine<P> {
 
     /// Time passed: send a heartbeat, declare the peer dead, or give up on a close.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        self.release_idle_bodies(now);
         if let State::Closing { deadline } = self.state {
             if now >= deadline {
                 tracing::debug!("no connection.close-ok before the timeout");
@@ -50,6 +55,19 @@ impl<P: Ports> Machine<P> {
     /// Bytes arrived.
     pub(crate) fn on_received(&mut self, now: Instant) {
         self.last_received = now;
+        self.release_idle_bodies(now);
+    }
+
+    /// Frees the body buffers kept for reuse once no body has needed one
+    /// for [`BODY_POOL_IDLE`]: checked at each read and heartbeat tick, so a
+    /// connection with neither keeps them until one comes.
+    fn release_idle_bodies(&mut self, now: Instant) {
+        if let Some(used_at) = self.bodies.used_at {
+            if now.saturating_duration_since(used_at) >= BODY_POOL_IDLE {
+                self.bodies.used_at = None;
+                self.bodies.pool.release();
+            }
+        }
     }
 
     /// Bytes were written.
