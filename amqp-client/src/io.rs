@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::events::RecoveryEvent;
 use crate::link::{ControlReceiver, Shared};
 use crate::machine::RawDelivery;
+use crate::outbox::Outbox;
 use crate::ports::{route, Command, Machine, Signals};
 use crate::protocol::frame::FrameDecoder;
 use crate::protocol::ReplyCode;
@@ -126,6 +127,14 @@ fn release_if_quiet(buf: &mut BytesMut, size: usize) {
     // consumed, not the allocation.
     if buf.is_empty() && size < QUIET_IO {
         *buf = BytesMut::new();
+    }
+}
+
+/// Releases the outbox's encoding room as [`release_if_quiet`] does, once
+/// a quiet batch is all written.
+fn release_outbox_if_quiet(outbox: &mut Outbox, size: usize) {
+    if outbox.is_empty() {
+        release_if_quiet(outbox.tail_mut(), size);
     }
 }
 
@@ -240,7 +249,7 @@ impl Driver {
     /// Runs one socket until the machine is over or the socket is lost.
     async fn run_session(&mut self) {
         // Grown by what the machine writes into it, released when quiet.
-        let mut write_buf = BytesMut::new();
+        let mut write_buf = Outbox::default();
         // How much the latest batch put in it.
         let mut batch = 0;
         let mut socket_ok = true;
@@ -254,20 +263,18 @@ impl Driver {
                 // Last frames (a close, a close-ok) go out if they can.
                 self.machine.write_frames(&mut write_buf, usize::MAX);
                 if socket_ok && !write_buf.is_empty() {
-                    if let Ok(Ok(())) =
-                        tokio::time::timeout(FLUSH_TIMEOUT, self.writer.write_all(&write_buf)).await
+                    if let Ok(Ok(written)) =
+                        tokio::time::timeout(FLUSH_TIMEOUT, write_buf.write_all(&mut self.writer))
+                            .await
                     {
-                        self.signals
-                            .telemetry
-                            .telemetry()
-                            .bytes_sent(write_buf.len());
+                        self.signals.telemetry.telemetry().bytes_sent(written);
                     }
                 }
                 let _ = tokio::time::timeout(FLUSH_TIMEOUT, self.writer.shutdown()).await;
                 return;
             }
             if write_buf.len() < WRITE_BATCH / 2 && self.machine.wants_to_write() {
-                room_for_batch(&mut write_buf, batch);
+                room_for_batch(write_buf.tail_mut(), batch);
                 self.machine.write_frames(&mut write_buf, WRITE_BATCH);
                 batch = write_buf.len();
             }
@@ -298,7 +305,7 @@ impl Driver {
             } = self;
             tokio::select! {
                 biased;
-                written = writer.write(&write_buf), if !write_buf.is_empty() => {
+                written = write_buf.write_some(writer), if !write_buf.is_empty() => {
                     match written {
                         Ok(0) => {
                             socket_ok = false;
@@ -307,7 +314,7 @@ impl Driver {
                         Ok(n) => {
                             self.signals.telemetry.telemetry().bytes_sent(n);
                             write_buf.advance(n);
-                            release_if_quiet(&mut write_buf, batch);
+                            release_outbox_if_quiet(&mut write_buf, batch);
                             self.machine.on_sent(Instant::now());
                         }
                         Err(e) => {
@@ -505,6 +512,7 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Buf;
     use crate::protocol::frame::{self, Frame};
     use bytes::Bytes;
     use tokio::net::{TcpListener, TcpStream};

@@ -97,6 +97,7 @@ mod handshake;
 mod io;
 mod link;
 mod machine;
+mod outbox;
 mod ports;
 pub mod protocol;
 pub mod rpc_client;

@@ -57,7 +57,7 @@ use self::consumers::*;
 pub(crate) use self::consumers::{ConsumerEnd, RawDelivery};
 use self::content::*;
 pub(crate) use self::content::{Content, PublishBody};
-pub(crate) use self::outgoing::Settlement;
+pub(crate) use self::outgoing::{FrameSink, Settlement};
 use self::outgoing::*;
 use self::output::Output;
 pub(crate) use self::output::{Event, Ports, Refused};

@@ -3,6 +3,35 @@
 
 use super::*;
 
+/// Body frames with at least this much payload are spliced (passed on by
+/// reference) rather than copied into the write buffer: below it a copy
+/// costs less than a buffer of its own.
+const SPLICE_MIN: usize = 32 * 1024;
+
+/// Where the machine writes frames: an encoding buffer, and a way to pass a
+/// large body's slice on after what the buffer holds, without a copy.
+pub(crate) trait FrameSink {
+    /// The buffer frames are encoded into.
+    fn buf(&mut self) -> &mut BytesMut;
+    /// Puts `payload` after what is written so far: copied into the buffer
+    /// unless the sink keeps slices of its own.
+    fn splice(&mut self, payload: Bytes) {
+        self.buf().extend_from_slice(&payload);
+    }
+    /// Bytes written and not yet taken.
+    fn len(&self) -> usize;
+}
+
+impl FrameSink for BytesMut {
+    fn buf(&mut self) -> &mut BytesMut {
+        self
+    }
+
+    fn len(&self) -> usize {
+        BytesMut::len(self)
+    }
+}
+
 /// An ack, nack or reject: a few words, where a `Method` is 136 bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Settlement {
@@ -62,16 +91,17 @@ pub(super) enum Outgoing {
 
 /// One turn of a channel: a whole method, or a publish up to and including
 /// one body frame.
-pub(super) fn write_one_turn<P: Ports>(
+pub(super) fn write_one_turn<P: Ports, S: FrameSink>(
     id: u16,
     channel: &mut ChannelState<P>,
-    buf: &mut BytesMut,
+    sink: &mut S,
     frame_max: u32,
     credit_returns: &mut CreditReturns,
 ) {
     let Some(head) = channel.out.front_mut() else {
         return;
     };
+    let buf = sink.buf();
     match head {
         Outgoing::Method(method) => {
             tracing::trace!(channel = id, ?method, "frame sent");
@@ -104,7 +134,13 @@ pub(super) fn write_one_turn<P: Ports>(
             }
             let chunk = frame_max as usize - FRAME_OVERHEAD;
             let end = (*offset + chunk).min(body.len());
-            frame::write_body(buf, id, &body[*offset..end], frame_max);
+            if end - *offset >= SPLICE_MIN {
+                frame::write_body_frame_head(buf, id, end - *offset);
+                sink.splice(body.slice(*offset..end));
+                frame::write_frame_end(sink.buf());
+            } else {
+                frame::write_body(buf, id, &body[*offset..end], frame_max);
+            }
             *offset = end;
             if end >= body.len() {
                 if let Some(Outgoing::Publish {
@@ -131,7 +167,8 @@ impl<P: Ports> Machine<P> {
     /// Writes frames into `buf` until it holds `budget` bytes or nothing is
     /// left: connection frames first, then one turn per ready channel in
     /// round-robin, so a long body on one channel never holds back another.
-    pub(crate) fn write_frames(&mut self, buf: &mut BytesMut, budget: usize) {
+    pub(crate) fn write_frames<S: FrameSink>(&mut self, sink: &mut S, budget: usize) {
+        let buf = sink.buf();
         if self.heartbeat_due {
             frame::write_heartbeat(buf);
             self.heartbeat_due = false;
@@ -141,14 +178,14 @@ impl<P: Ports> Machine<P> {
             frame::write_method(buf, channel, &method);
         }
         let frame_max = self.settings.frame_max;
-        while buf.len() < budget {
+        while sink.len() < budget {
             let Some(id) = self.ready.pop_front() else {
                 break;
             };
             let Some(channel) = self.channels.get_mut(&id) else {
                 continue;
             };
-            write_one_turn(id, channel, buf, frame_max, &mut self.credit_returns);
+            write_one_turn(id, channel, sink, frame_max, &mut self.credit_returns);
             if channel.out.is_empty() {
                 channel.scheduled = false;
             } else {
@@ -159,7 +196,7 @@ impl<P: Ports> Machine<P> {
         if self.ready.is_empty() {
             if let Some(close) = self.closing_frame.take() {
                 tracing::trace!(channel = 0, method = ?close, "frame sent");
-                frame::write_method(buf, 0, &close);
+                frame::write_method(sink.buf(), 0, &close);
                 self.close_written = true;
             }
         }

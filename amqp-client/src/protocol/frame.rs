@@ -447,6 +447,21 @@ pub fn write_body(buf: &mut BytesMut, channel: u16, body: &[u8], frame_max: u32)
     }
 }
 
+/// Writes what goes before a body frame's payload of `len` bytes: for a
+/// payload passed to the socket from its own buffer rather than copied in
+/// (see `FrameSink::splice`); [`write_frame_end`] follows it.
+pub(crate) fn write_body_frame_head(buf: &mut BytesMut, channel: u16, len: usize) {
+    buf.reserve(FRAME_OVERHEAD - 1);
+    buf.put_u8(FRAME_BODY);
+    buf.put_u16(channel);
+    buf.put_u32(len as u32);
+}
+
+/// Writes the octet that ends every frame.
+pub(crate) fn write_frame_end(buf: &mut BytesMut) {
+    buf.put_u8(FRAME_END);
+}
+
 /// Writes a `basic.ack` method frame (without building a [`Method`]).
 #[inline]
 pub fn write_ack(buf: &mut BytesMut, channel: u16, ack: &basic::Ack) {

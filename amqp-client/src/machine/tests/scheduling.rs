@@ -40,6 +40,47 @@ fn a_long_body_on_one_channel_does_not_hold_back_another() {
     assert_eq!(large_total, 100_000);
 }
 
+#[tokio::test]
+async fn large_body_frames_reach_the_outbox_by_reference_and_the_wire_byte_for_byte() {
+    let now = Instant::now();
+    let body: Bytes = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let publish = |m: &mut Machine| {
+        m.machine.settings.frame_max = 131_072;
+        let a = open_channel(m, now);
+        let b = open_channel(m, now);
+        for (id, body) in [(a, body.clone()), (b, Bytes::from_static(b"small")), (a, body.clone())] {
+            let channel = target(m, id);
+            m.command(
+                Command::Publish {
+                    channel,
+                    head: publish_head(id, body.len() as u64),
+                    body: PublishBody(body),
+                    confirm: None,
+                    credit: None,
+                },
+                now,
+            );
+        }
+    };
+    let (mut copied, _) = machine(now);
+    publish(&mut copied);
+    let mut expected = BytesMut::new();
+    copied.write_frames(&mut expected, usize::MAX);
+
+    let (mut spliced, _) = machine(now);
+    publish(&mut spliced);
+    let mut outbox = crate::outbox::Outbox::default();
+    spliced.write_frames(&mut outbox, usize::MAX);
+    assert!(
+        outbox.tail_mut().capacity() < body.len(),
+        "the large payloads were not copied into the encoding buffer"
+    );
+    let mut wire = Vec::new();
+    let written = outbox.write_all(&mut wire).await.expect("written");
+    assert_eq!(written, expected.len());
+    assert_eq!(wire, expected[..]);
+}
+
 #[test]
 fn heartbeats_are_sent_when_idle_and_silence_kills_the_connection() {
     let start = Instant::now();
