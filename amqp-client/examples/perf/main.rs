@@ -106,7 +106,7 @@ usage: perf [--url URL | --peer sink|flood] [--producers N] [--consumers N] [--s
             [--queue-type classic|quorum|stream] [--delete-queues]
             [--connections N] [--channels PER_CONNECTION | --shared-connection]
             [--rpc ROUND_TRIPS] [--blocking] [--json] [--raw-copy]
-       perf serve sink|flood PORT SIZE";
+       perf serve sink|flood PORT SIZE [MESSAGES]";
 
 const HELP: &str = "\
 --rate N            publishes per second per producer, paced from the start (1 ms timer steps)
@@ -734,11 +734,12 @@ fn main() {
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| usage());
         let size = args.get(4).and_then(|p| p.parse().ok()).unwrap_or(32);
+        let limit = args.get(5).and_then(|p| p.parse().ok());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        if let Err(e) = runtime.block_on(peer::serve(kind, port, size)) {
+        if let Err(e) = runtime.block_on(peer::serve(kind, port, size, limit)) {
             eprintln!("peer: {e}");
         }
         return;

@@ -27,13 +27,20 @@ pub enum Kind {
 }
 
 /// Serves connections on `port` until killed.
-pub async fn serve(kind: Kind, port: u16, body_size: usize) -> std::io::Result<()> {
+/// `limit`: how many messages a flood session sends at most (so that two
+/// clients measured against it handle exactly the same frames).
+pub async fn serve(
+    kind: Kind,
+    port: u16,
+    body_size: usize,
+    limit: Option<u64>,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(("127.0.0.1", port)).await?;
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            if let Err(e) = Session::new(stream, kind, body_size).run().await {
+            if let Err(e) = Session::new(stream, kind, body_size, limit).run().await {
                 eprintln!("peer: connection ended: {e}");
             }
         });
@@ -59,6 +66,9 @@ struct Session {
     /// What the flood has queued for the socket, written with `writev`.
     out: VecDeque<Bytes>,
     out_bytes: usize,
+    /// Messages flooded, and the most this session sends.
+    flooded: u64,
+    limit: Option<u64>,
     frame_max: u32,
 }
 
@@ -67,7 +77,7 @@ fn reply(write: &mut BytesMut, channel: u16, method: Method) {
 }
 
 impl Session {
-    fn new(stream: TcpStream, kind: Kind, body_size: usize) -> Self {
+    fn new(stream: TcpStream, kind: Kind, body_size: usize, limit: Option<u64>) -> Self {
         Self {
             stream,
             kind,
@@ -81,6 +91,8 @@ impl Session {
             body_frames: Vec::new(),
             out: VecDeque::new(),
             out_bytes: 0,
+            flooded: 0,
+            limit,
             frame_max: 131_072,
         }
     }
@@ -99,9 +111,8 @@ impl Session {
         reply(&mut self.write, 0, Method::ConnectionStart(start));
         self.flush().await?;
         loop {
-            if self.kind == Kind::Flood && !self.floods.is_empty() {
+            if self.kind == Kind::Flood && !self.floods.is_empty() && self.fill_flood() {
                 // Keep the socket full; read whatever the client sends meanwhile.
-                self.fill_flood();
                 let slices: Vec<IoSlice<'_>> =
                     self.out.iter().take(64).map(|b| IoSlice::new(b)).collect();
                 let (mut reader, mut writer) = self.stream.split();
@@ -186,7 +197,8 @@ impl Session {
         frames
     }
 
-    fn fill_flood(&mut self) {
+    /// Queues messages until a batch waits; whether anything does.
+    fn fill_flood(&mut self) -> bool {
         let properties = BasicProperties::default();
         // Replies queued by the input handled meanwhile go first.
         if !self.write.is_empty() {
@@ -194,7 +206,8 @@ impl Session {
             self.out_bytes += replies.len();
             self.out.push_back(replies);
         }
-        while self.out_bytes < 128 * 1024 {
+        while self.out_bytes < 128 * 1024 && self.limit.is_none_or(|limit| self.flooded < limit) {
+            self.flooded += 1;
             for (channel, tag, next) in &mut self.floods {
                 let deliver = Method::BasicDeliver(basic::Deliver {
                     consumer_tag: tag.clone(),
@@ -231,6 +244,7 @@ impl Session {
                 self.out.push_back(frames);
             }
         }
+        !self.out.is_empty()
     }
 
     /// Handles every whole frame read; `false` once the connection closed.

@@ -64,6 +64,7 @@ impl BodyBuffer {
 
     /// Adds a frame's payload; `expected` is the body size the header
     /// announced, which the caller checked the payload does not exceed.
+    #[inline]
     pub(super) fn push(&mut self, payload: Bytes, expected: usize, pool: &BodyPool) {
         *self = match std::mem::replace(self, BodyBuffer::Empty) {
             BodyBuffer::Empty => BodyBuffer::One(payload),
@@ -96,6 +97,7 @@ impl BodyBuffer {
         needed.saturating_mul(4).min(expected).max(needed)
     }
 
+    #[inline]
     pub(super) fn into_bytes(self, pool: &BodyPool) -> Bytes {
         match self {
             BodyBuffer::Empty => Bytes::new(),
@@ -153,7 +155,9 @@ impl<P: Ports> Machine<P> {
             )));
         }
         assembly.body.push(payload, size, &self.bodies.pool);
-        self.bodies.used_at = Some(self.last_received);
+        if let BodyBuffer::Many(_) = assembly.body {
+            self.bodies.used_at = Some(self.last_received);
+        }
         if assembly.body.len() == size {
             self.complete_content(id)?;
         }
