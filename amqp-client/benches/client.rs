@@ -28,7 +28,7 @@ fn start_peer(kind: peer::Kind) -> u16 {
             .enable_all()
             .build()
             .expect("runtime");
-        let _ = runtime.block_on(peer::serve(kind, port, 32));
+        let _ = runtime.block_on(peer::serve(kind, port, 32, None));
     });
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {

@@ -512,8 +512,8 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Buf;
     use crate::protocol::frame::{self, Frame};
+    use bytes::Buf;
     use bytes::Bytes;
     use tokio::net::{TcpListener, TcpStream};
 

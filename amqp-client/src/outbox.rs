@@ -198,10 +198,11 @@ mod tests {
         }
         assert_eq!(outbox.len(), expected.len());
         for step in [1, 7, 999, 5000] {
-            let mut copy = Outbox::default();
-            copy.segments = outbox.segments.clone();
-            copy.segment_bytes = outbox.segment_bytes;
-            copy.tail = outbox.tail.clone();
+            let mut copy = Outbox {
+                segments: outbox.segments.clone(),
+                segment_bytes: outbox.segment_bytes,
+                tail: outbox.tail.clone(),
+            };
             let mut writer = Trickle {
                 taken: Vec::new(),
                 step,

@@ -74,9 +74,7 @@ impl BodyPool {
             .min_by_key(|(_, kept)| kept.capacity())
             .map(|(index, kept)| (index, kept.capacity()));
         if let Some((index, capacity)) = smallest {
-            if capacity < buffer.capacity()
-                && held - capacity + buffer.capacity() <= KEPT_BYTES
-            {
+            if capacity < buffer.capacity() && held - capacity + buffer.capacity() <= KEPT_BYTES {
                 // The smaller one is freed once the lock is let go.
                 let smaller = std::mem::replace(&mut kept[index], buffer);
                 drop(kept);

@@ -170,7 +170,11 @@ fn a_dropped_body_s_buffer_carries_the_next_body_and_is_freed_once_idle() {
     deliver_in_frames(&mut m, id, 2, &second, 4000);
     let body = receiver.try_recv().expect("delivered").content.body;
     assert_eq!(body, second, "the reused buffer holds only the new body");
-    assert_eq!(body.as_ptr(), address, "the dropped body's buffer was used again");
+    assert_eq!(
+        body.as_ptr(),
+        address,
+        "the dropped body's buffer was used again"
+    );
     drop(body);
 
     // Quiet for less than the idle time: kept; then freed.

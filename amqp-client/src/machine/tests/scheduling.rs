@@ -48,7 +48,11 @@ async fn large_body_frames_reach_the_outbox_by_reference_and_the_wire_byte_for_b
         m.machine.settings.frame_max = 131_072;
         let a = open_channel(m, now);
         let b = open_channel(m, now);
-        for (id, body) in [(a, body.clone()), (b, Bytes::from_static(b"small")), (a, body.clone())] {
+        for (id, body) in [
+            (a, body.clone()),
+            (b, Bytes::from_static(b"small")),
+            (a, body.clone()),
+        ] {
             let channel = target(m, id);
             m.command(
                 Command::Publish {
