@@ -93,6 +93,9 @@ struct Options {
     json: bool,
     /// Pace `--rate` with the thread's own sleep rather than tokio's timer.
     precise_pacing: bool,
+    /// Make `--rpc`'s calls from the future given to `block_on` rather than
+    /// from a spawned task.
+    rpc_from_block_on: bool,
     /// After the run, copy as many bytes as its bodies over a plain
     /// loopback TCP connection, as the yardstick for large bodies.
     raw_copy: bool,
@@ -105,7 +108,7 @@ usage: perf [--url URL | --peer sink|flood] [--producers N] [--consumers N] [--s
             [--queue NAME | --queues N | --queue-pattern 'NAME-%d' --queue-pattern-from A --queue-pattern-to B]
             [--queue-type classic|quorum|stream] [--delete-queues]
             [--connections N] [--channels PER_CONNECTION | --shared-connection]
-            [--rpc ROUND_TRIPS] [--blocking] [--json] [--raw-copy]
+            [--rpc ROUND_TRIPS [--rpc-from-block-on]] [--blocking] [--json] [--raw-copy]
        perf serve sink|flood PORT SIZE [MESSAGES]";
 
 const HELP: &str = "\
@@ -120,6 +123,7 @@ const HELP: &str = "\
 --mandatory         publish mandatory; returns are counted from the confirmations (needs --confirm)
 --size BYTES        up to 64 MiB; the send time is in the body up to 64 KiB, in a header above
 --json              progress on stderr, the summary as one JSON object on stdout
+--rpc-from-block-on make --rpc's calls from block_on's future (the main thread), not a spawned task
 --raw-copy          then copy as many bytes as the bodies over plain loopback TCP, and compare
 latency percentiles are measured when producers and consumers both run against a broker";
 
@@ -154,6 +158,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         json: false,
         raw_copy: false,
         precise_pacing: false,
+        rpc_from_block_on: false,
     };
     let mut queue: Option<String> = None;
     let mut queue_count: Option<u64> = None;
@@ -187,6 +192,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--json" => o.json = true,
             "--raw-copy" => o.raw_copy = true,
             "--precise-pacing" => o.precise_pacing = true,
+            "--rpc-from-block-on" => o.rpc_from_block_on = true,
             "--blocking" => {
                 if !cfg!(feature = "blocking") {
                     return Err(
@@ -334,6 +340,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
     }
     if o.blocking && (connections.is_some() || channels.is_some() || shared_connection) {
         return Err("--blocking gives each producer and consumer a connection of its own: no --connections, --channels or --shared-connection".into());
+    }
+    if o.rpc_from_block_on && o.rpc.is_none() {
+        return Err("--rpc-from-block-on is about --rpc: give a number of round trips".into());
     }
     if o.precise_pacing && o.rate.is_none() {
         return Err("--precise-pacing paces --rate: give a rate".into());
@@ -782,12 +791,7 @@ fn main() {
             .build()
     }
     .expect("runtime");
-    let result = if std::env::var("PERF_SPAWN").is_ok() {
-        let o2 = o.clone();
-        runtime.block_on(async move { tokio::spawn(run(o2)).await.expect("task") })
-    } else {
-        runtime.block_on(run(o.clone()))
-    };
+    let result = runtime.block_on(run(o.clone()));
     #[cfg(feature = "metrics")]
     for (key, _, _, value) in snapshotter.snapshot().into_vec() {
         if let metrics_util::debugging::DebugValue::Counter(n) = value {
@@ -915,7 +919,17 @@ async fn run(o: Options) -> Result<serde_json::Value, amqp091::Error> {
         "messages": o.messages,
     });
     if let Some(round_trips) = o.rpc {
-        let mut summary = rpc_round_trips(&connection, &o, round_trips).await?;
+        // From a spawned task, as latency-sensitive callers should (see the
+        // README); --rpc-from-block-on measures calls from `block_on`'s
+        // future, which on the multi-thread runtime is not on a worker.
+        let mut summary = if o.rpc_from_block_on {
+            rpc_round_trips(&connection, &o, round_trips).await?
+        } else {
+            let (connection, options) = (connection.clone(), o.clone());
+            tokio::spawn(async move { rpc_round_trips(&connection, &options, round_trips).await })
+                .await
+                .expect("the round trips' task")?
+        };
         summary["parameters"] = parameters;
         return Ok(summary);
     }
@@ -1215,6 +1229,7 @@ mod tests {
             "--connections 0",
             "--rpc 10 --rate 10",
             "--precise-pacing",
+            "--rpc-from-block-on",
             "--queue-type lazy",
         ] {
             assert!(parse(&args(line)).is_err(), "accepted: {line}");
