@@ -56,31 +56,38 @@ impl BodyPool {
     }
 
     /// Keeps `buffer` for a later body if there is room for it, in place of
-    /// a smaller one if need be.
+    /// smaller ones if need be: a large body's buffer is worth more than the
+    /// smaller ones its growth left behind.
     pub(super) fn give_back(&self, mut buffer: Vec<u8>) {
         if buffer.capacity() > KEPT_BYTES {
             return;
         }
         buffer.clear();
+        let mut evicted = Vec::new();
         let mut kept = self.kept();
-        let held: usize = kept.iter().map(Vec::capacity).sum();
-        if kept.len() < KEPT_BUFFERS && held + buffer.capacity() <= KEPT_BYTES {
-            kept.push(buffer);
-            return;
-        }
-        let smallest = kept
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, kept)| kept.capacity())
-            .map(|(index, kept)| (index, kept.capacity()));
-        if let Some((index, capacity)) = smallest {
-            if capacity < buffer.capacity() && held - capacity + buffer.capacity() <= KEPT_BYTES {
-                // The smaller one is freed once the lock is let go.
-                let smaller = std::mem::replace(&mut kept[index], buffer);
-                drop(kept);
-                drop(smaller);
+        let mut held: usize = kept.iter().map(Vec::capacity).sum();
+        while kept.len() >= KEPT_BUFFERS || held + buffer.capacity() > KEPT_BYTES {
+            let smallest = kept
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, kept)| kept.capacity())
+                .map(|(index, kept)| (index, kept.capacity()));
+            match smallest {
+                Some((index, capacity)) if capacity < buffer.capacity() => {
+                    held -= capacity;
+                    evicted.push(kept.swap_remove(index));
+                }
+                // Not worth more than what is kept: freed with the others.
+                _ => {
+                    evicted.push(buffer);
+                    drop(kept);
+                    return;
+                }
             }
         }
+        kept.push(buffer);
+        // `evicted` is freed once the lock is let go.
+        drop(kept);
     }
 
     /// `buffer` as the body handed to the application: dropping the last
@@ -167,6 +174,16 @@ mod tests {
         // A larger buffer takes the place of a smaller one.
         pool.give_back(Vec::with_capacity(8 << 20));
         assert_eq!(pool.kept_bytes(), (KEPT_BUFFERS - 1) * 1024 + (8 << 20));
+        // ... of as many smaller ones as it takes to stay within the bytes.
+        pool.release();
+        for capacity in [1 << 20, 4 << 20, 16 << 20, 16 << 20, 16 << 20, 4 << 20] {
+            pool.give_back(Vec::with_capacity(capacity));
+        }
+        assert_eq!(pool.kept_bytes(), (48 + 8 + 1) << 20);
+        pool.give_back(Vec::with_capacity(16 << 20));
+        assert_eq!(pool.kept_bytes(), 64 << 20, "the 1 and both 4 MiB ones made room");
+        pool.give_back(Vec::with_capacity(2 << 20));
+        assert_eq!(pool.kept_bytes(), 64 << 20, "a smaller one does not push out a larger");
         // Room is bounded in bytes too: the largest kept (and one over the
         // bound is not kept at all).
         pool.release();
