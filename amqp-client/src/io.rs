@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
@@ -18,8 +18,9 @@ use crate::link::{ControlReceiver, Shared};
 use crate::machine::RawDelivery;
 use crate::outbox::Outbox;
 use crate::ports::{route, Command, Machine, Signals};
+use crate::protocol::constants::FRAME_END;
 use crate::protocol::frame::FrameDecoder;
-use crate::protocol::ReplyCode;
+use crate::protocol::{FrameError, ReplyCode};
 use crate::transport::{Reader, Stream, Writer};
 
 /// How much the task writes per batch before it looks at the socket again.
@@ -32,6 +33,13 @@ const READ_CHUNK: usize = 64 * 1024;
 /// connection holds this much read room and no write buffer. A read that
 /// fills its room, or a large batch, grows them again.
 const QUIET_IO: usize = 4 * 1024;
+/// Body frames with at least this much payload still to come are read from
+/// the socket straight into their message's buffer (see [`DirectBody`]).
+const DIRECT_BODY_MIN: usize = 32 * 1024;
+/// What is read after a payload read straight into its message: the frame's
+/// end and the next frame's prefix, so that a next body frame is read
+/// straight too, as little of it as possible through the read buffer.
+const END_AND_PREFIX: usize = 8;
 /// How long a last frame (a close, a close-ok) may take to go out before the
 /// socket is dropped.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -57,6 +65,16 @@ pub(crate) struct Socket {
     pub address_index: usize,
 }
 
+/// A body frame's payload being read from the socket into its message's
+/// buffer, lent by the machine: large bodies then cost no copy beyond the
+/// kernel's. The frame's end octet is checked once the payload is in.
+struct DirectBody {
+    channel: u16,
+    buffer: Vec<u8>,
+    /// Payload bytes still to read.
+    remaining: usize,
+}
+
 pub(crate) struct Driver {
     reader: Reader,
     writer: Writer,
@@ -67,6 +85,8 @@ pub(crate) struct Driver {
     read_buf: BytesMut,
     /// The size of the latest socket read (see [`QUIET_IO`]).
     last_read: usize,
+    /// A body frame whose payload is read straight into its message.
+    direct: Option<DirectBody>,
     commands: CommandReceiver,
     control: ControlReceiver,
     shared: Arc<Shared>,
@@ -97,7 +117,7 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Reads what the socket has into `buf`, with `room` bytes made for it.
+/// Reads what the socket has into `buf`, up to `room` bytes made for it.
 ///
 /// An idle connection thus holds `room` (the quiet size) while it waits.
 /// Waiting for readability first and making room only then (TCP's
@@ -106,7 +126,36 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// understood), so it is not done.
 async fn read_into(reader: &mut Reader, buf: &mut BytesMut, room: usize) -> std::io::Result<usize> {
     buf.reserve(room);
-    tokio::io::AsyncReadExt::read_buf(reader, buf).await
+    // No more than `room`, whatever else the buffer has room for (the
+    // decoder makes room for a whole frame it has the start of): so that
+    // most of a large body frame is left to be read straight into its
+    // message (`DirectBody`).
+    tokio::io::AsyncReadExt::read_buf(reader, &mut buf.limit(room)).await
+}
+
+/// Reads what the socket has: into the message's buffer while a direct
+/// body frame's payload comes, then its end and the next frame's prefix
+/// into `buf`, else into `buf` with `room` bytes made for it.
+async fn read_socket(
+    reader: &mut Reader,
+    buf: &mut BytesMut,
+    direct: &mut Option<DirectBody>,
+    room: usize,
+) -> std::io::Result<usize> {
+    match direct {
+        Some(direct) if direct.remaining > 0 => {
+            let mut payload = (&mut direct.buffer).limit(direct.remaining);
+            let n = tokio::io::AsyncReadExt::read_buf(reader, &mut payload).await?;
+            direct.remaining -= n;
+            Ok(n)
+        }
+        Some(_) => {
+            buf.reserve(END_AND_PREFIX);
+            let mut end = buf.limit(END_AND_PREFIX);
+            tokio::io::AsyncReadExt::read_buf(reader, &mut end).await
+        }
+        None => read_into(reader, buf, room).await,
+    }
 }
 
 /// The room the next read gets after one of `last_read` bytes.
@@ -172,6 +221,7 @@ impl Driver {
             decoder: FrameDecoder::new(socket.frame_max),
             read_buf: socket.leftover,
             last_read: 0,
+            direct: None,
             commands,
             control,
             shared,
@@ -197,19 +247,93 @@ impl Driver {
             && !self.machine.is_closed()
             && !self.machine.is_interrupted()
         {
+            if self.direct.is_some() {
+                if !self.end_direct_body() {
+                    break;
+                }
+                self.route();
+                continue;
+            }
             match self.decoder.decode(&mut self.read_buf) {
                 Ok(Some(frame)) => {
                     if let Err(error) = self.machine.handle_frame(frame) {
                         self.machine.protocol_error(error);
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    if self.start_direct_body() {
+                        continue;
+                    }
+                    break;
+                }
                 Err(error) => self.machine.protocol_error(Error::Protocol(error)),
             }
             // Each delivery placed (or parked) before the next frame, so
             // that a full consumer buffer pauses reading where it fills.
             self.route();
         }
+    }
+
+    /// Reads the partial body frame at the front of the read buffer
+    /// straight into its message, if it is large and the machine lends the
+    /// buffer; whether it does.
+    fn start_direct_body(&mut self) -> bool {
+        let Some((channel, size)) = self.decoder.partial_body(&self.read_buf) else {
+            return false;
+        };
+
+        // What of the payload is here is copied; the rest is worth reading
+        // straight only if it is large.
+        let here = (self.read_buf.len() - 7).min(size);
+        if size - here < DIRECT_BODY_MIN {
+            return false;
+        }
+        let Some(mut buffer) = self.machine.lend_body_buffer(channel, size) else {
+            return false;
+        };
+        self.read_buf.advance(7);
+        buffer.extend_from_slice(&self.read_buf[..here]);
+        self.read_buf.advance(here);
+        self.direct = Some(DirectBody {
+            channel,
+            buffer,
+            remaining: size - here,
+        });
+        true
+    }
+
+    /// Once a direct body frame's payload is in and its end octet read,
+    /// checks the octet and hands the buffer back to the machine; whether
+    /// that happened (else more bytes are needed).
+    fn end_direct_body(&mut self) -> bool {
+        let Some(direct) = self.direct.as_ref() else {
+            return false;
+        };
+        let Some(&end) = self.read_buf.first() else {
+            return false;
+        };
+        if direct.remaining > 0 {
+            return false;
+        }
+        let Some(DirectBody {
+            channel, buffer, ..
+        }) = self.direct.take()
+        else {
+            return false;
+        };
+        if end != FRAME_END {
+            self.machine
+                .protocol_error(Error::Protocol(FrameError::BadFrameEnd {
+                    found: end,
+                    channel,
+                }));
+            return true;
+        }
+        self.read_buf.advance(1);
+        if let Err(error) = self.machine.body_frame_read(channel, buffer) {
+            self.machine.protocol_error(error);
+        }
+        true
     }
 
     pub(crate) async fn run(mut self) {
@@ -255,6 +379,7 @@ impl Driver {
         let mut socket_ok = true;
         // Leftover bytes from the handshake.
         self.last_read = 0;
+        self.direct = None;
         self.handle_input();
         release_if_quiet(&mut self.read_buf, self.last_read);
         loop {
@@ -299,6 +424,7 @@ impl Driver {
                 reader,
                 writer,
                 read_buf,
+                direct,
                 commands,
                 control,
                 ..
@@ -351,7 +477,7 @@ impl Driver {
                         self.handle_input();
                     }
                 },
-                read = read_into(reader, read_buf, read_room), if !paused => {
+                read = read_socket(reader, read_buf, direct, read_room), if !paused => {
                     match read {
                         Ok(0) => {
                             socket_ok = false;
@@ -362,7 +488,9 @@ impl Driver {
                         }
                         Ok(n) => {
                             self.signals.telemetry.telemetry().bytes_received(n);
-                            self.last_read = n;
+                            // Reads around a direct body are small by design:
+                            // not a quiet connection.
+                            self.last_read = if self.direct.is_some() { READ_CHUNK } else { n };
                             self.machine.on_received(Instant::now());
                             self.handle_input();
                             release_if_quiet(&mut self.read_buf, self.last_read);

@@ -181,9 +181,17 @@ mod tests {
         }
         assert_eq!(pool.kept_bytes(), (48 + 8 + 1) << 20);
         pool.give_back(Vec::with_capacity(16 << 20));
-        assert_eq!(pool.kept_bytes(), 64 << 20, "the 1 and both 4 MiB ones made room");
+        assert_eq!(
+            pool.kept_bytes(),
+            64 << 20,
+            "the 1 and both 4 MiB ones made room"
+        );
         pool.give_back(Vec::with_capacity(2 << 20));
-        assert_eq!(pool.kept_bytes(), 64 << 20, "a smaller one does not push out a larger");
+        assert_eq!(
+            pool.kept_bytes(),
+            64 << 20,
+            "a smaller one does not push out a larger"
+        );
         // Room is bounded in bytes too: the largest kept (and one over the
         // bound is not kept at all).
         pool.release();

@@ -210,6 +210,22 @@ impl FrameDecoder {
         self.max_frame_size = max_frame_size.max(FRAME_MIN_SIZE);
     }
 
+    /// The channel and payload size of the body frame that starts `buf`, if
+    /// its 7-byte prefix is there but not all of its payload and end; `None`
+    /// for any other frame, or one over the size limit (which
+    /// [`decode`](Self::decode) reports).
+    pub fn partial_body(&self, buf: &[u8]) -> Option<(u16, usize)> {
+        if buf.len() < 7 || buf[0] != FRAME_BODY {
+            return None;
+        }
+        let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]);
+        let total = u64::from(size) + FRAME_OVERHEAD as u64;
+        if total > u64::from(self.max_frame_size) || buf.len() as u64 >= total {
+            return None;
+        }
+        Some((u16::from_be_bytes([buf[1], buf[2]]), size as usize))
+    }
+
     /// Takes one frame off the front of `buf`, if a whole one is there.
     #[inline]
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
