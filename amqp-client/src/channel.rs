@@ -279,6 +279,7 @@ pub struct ConfirmationFuture(PublishConfirm);
 impl Future for ConfirmationFuture {
     type Output = Result<Confirmation, Error>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut self.0;
         match this.answer.as_mut() {
