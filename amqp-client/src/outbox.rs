@@ -71,18 +71,23 @@ impl Outbox {
     }
 
     /// Writes some of what waits: a plain write while nothing is spliced
-    /// (the usual case: small messages), else one vectored write.
+    /// (the usual case: small messages), else one vectored write. The
+    /// slices are gathered at each poll, on the stack: kept in the future,
+    /// they would grow every connection's task by a kilobyte.
     pub(crate) async fn write_some<W>(&self, writer: &mut W) -> std::io::Result<usize>
     where
         W: tokio::io::AsyncWrite + Unpin,
     {
-        use tokio::io::AsyncWriteExt;
-        if self.segments.is_empty() {
-            return writer.write(&self.tail).await;
-        }
-        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        let count = self.io_slices(&mut slices);
-        writer.write_vectored(&slices[..count]).await
+        std::future::poll_fn(|cx| {
+            let writer = std::pin::Pin::new(&mut *writer);
+            if self.segments.is_empty() {
+                return writer.poll_write(cx, &self.tail);
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let count = self.io_slices(&mut slices);
+            writer.poll_write_vectored(cx, &slices[..count])
+        })
+        .await
     }
 
     /// Writes everything that waits; how many bytes that was.
