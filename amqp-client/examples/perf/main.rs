@@ -1108,7 +1108,8 @@ async fn run(o: Options) -> Result<serde_json::Value, amqp091::Error> {
     say(o.json, format!("  peak RSS {} MiB", peak_rss / 1024));
     let raw_copy = if o.raw_copy {
         let bytes = messages * o.size as u64;
-        let copied = tokio::task::spawn_blocking(move || raw_copy::run(bytes))
+        let size = o.size;
+        let copied = tokio::task::spawn_blocking(move || raw_copy::run(bytes, size))
             .await
             .expect("raw copy")
             .map_err(|e| amqp091::Error::ConnectionLost(Arc::new(e)))?;
