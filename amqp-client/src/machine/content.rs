@@ -187,7 +187,9 @@ impl<P: Ports> Machine<P> {
     /// buffer, lent with the body so far and room for the frame, if the
     /// frame is one the channel's assembly takes (else the frame goes the
     /// usual way, which reports what is wrong with it). It comes back with
-    /// [`body_frame_read`](Self::body_frame_read).
+    /// [`body_frame_read`](Self::body_frame_read). The frame's payload counts
+    /// as received for the buffer's room: it is bounded by frame_max, and
+    /// the read buffer would make as much room for it.
     pub(crate) fn lend_body_buffer(&mut self, id: u16, size: usize) -> Option<Vec<u8>> {
         let assembly = self.channels.get_mut(&id)?.assembling.as_mut()?;
         let expected = assembly.header.as_ref()?.1 as usize;
