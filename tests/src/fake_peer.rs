@@ -36,7 +36,7 @@ use std::io;
 use std::net::SocketAddr;
 
 use amqp091::protocol::frame::{self, Frame, FrameDecoder};
-use amqp091::protocol::methods::{channel, connection, Method};
+use amqp091::protocol::methods::{basic, channel, connection, Method};
 use amqp091::protocol::{FieldTable, ShortString};
 use amqp091::{BasicProperties, Config};
 use bytes::{Bytes, BytesMut};
@@ -433,6 +433,24 @@ impl PeerConnection {
         self.send_method(channel, &Method::ChannelOpenOk(channel::OpenOk {}))
             .await?;
         Ok(channel)
+    }
+
+    /// Reads the client's `basic.consume` and answers `basic.consume-ok`
+    /// with its tag; returns the channel and the tag.
+    pub async fn accept_consume(&mut self) -> io::Result<(u16, ShortString)> {
+        let (channel, consume) = self.expect_method("basic.consume").await?;
+        let Method::BasicConsume(consume) = consume else {
+            return Err(protocol(format!("expected basic.consume, got {consume:?}")));
+        };
+        let tag = consume.consumer_tag;
+        self.send_method(
+            channel,
+            &Method::BasicConsumeOk(basic::ConsumeOk {
+                consumer_tag: tag.clone(),
+            }),
+        )
+        .await?;
+        Ok((channel, tag))
     }
 
     /// Writes one method frame.

@@ -19,19 +19,8 @@ const FLOOD_CAP: usize = 512 * 1024 * 1024;
 async fn a_slow_consumer_stops_the_socket_instead_of_buffering_without_bound() {
     let script = FakePeer::start(|mut peer| async move {
         peer.handshake(&Tuning::default()).await?;
-        let channel = peer.accept_channel_open().await?;
-        let (_, consume) = peer.expect_method("basic.consume").await?;
-        let Method::BasicConsume(consume) = consume else {
-            unreachable!()
-        };
-        let tag = consume.consumer_tag.clone();
-        peer.send_method(
-            channel,
-            &Method::BasicConsumeOk(basic::ConsumeOk {
-                consumer_tag: tag.clone(),
-            }),
-        )
-        .await?;
+        peer.accept_channel_open().await?;
+        let (channel, tag) = peer.accept_consume().await?;
         // Flood in batches of 64 messages until a write stalls for a second.
         let mut written = 0usize;
         let mut delivery_tag = 0u64;

@@ -88,19 +88,9 @@ const PIECES: [usize; 7] = [1, 7, 8, 9, 1000, 40_000, 65_537];
 async fn bodies_arrive_byte_for_byte_whatever_pieces_the_socket_hands_over() {
     let script = FakePeer::start(|mut peer| async move {
         peer.handshake(&Tuning::default()).await?;
-        let channel = peer.accept_channel_open().await?;
-        let (_, consume) = peer.expect_method("basic.consume").await?;
-        let Method::BasicConsume(consume) = consume else {
-            unreachable!()
-        };
-        let tag = consume.consumer_tag.to_string();
-        peer.send_method(
-            channel,
-            &Method::BasicConsumeOk(basic::ConsumeOk {
-                consumer_tag: tag.as_str().into(),
-            }),
-        )
-        .await?;
+        peer.accept_channel_open().await?;
+        let (channel, tag) = peer.accept_consume().await?;
+        let tag = tag.to_string();
         let mut wire = Vec::new();
         for (index, size) in SIZES.iter().enumerate() {
             wire.extend(deliver(
@@ -164,19 +154,9 @@ async fn bodies_arrive_byte_for_byte_whatever_pieces_the_socket_hands_over() {
 async fn a_bad_end_after_a_body_read_straight_into_its_message_is_a_frame_error() {
     let script = FakePeer::start(|mut peer| async move {
         peer.handshake(&Tuning::default()).await?;
-        let channel = peer.accept_channel_open().await?;
-        let (_, consume) = peer.expect_method("basic.consume").await?;
-        let Method::BasicConsume(consume) = consume else {
-            unreachable!()
-        };
-        let tag = consume.consumer_tag.to_string();
-        peer.send_method(
-            channel,
-            &Method::BasicConsumeOk(basic::ConsumeOk {
-                consumer_tag: tag.as_str().into(),
-            }),
-        )
-        .await?;
+        peer.accept_channel_open().await?;
+        let (channel, tag) = peer.accept_consume().await?;
+        let tag = tag.to_string();
         let mut wire = deliver(channel, &tag, 1, &pattern(300_000, 9));
         // The second body frame's end octet.
         let second_end = wire.len() - (300_000 - PAYLOAD_MAX - PAYLOAD_MAX) - 8 - 1;
