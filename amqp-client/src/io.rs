@@ -149,11 +149,7 @@ async fn read_socket(
             direct.remaining -= n;
             Ok(n)
         }
-        Some(_) => {
-            buf.reserve(END_AND_PREFIX);
-            let mut end = buf.limit(END_AND_PREFIX);
-            tokio::io::AsyncReadExt::read_buf(reader, &mut end).await
-        }
+        Some(_) => read_into(reader, buf, END_AND_PREFIX).await,
         None => read_into(reader, buf, room).await,
     }
 }
@@ -281,7 +277,6 @@ impl Driver {
         let Some((channel, size)) = self.decoder.partial_body(&self.read_buf) else {
             return false;
         };
-
         // What of the payload is here is copied; the rest is worth reading
         // straight only if it is large.
         let here = (self.read_buf.len() - 7).min(size);
@@ -306,18 +301,12 @@ impl Driver {
     /// checks the octet and hands the buffer back to the machine; whether
     /// that happened (else more bytes are needed).
     fn end_direct_body(&mut self) -> bool {
-        let Some(direct) = self.direct.as_ref() else {
-            return false;
-        };
         let Some(&end) = self.read_buf.first() else {
             return false;
         };
-        if direct.remaining > 0 {
-            return false;
-        }
         let Some(DirectBody {
             channel, buffer, ..
-        }) = self.direct.take()
+        }) = self.direct.take_if(|direct| direct.remaining == 0)
         else {
             return false;
         };
@@ -641,7 +630,6 @@ impl Driver {
 mod tests {
     use super::*;
     use crate::protocol::frame::{self, Frame};
-    use bytes::Buf;
     use bytes::Bytes;
     use tokio::net::{TcpListener, TcpStream};
 

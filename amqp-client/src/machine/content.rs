@@ -209,8 +209,8 @@ impl<P: Ports> Machine<P> {
             .get_mut(&id)
             .and_then(|s| s.assembling.as_mut())
         else {
-            // Gone meanwhile (the connection was lost and recovered): as a
-            // body frame without its header would be.
+            // Gone meanwhile (the connection failed): as a body frame
+            // without its header would be.
             self.bodies.pool.give_back(buffer);
             return Err(unexpected(format!(
                 "content body on channel {id} without a content header"

@@ -161,6 +161,18 @@ impl Frame {
 /// no frame_max negotiated (`u32::MAX`), a 7-byte prefix could ask for 4 GiB.
 const RESERVE_AHEAD: usize = 1 << 20;
 
+/// The channel, payload size and whole size of the frame whose 7-byte
+/// prefix starts `buf` (which holds at least that).
+#[inline(always)]
+fn prefix(buf: &[u8]) -> (u16, u32, u64) {
+    let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]);
+    (
+        u16::from_be_bytes([buf[1], buf[2]]),
+        size,
+        u64::from(size) + FRAME_OVERHEAD as u64,
+    )
+}
+
 /// Decodes frames from a read buffer, enforcing a frame size limit.
 ///
 /// `Ok(None)` asks for more bytes; a whole frame is taken off the buffer's front:
@@ -218,12 +230,11 @@ impl FrameDecoder {
         if buf.len() < 7 || buf[0] != FRAME_BODY {
             return None;
         }
-        let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]);
-        let total = u64::from(size) + FRAME_OVERHEAD as u64;
+        let (channel, size, total) = prefix(buf);
         if total > u64::from(self.max_frame_size) || buf.len() as u64 >= total {
             return None;
         }
-        Some((u16::from_be_bytes([buf[1], buf[2]]), size as usize))
+        Some((channel, size as usize))
     }
 
     /// Takes one frame off the front of `buf`, if a whole one is there.
@@ -233,9 +244,7 @@ impl FrameDecoder {
             return Ok(None);
         }
         let frame_type = buf[0];
-        let channel = u16::from_be_bytes([buf[1], buf[2]]);
-        let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]);
-        let total = u64::from(size) + FRAME_OVERHEAD as u64;
+        let (channel, size, total) = prefix(buf);
         if total > u64::from(self.max_frame_size) {
             return Err(FrameError::TooLarge {
                 size: total,
@@ -455,25 +464,24 @@ pub fn write_body(buf: &mut BytesMut, channel: u16, body: &[u8], frame_max: u32)
     let chunk = (frame_max.max(FRAME_MIN_SIZE) as usize) - FRAME_OVERHEAD;
     for piece in body.chunks(chunk) {
         buf.reserve(piece.len() + FRAME_OVERHEAD);
-        buf.put_u8(FRAME_BODY);
-        buf.put_u16(channel);
-        buf.put_u32(piece.len() as u32);
+        write_body_frame_head(buf, channel, piece.len());
         buf.put_slice(piece);
-        buf.put_u8(FRAME_END);
+        write_frame_end(buf);
     }
 }
 
-/// Writes what goes before a body frame's payload of `len` bytes: for a
-/// payload passed to the socket from its own buffer rather than copied in
-/// (see `FrameSink::splice`); [`write_frame_end`] follows it.
+/// Writes what goes before a body frame's payload of `len` bytes; the
+/// payload follows (copied in, or passed to the socket from its own buffer:
+/// see `FrameSink::splice`), then [`write_frame_end`].
+#[inline]
 pub(crate) fn write_body_frame_head(buf: &mut BytesMut, channel: u16, len: usize) {
-    buf.reserve(FRAME_OVERHEAD - 1);
     buf.put_u8(FRAME_BODY);
     buf.put_u16(channel);
     buf.put_u32(len as u32);
 }
 
 /// Writes the octet that ends every frame.
+#[inline]
 pub(crate) fn write_frame_end(buf: &mut BytesMut) {
     buf.put_u8(FRAME_END);
 }
